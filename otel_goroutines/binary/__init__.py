@@ -1,0 +1,1 @@
+"""Binary analysis: what the agent reads from the target's executable before it places probes."""

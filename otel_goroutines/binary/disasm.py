@@ -1,0 +1,80 @@
+"""Choosing probe addresses by disassembly (capstone).
+
+A uprobe on an instruction the kernel can emulate (PUSH, CALL, RET, JMP, NOP) costs one trap;
+on any other instruction the kernel single-steps a copy of it out of line: two traps, about
+5x the cost. Most Go functions open with the stack-bound check `CMP RSP, [R14+0x10]`, which
+cannot be emulated, so their probes go just after that check.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import capstone
+from capstone import x86
+
+_md = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+_md.detail = True
+
+# Instructions the x86 uprobe code emulates instead of single-stepping (arch/x86/kernel/uprobes.c).
+_ONE_TRAP = {"push", "call", "ret", "jmp", "nop"}
+
+
+@dataclass(frozen=True)
+class Instruction:
+    address: int
+    mnemonic: str
+    op_str: str
+
+    @property
+    def one_trap(self) -> bool:
+        return self.mnemonic in _ONE_TRAP or (self.mnemonic.startswith("j") and self.mnemonic != "jmp")
+
+    def __str__(self) -> str:
+        return f"{self.mnemonic} {self.op_str}".strip()
+
+
+def _decode(code: bytes, address: int, limit: int = 0):
+    return _md.disasm(code, address, limit)
+
+
+def instruction_at(code: bytes, entry: int, address: int) -> Instruction:
+    insn = next(_decode(code[address - entry:], address, 1))
+    return Instruction(insn.address, insn.mnemonic, insn.op_str)
+
+
+def _is_stack_check(insn) -> bool:
+    # CMP <reg>, qword ptr [r14 + 0x10]: compare SP (or SP minus the frame, in R12) with g.stackguard0.
+    if insn.mnemonic != "cmp" or len(insn.operands) != 2:
+        return False
+    mem = insn.operands[1]
+    return mem.type == x86.X86_OP_MEM and mem.mem.base == x86.X86_REG_R14 and mem.mem.disp == 0x10
+
+
+def after_stack_check(code: bytes, entry: int) -> int:
+    """The first address after the function's stack-check prologue; the entry if it has none."""
+    prologue = list(_decode(code[:64], entry))[:5]
+    for i, insn in enumerate(prologue[:-1]):
+        if _is_stack_check(insn) and prologue[i + 1].mnemonic in ("jbe", "jb", "jae", "ja"):
+            return prologue[i + 1].address + prologue[i + 1].size
+    return entry
+
+
+def ret_sites(code: bytes, entry: int) -> list[int]:
+    return [insn.address for insn in _decode(code, entry) if insn.mnemonic == "ret"]
+
+
+def _direct_calls(code: bytes, entry: int):
+    for insn in _decode(code, entry):
+        if insn.mnemonic == "call" and insn.operands and insn.operands[0].type == x86.X86_OP_IMM:
+            yield insn.address, insn.operands[0].imm
+
+
+def call_sites(code: bytes, entry: int, target: int) -> list[int]:
+    """Addresses of the direct calls to target."""
+    return [site for site, callee in _direct_calls(code, entry) if callee == target]
+
+
+def call_targets(code: bytes, entry: int) -> list[int]:
+    """Targets of the direct calls, in code order."""
+    return [callee for _, callee in _direct_calls(code, entry)]

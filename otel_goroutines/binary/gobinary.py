@@ -1,0 +1,169 @@
+"""One Go executable, read from its file: version, functions, symbols, DWARF types, data."""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass
+from functools import cached_property
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from ..errors import UnsupportedTarget
+from . import buildinfo
+from .pclntab import Func, FuncTable, PclntabError
+
+
+@dataclass(frozen=True)
+class Symbol:
+    address: int
+    size: int
+
+
+class GoBinary:
+    """Read-only view of a Go ELF binary. Addresses are link-time virtual addresses."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._file = open(path, "rb")
+        except OSError as exc:
+            raise UnsupportedTarget(f"cannot read {path}: {exc.strerror}") from None
+        try:
+            self.elf = ELFFile(self._file)
+        except ELFError:
+            self._file.close()
+            raise UnsupportedTarget(f"{path} is not an ELF executable") from None
+        if self.elf["e_machine"] != "EM_X86_64":
+            raise UnsupportedTarget(f"{path} is built for {self.elf['e_machine']}; only amd64 (x86-64) is supported")
+        self.build_info = self._read_build_info()
+
+    def close(self) -> None:
+        self._file.close()
+
+    @property
+    def go_version(self) -> str:
+        return self.build_info.go_version
+
+    @property
+    def is_pie(self) -> bool:
+        return self.elf["e_type"] == "ET_DYN"
+
+    @property
+    def build_mode(self) -> str:
+        return self.build_info.settings.get("-buildmode", "pie" if self.is_pie else "exe")
+
+    @cached_property
+    def has_symtab(self) -> bool:
+        return self.elf.get_section_by_name(".symtab") is not None
+
+    @cached_property
+    def has_dwarf(self) -> bool:
+        return self.elf.get_section_by_name(".debug_info") is not None or self.elf.get_section_by_name(".zdebug_info") is not None
+
+    @cached_property
+    def functions(self) -> FuncTable:
+        try:
+            return FuncTable.from_elf(self.elf)
+        except PclntabError as exc:
+            raise UnsupportedTarget(f"{self.path}: cannot read the Go function table: {exc}") from None
+
+    def function(self, name: str) -> Func:
+        func = self.functions.by_name(name)
+        if func is None:
+            raise UnsupportedTarget(f"{self.path} has no function {name}; is it a Go program?")
+        return func
+
+    @cached_property
+    def _symbols(self) -> dict[str, Symbol]:
+        symtab = self.elf.get_section_by_name(".symtab")
+        if symtab is None:
+            return {}
+        return {s.name: Symbol(s["st_value"], s["st_size"]) for s in symtab.iter_symbols() if s.name}
+
+    def symbol(self, name: str) -> Symbol | None:
+        return self._symbols.get(name)
+
+    def read(self, address: int, size: int) -> bytes:
+        """Bytes of the file image at a virtual address (from the PT_LOAD segment holding it)."""
+        for seg in self.elf.iter_segments("PT_LOAD"):
+            start = seg["p_vaddr"]
+            if start <= address and address + size <= start + seg["p_filesz"]:
+                self._file.seek(seg["p_offset"] + address - start)
+                return self._file.read(size)
+        raise ValueError(f"address {address:#x} is not in the file image")
+
+    def read_go_string(self, header_address: int) -> str:
+        data_ptr, length = struct.unpack("<QQ", self.read(header_address, 16))
+        return self.read(data_ptr, length).decode("utf-8", "replace") if length else ""
+
+    def code(self, func: Func) -> bytes:
+        return self.read(func.entry, func.end - func.entry)
+
+    def struct_offsets(self, wanted: dict[str, tuple[str, ...]]) -> dict[str, dict[str, int]]:
+        """Member offsets of Go structs from DWARF: {"runtime.g": ("goid", ...)} -> {"runtime.g": {"goid": 152}}.
+
+        Go's linker puts all type DIEs at the top level of a few units, so scanning top-level
+        children is enough; members missing in this Go version are simply absent from the result.
+        """
+        found: dict[str, dict[str, int]] = {}
+        dwarf = self.elf.get_dwarf_info()
+        targets = {name.encode(): name for name in wanted}
+        for cu in dwarf.iter_CUs():
+            for die in cu.get_top_DIE().iter_children():
+                if die.tag != "DW_TAG_structure_type":
+                    continue
+                name_attr = die.attributes.get("DW_AT_name")
+                if name_attr is None or name_attr.value not in targets:
+                    continue
+                struct_name = targets.pop(name_attr.value)
+                members = {}
+                for member in die.iter_children():
+                    loc = member.attributes.get("DW_AT_data_member_location")
+                    mname = member.attributes.get("DW_AT_name")
+                    if loc is not None and mname is not None and mname.value.decode() in wanted[struct_name]:
+                        members[mname.value.decode()] = loc.value
+                found[struct_name] = members
+                if not targets:
+                    return found
+        return found
+
+    def _read_build_info(self) -> buildinfo.BuildInfo:
+        section = self.elf.get_section_by_name(".go.buildinfo")
+        data = section.data() if section is not None else self._scan_for_build_info()
+        if data is None:
+            if self.elf.get_section_by_name(".go_export") is not None or self.symbol("__go_init_main") is not None:
+                raise UnsupportedTarget(f"{self.path} was built by gccgo; only the gc toolchain is supported")
+            raise UnsupportedTarget(f"{self.path} is not a Go program (no Go build info)")
+        try:
+            return buildinfo.parse(data, self.read_go_string)
+        except (buildinfo.BuildInfoError, ValueError, struct.error) as exc:
+            raise UnsupportedTarget(f"{self.path}: unreadable Go build info ({exc})") from None
+
+    def _scan_for_build_info(self) -> bytes | None:
+        # Some external linkers merge .go.buildinfo into another section; the magic is 16-byte aligned.
+        for seg in self.elf.iter_segments("PT_LOAD"):
+            if seg["p_flags"] & 0x1:  # executable: code, not data
+                continue
+            data = seg.data()
+            pos = data.find(buildinfo.MAGIC)
+            while pos != -1 and pos % 16:
+                pos = data.find(buildinfo.MAGIC, pos + 1)
+            if pos != -1:
+                return data[pos:pos + 64 * 1024]
+        return None
+
+
+def executable_of(pid: int) -> str:
+    """The path through which the agent reads a process's binary, valid across mount namespaces."""
+    path = f"/proc/{pid}/exe"
+    if not os.path.exists(f"/proc/{pid}"):
+        raise UnsupportedTarget(f"no process with PID {pid}")
+    try:
+        os.stat(path)
+    except PermissionError:
+        raise UnsupportedTarget(f"not allowed to read {path}; run as root") from None
+    except OSError:
+        raise UnsupportedTarget(f"process {pid} has no executable (a kernel thread or already exiting)") from None
+    return path

@@ -1,0 +1,52 @@
+"""Runtime addresses -> Go function names and source lines, through the Go function table."""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Callable
+
+from . import disasm
+from .pclntab import Func, FuncTable
+
+# Since Go 1.21 `go f(x)` starts a compiler-made closure "caller.gowrapN" that calls f(x).
+_GO_WRAPPER = re.compile(r"\.gowrap\d+$")
+
+
+class Symbolizer:
+    def __init__(self, functions: FuncTable, code_of: Callable[[Func], bytes], load_bias: int = 0):
+        self._functions = functions
+        self._code_of = code_of
+        self.load_bias = load_bias  # runtime address - link-time address (non-zero for PIE)
+
+    @lru_cache(maxsize=65536)
+    def function(self, pc: int) -> str:
+        """The start function of a goroutine whose startpc is pc, as Go's traceback names it."""
+        func = self._functions.lookup(pc - self.load_bias)
+        if func is None:
+            return f"0x{pc:x}"
+        if _GO_WRAPPER.search(func.name):
+            return self._wrapped(func) or func.name
+        return func.name
+
+    def _wrapped(self, wrapper: Func) -> str | None:
+        # The wrapper's first direct call that is not the stack-growth path is the function the
+        # `go` statement named. (When that function is inlined into the wrapper there is none.)
+        for target in disasm.call_targets(self._code_of(wrapper), wrapper.entry):
+            callee = self._functions.lookup(target)
+            if callee is not None and not callee.name.startswith("runtime.morestack"):
+                return callee.name
+        return None
+
+    @lru_cache(maxsize=65536)
+    def creation_site(self, go_pc: int) -> tuple[str, str, int] | None:
+        """(creating function, file, line) of the `go` statement whose return address is go_pc."""
+        pc = go_pc - self.load_bias
+        func = self._functions.lookup(pc)
+        if func is None:
+            return None
+        # Like the runtime's traceback: a return address belongs to the line of the call before it.
+        where = self._functions.line(pc - 1 if pc > func.entry else pc)
+        if where is None:
+            return func.name, "", 0
+        return func.name, where[0], where[1]

@@ -1,0 +1,140 @@
+"""The otel-goroutines command."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+
+import click
+
+from . import __version__, goruntime
+from .agent import AgentOptions, ExportSettings, Session
+from .binary.gobinary import GoBinary
+from .errors import AgentError
+from .probes import ProbeSettings
+from .target import AttachedTarget, LaunchedTarget
+
+DEFAULT_OUTPUT = "goroutine-spans.jsonl"
+
+
+def _fail(message: str, code: int = 1):
+    click.echo(f"otel-goroutines: error: {message}", err=True)
+    sys.exit(code)
+
+
+def _one_line_errors(func):
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except AgentError as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+        except Exception as exc:  # a bug: one line, the traceback only with --verbose
+            logging.getLogger("otel_goroutines").debug("unexpected error", exc_info=True)
+            _fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for details)")
+    return wrapper
+
+
+def _tracing_options(func):
+    options = [
+        click.option("--exporter", type=click.Choice(["otlp", "file", "console"]),
+                     help="Where spans go. Default: otlp when an endpoint is configured, else file."),
+        click.option("--output", "-o", type=click.Path(dir_okay=False),
+                     help=f"File for --exporter file (default {DEFAULT_OUTPUT}) or console (default stdout)."),
+        click.option("--endpoint", envvar="OTEL_EXPORTER_OTLP_ENDPOINT", show_envvar=True,
+                     help="OTLP collector base URL, e.g. http://localhost:4317 (gRPC) or http://localhost:4318 (HTTP)."),
+        click.option("--protocol", type=click.Choice(["grpc", "http/protobuf"]),
+                     help="OTLP protocol. Default: OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else http/protobuf."),
+        click.option("--detail", type=click.Choice(["lifecycle", "states"]), default="states", show_default=True,
+                     help="lifecycle: creation and exit only (cheapest); states: also state-change events and per-state times."),
+        click.option("--max-events", type=click.IntRange(0, 100000), default=64, show_default=True,
+                     help="State-change events kept per goroutine span; the rest are counted in go.goroutine.events_left_out."),
+        click.option("--flush-timeout", type=click.FloatRange(0), default=10.0, show_default=True,
+                     help="Seconds allowed at the end to send buffered spans."),
+        click.option("--quiet", "-q", is_flag=True, help="No live status line."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _options(exporter, output, endpoint, protocol, detail, max_events, flush_timeout, quiet) -> AgentOptions:
+    traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    if exporter is None:
+        exporter = "otlp" if (endpoint or traces_endpoint) else "file"
+    if exporter == "file" and not output:
+        output = DEFAULT_OUTPUT
+    protocol = protocol or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
+    if protocol not in ("grpc", "http/protobuf"):
+        raise AgentError(f"OTLP protocol {protocol!r} is not supported; use grpc or http/protobuf")
+    return AgentOptions(
+        export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout),
+        probes=ProbeSettings(states=detail == "states", max_events=max_events),
+        quiet=quiet,
+    )
+
+
+@click.group()
+@click.version_option(__version__, prog_name="otel-goroutines")
+@click.option("--verbose", "-v", is_flag=True, help="Log what the agent does.")
+def main(verbose):
+    """Trace every goroutine of a Go program with eBPF; export each as an OpenTelemetry span."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="otel-goroutines: %(levelname)s: %(message)s")
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@_tracing_options
+@click.argument("program", nargs=-1, required=True, type=click.UNPROCESSED)
+@_one_line_errors
+def run(program, **kwargs):
+    """Launch PROGRAM and trace it from its first goroutine; exit with its exit status."""
+    target = LaunchedTarget(list(program))
+    try:
+        code = Session(target, _options(**kwargs)).run()
+    finally:
+        target.close()
+    sys.exit(code)
+
+
+@main.command()
+@_tracing_options
+@click.argument("pid", type=int)
+@_one_line_errors
+def attach(pid, **kwargs):
+    """Trace the running Go process PID until it exits or the agent gets SIGINT/SIGTERM."""
+    target = AttachedTarget.from_pid(pid)
+    try:
+        Session(target, _options(**kwargs)).run()
+    finally:
+        target.close()
+
+
+@main.command()
+@click.argument("binary", required=False, type=click.Path(dir_okay=False))
+@click.option("--pid", type=int, help="Inspect the binary of a running process instead.")
+@_one_line_errors
+def inspect(binary, pid):
+    """Print what the agent would use for BINARY: Go version, offsets, probe addresses."""
+    if (binary is None) == (pid is None):
+        raise AgentError("give either BINARY or --pid PID")
+    path = AttachedTarget.from_pid(pid).exe_path if pid is not None else binary
+    gobin = GoBinary(path)
+    support = goruntime.support_for(gobin)
+    click.echo(f"binary:          {path}")
+    click.echo(f"Go version:      {gobin.go_version}")
+    click.echo(f"build mode:      {gobin.build_mode}{' (PIE)' if gobin.is_pie else ''}, "
+               f"{'symbols' if gobin.has_symtab else 'stripped'}, {'DWARF' if gobin.has_dwarf else 'no DWARF'}")
+    click.echo(f"function table:  pclntab format {gobin.functions.go_format}, {len(gobin.functions.funcs())} functions")
+    click.echo(f"struct offsets:  from {support.offsets_source}")
+    for name, value in sorted(support.offsets.items()):
+        click.echo(f"  {name:<18} {value}")
+    click.echo(f"wait reasons:    {len(support.wait_reasons)}")
+    click.echo("probes:")
+    for point in support.lifecycle_probes + support.state_probes:
+        click.echo(f"  {point.handler:<22} {point.function}+{point.address - gobin.function(point.function).entry:<5} "
+                   f"0x{point.address:x}  {point.instruction:<24} {point.why}")

@@ -1,0 +1,164 @@
+"""Everything that depends on the target's Go version, in one place.
+
+The rest of the agent never looks at a version number: it asks this module for a
+RuntimeSupport (struct offsets, probe points, state and wait-reason names) chosen once from
+the binary. Offsets come from the binary's DWARF, or, for stripped binaries, from the table
+generated from real toolchains (layouts/, written by scripts/gen_layouts.py).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from importlib import resources
+
+from .binary import disasm
+from .binary.gobinary import GoBinary
+from .errors import UnsupportedTarget
+
+MIN_GO = (1, 17)
+
+# runtime/runtime2.go: goroutine status values (stable across versions; 10 and 11 from Go 1.26).
+G_IDLE, G_RUNNABLE, G_RUNNING, G_SYSCALL, G_WAITING, G_DEAD = 0, 1, 2, 3, 4, 6
+STATE_NAMES = {
+    0: "idle", 1: "runnable", 2: "running", 3: "syscall", 4: "waiting", 5: "moribund",
+    6: "dead", 7: "enqueue", 8: "copystack", 9: "preempted", 10: "leaked", 11: "deadextra",
+}
+N_STATES = 12
+
+# Struct members the probes read; the BPF program gets each as -D OFF_<STRUCT>_<FIELD>.
+FIELDS = {
+    "runtime.g": ("goid", "parentGoid", "gopc", "startpc", "waitreason", "atomicstatus", "m"),
+    "runtime.m": ("curg",),
+}
+OPTIONAL_FIELDS = {("runtime.g", "parentGoid")}  # from Go 1.21; older versions find the creator through m.curg
+
+
+@dataclass(frozen=True, order=True)
+class GoVersion:
+    major: int
+    minor: int
+    patch: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "GoVersion":
+        match = re.search(r"go(\d+)\.(\d+)(?:\.(\d+))?", text)
+        if not match:
+            raise UnsupportedTarget(f"unrecognised Go version {text!r}")
+        return cls(int(match[1]), int(match[2]), int(match[3] or 0))
+
+    def __str__(self) -> str:
+        return f"go{self.major}.{self.minor}.{self.patch}"
+
+
+@dataclass(frozen=True)
+class ProbePoint:
+    handler: str    # the BPF function (bpf/goroutines.bpf.c) run at this address
+    function: str   # the Go function the address lies in
+    address: int    # link-time virtual address of the probed instruction
+    instruction: str
+    why: str
+
+
+@dataclass(frozen=True)
+class RuntimeSupport:
+    version: GoVersion
+    offsets: dict[str, int]          # "g_goid" -> 152, ...
+    offsets_source: str              # "DWARF" or "generated table for go1.xx"
+    lifecycle_probes: tuple[ProbePoint, ...]
+    state_probes: tuple[ProbePoint, ...]
+    wait_reasons: tuple[str, ...]
+
+    def bpf_defines(self) -> list[str]:
+        return [f"-DOFF_{name.upper()}={value}" for name, value in sorted(self.offsets.items())]
+
+    def wait_reason(self, index: int) -> str:
+        return self.wait_reasons[index] if 0 <= index < len(self.wait_reasons) and self.wait_reasons[index] else f"waitreason({index})"
+
+
+def support_for(binary: GoBinary) -> RuntimeSupport:
+    version = GoVersion.parse(binary.go_version)
+    if (version.major, version.minor) < MIN_GO:
+        raise UnsupportedTarget(f"{binary.path} was built with {binary.go_version}; Go 1.17 or later is required")
+    offsets, source = _offsets(binary, version)
+    return RuntimeSupport(
+        version=version,
+        offsets=offsets,
+        offsets_source=source,
+        lifecycle_probes=tuple(_lifecycle_probes(binary)),
+        state_probes=(_entry_probe(binary, "runtime.casgstatus", "on_casgstatus"),),
+        wait_reasons=_wait_reasons(binary, version),
+    )
+
+
+def _offsets(binary: GoBinary, version: GoVersion) -> tuple[dict[str, int], str]:
+    if binary.has_dwarf:
+        found = binary.struct_offsets(FIELDS)
+        source = "DWARF"
+    else:
+        found, source = _generated_table(version)
+    offsets = {}
+    for struct_name, fields in FIELDS.items():
+        for field in fields:
+            value = found.get(struct_name, {}).get(field)
+            if value is None:
+                if (struct_name, field) in OPTIONAL_FIELDS:
+                    continue
+                raise UnsupportedTarget(f"{binary.path}: {struct_name}.{field} not found in {source}")
+            offsets[f"{struct_name.split('.')[1]}_{field}"] = value
+    return offsets, source
+
+
+def _layout_tables() -> dict:
+    path = resources.files(__package__) / "layouts" / "offsets.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _generated_table(version: GoVersion) -> tuple[dict, str]:
+    key = f"go{version.major}.{version.minor}"
+    table = _layout_tables().get(key)
+    if table is None:
+        raise UnsupportedTarget(f"stripped binary (no DWARF) built with {version}, and no generated offset table for {key}")
+    return table["structs"], f"generated table for {key}"
+
+
+def _entry_probe(binary: GoBinary, name: str, handler: str) -> ProbePoint:
+    func = binary.function(name)
+    code = binary.code(func)
+    address = disasm.after_stack_check(code, func.entry)
+    insn = disasm.instruction_at(code, func.entry, address)
+    why = "entry" if address == func.entry else f"after the stack check at +{address - func.entry}"
+    return ProbePoint(handler, name, address, str(insn), f"{why}; {insn.mnemonic} {'is emulated: one trap' if insn.one_trap else 'is single-stepped: two traps'}")
+
+
+def _lifecycle_probes(binary: GoBinary) -> list[ProbePoint]:
+    # Creation: newproc1's RET, where RAX holds the new g with goid, startpc, gopc (and parentGoid) all set.
+    # (Up to Go 1.20 the goid is assigned after the g turns runnable, so casgstatus is too early.)
+    newproc1 = binary.function("runtime.newproc1")
+    probes = [ProbePoint("on_goroutine_created", newproc1.name, addr, "ret", "return of newproc1: the new g is complete; ret is emulated: one trap")
+              for addr in disasm.ret_sites(binary.code(newproc1), newproc1.entry)]
+    if not probes:
+        raise UnsupportedTarget(f"{binary.path}: no return instruction found in runtime.newproc1")
+    # Exit: the call casgstatus(gp, _Grunning, _Gdead) in gdestroy (Go 1.22+) or goexit0 (earlier).
+    # Every goroutine end passes there, including runtime.Goexit and coroutine exits.
+    exit_func = binary.functions.by_name("runtime.gdestroy") or binary.function("runtime.goexit0")
+    casgstatus = binary.function("runtime.casgstatus")
+    sites = disasm.call_sites(binary.code(exit_func), exit_func.entry, casgstatus.entry)
+    if not sites:
+        raise UnsupportedTarget(f"{binary.path}: no call to casgstatus found in {exit_func.name}")
+    probes += [ProbePoint("on_goroutine_exit", exit_func.name, addr, "call runtime.casgstatus",
+                          "the call that marks the g dead (RAX = g); call is emulated: one trap") for addr in sites]
+    return probes
+
+
+def _wait_reasons(binary: GoBinary, version: GoVersion) -> tuple[str, ...]:
+    # runtime.waitReasonStrings is a [N]string in the binary's data: read the version's own texts.
+    sym = binary.symbol("runtime.waitReasonStrings")
+    if sym is not None and sym.size:
+        raw = binary.read(sym.address, sym.size)
+        return tuple(binary.read(ptr, length).decode("utf-8", "replace") if length else ""
+                     for ptr, length in struct.iter_unpack("<QQ", raw))
+    table = _layout_tables().get(f"go{version.major}.{version.minor}")
+    return tuple(table["wait_reasons"]) if table else ()

@@ -1,0 +1,195 @@
+"""The eBPF side: compile bpf/goroutines.bpf.c with bcc, attach it to one process, read what it sends.
+
+Kernel events come out of here as GoroutineRecords (ended goroutines) and StateChanges; the
+rest of the agent never touches bcc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes as ct
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .errors import AgentError
+from .goruntime import N_STATES, ProbePoint, RuntimeSupport
+from .records import EndReason, GoroutineRecord, StateChange
+
+BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "goroutines.bpf.c"
+
+EV_TRANSITION, EV_END, EV_PROCESS_EXIT = 1, 2, 3
+COUNTER_NAMES = ("goroutines_untracked_map_full", "state_events_lost_ringbuf", "ends_deferred_ringbuf",
+                 "exits_of_untraced_goroutines", "target_memory_read_errors", "goroutines_created")
+
+_CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
+
+
+class _GState(ct.Structure):
+    _fields_ = [("create_ns", ct.c_uint64), ("end_ns", ct.c_uint64), ("last_ns", ct.c_uint64),
+                ("parent_goid", ct.c_uint64), ("start_pc", ct.c_uint64), ("go_pc", ct.c_uint64),
+                ("state_ns", ct.c_uint64 * N_STATES), ("status", ct.c_uint32), ("transitions", ct.c_uint32),
+                ("events_sent", ct.c_uint32), ("events_left_out", ct.c_uint32),
+                ("parent_traced", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class _GKey(ct.Structure):
+    _fields_ = [("tgid", ct.c_uint32), ("pad", ct.c_uint32), ("goid", ct.c_uint64)]
+
+
+class _Header(ct.Structure):
+    _fields_ = [("kind", ct.c_uint32), ("tgid", ct.c_uint32), ("goid", ct.c_uint64)]
+
+
+class _TransitionEvent(ct.Structure):
+    _fields_ = _Header._fields_ + [("ts", ct.c_uint64), ("from_state", ct.c_uint32), ("to_state", ct.c_uint32),
+                                   ("waitreason", ct.c_uint32), ("pad", ct.c_uint32)]
+
+
+class _EndEvent(ct.Structure):
+    _fields_ = _Header._fields_ + [("st", _GState)]
+
+
+@dataclass(frozen=True)
+class ProbeSettings:
+    states: bool = True            # probe casgstatus for state events and per-state times
+    max_events: int = 64           # state events kept per goroutine; the rest are counted
+    max_goroutines: int = 131072   # goroutines tracked at once
+    ringbuf_pages: int = 1024      # 4 MiB
+
+
+def check_privileges() -> None:
+    """Fail early, in one line, when this process cannot load BPF programs or attach uprobes."""
+    try:
+        with open("/proc/self/status") as status:
+            cap_eff = next(int(line.split()[1], 16) for line in status if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return
+    has = lambda cap: bool(cap_eff >> cap & 1)
+    if not (has(_CAP_SYS_ADMIN) or (has(_CAP_BPF) and has(_CAP_PERFMON))):
+        raise AgentError("loading eBPF probes needs root (or CAP_BPF and CAP_PERFMON); run with sudo")
+
+
+def _record(goid: int, tgid: int, st: _GState, end_reason: EndReason) -> GoroutineRecord:
+    return GoroutineRecord(
+        pid=tgid, goid=goid, parent_goid=st.parent_goid, parent_traced=bool(st.parent_traced),
+        create_ns=st.create_ns, end_ns=st.end_ns, start_pc=st.start_pc, go_pc=st.go_pc,
+        state_ns=tuple(st.state_ns), transitions=st.transitions, events_left_out=st.events_left_out,
+        end_reason=end_reason)
+
+
+class GoroutineProbes:
+    """The probes of one traced process, from attach to close."""
+
+    def __init__(self, support: RuntimeSupport, exe_path: str, pid: int, settings: ProbeSettings):
+        self.support = support
+        self.exe_path = exe_path
+        self.pid = pid
+        self.settings = settings
+        self.probe_points: list[ProbePoint] = list(support.lifecycle_probes)
+        if settings.states:
+            self.probe_points += support.state_probes
+        self._bpf = None
+
+    def attach(self, on_change: Callable[[int, int, StateChange], None], on_end: Callable[[GoroutineRecord], None],
+               on_process_exit: Callable[[int], None]) -> None:
+        check_privileges()
+        try:
+            from bcc import BPF
+        except ImportError:
+            raise AgentError("the bcc Python module is missing; run `make setup` (Debian package python3-bpfcc)") from None
+        cflags = self.support.bpf_defines() + [
+            f"-DMAX_EVENTS={self.settings.max_events if self.settings.states else 0}",
+            f"-DMAX_GOROUTINES={self.settings.max_goroutines}",
+            f"-DRINGBUF_PAGES={self.settings.ringbuf_pages}",
+            "-w",
+        ]
+        # bcc prints compiler chatter on stderr; keep it for the error message only.
+        try:
+            with _captured_stderr() as chatter:
+                self._bpf = BPF(text=BPF_SOURCE.read_text(), cflags=cflags)
+        except Exception as exc:
+            detail = chatter.getvalue().strip().splitlines()
+            raise AgentError(f"could not compile the eBPF program ({exc}); {detail[-1] if detail else 'are kernel headers installed? run `make setup`'}") from None
+        self._bpf["traced"][ct.c_uint32(self.pid)] = ct.c_uint64(0)
+        try:
+            for point in self.probe_points:
+                self._bpf.attach_uprobe(name=self.exe_path, addr=point.address, fn_name=point.handler, pid=self.pid)
+        except Exception as exc:
+            self.close()
+            raise AgentError(f"could not attach a uprobe to {self.exe_path} (PID {self.pid}): {exc}") from None
+
+        def handle(_ctx, data, _size):
+            header = ct.cast(data, ct.POINTER(_Header)).contents
+            if header.kind == EV_TRANSITION:
+                ev = ct.cast(data, ct.POINTER(_TransitionEvent)).contents
+                on_change(ev.tgid, ev.goid, StateChange(ev.ts, ev.from_state, ev.to_state, ev.waitreason))
+            elif header.kind == EV_END:
+                ev = ct.cast(data, ct.POINTER(_EndEvent)).contents
+                on_end(_record(ev.goid, ev.tgid, ev.st, EndReason.EXITED))
+            elif header.kind == EV_PROCESS_EXIT:
+                on_process_exit(header.tgid)
+
+        self._bpf["events"].open_ring_buffer(handle)
+
+    def poll(self, timeout_ms: int) -> None:
+        self._bpf.ring_buffer_poll(timeout_ms)
+
+    def drain(self) -> None:
+        self._bpf.ring_buffer_consume()
+
+    def remaining(self, now_ns: int, reason: EndReason) -> list[GoroutineRecord]:
+        """Records still in the kernel map: goroutines alive now (ended at now_ns), and finished
+        goroutines whose end record found the ring buffer full (with their real end time)."""
+        table = self._bpf["goroutines"]
+        records = []
+        for key, st in table.items():
+            if key.tgid != self.pid:
+                continue
+            if st.end_ns:
+                records.append(_record(key.goid, key.tgid, st, EndReason.EXITED))
+                continue
+            st.state_ns[min(st.status, N_STATES - 1)] += max(0, now_ns - st.last_ns)
+            st.end_ns = now_ns
+            records.append(_record(key.goid, key.tgid, st, reason))
+        return records
+
+    def exit_time(self) -> int | None:
+        """Kernel time at which the traced process's first thread exited, if it has."""
+        value = self._bpf["traced"].get(ct.c_uint32(self.pid))
+        return value.value if value is not None and value.value else None
+
+    def probe_ip(self) -> int | None:
+        """The runtime address of the first creation-probe hit (for a PIE's load bias)."""
+        table = self._bpf["probe_ips"]
+        value = table.get(ct.c_uint32(self.pid))
+        return value.value if value is not None else None
+
+    def counters(self) -> dict[str, int]:
+        values = self._bpf["counters"]
+        return {name: sum(values[ct.c_int(i)]) for i, name in enumerate(COUNTER_NAMES)}
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            with _captured_stderr():
+                self._bpf.cleanup()
+            self._bpf = None
+
+
+@contextlib.contextmanager
+def _captured_stderr():
+    """Capture what C code (libbcc, clang) writes to fd 2."""
+    buffer = io.StringIO()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield buffer
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            buffer.write(tmp.read().decode("utf-8", "replace"))
