@@ -1,0 +1,220 @@
+"""Shared test machinery: building Go fixture programs, a real OTLP pipeline, running the agent."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROGRAMS = ROOT / "tests" / "programs"
+CACHE = ROOT / ".cache" / "test-binaries"
+AGENT = [str(ROOT / ".venv" / "bin" / "otel-goroutines")] if (ROOT / ".venv" / "bin" / "otel-goroutines").exists() \
+    else [sys.executable, "-m", "otel_goroutines.cli"]
+
+
+def go_toolchain() -> str:
+    return subprocess.run([str(ROOT / "scripts" / "go-toolchain.sh")], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def build_program(name: str, go: str | None = None, flags: tuple[str, ...] = ()) -> Path:
+    """Build tests/programs/NAME once per (source, toolchain, flags); later runs reuse the binary."""
+    go = go or go_toolchain()
+    digest = hashlib.sha256()
+    for path in sorted(PROGRAMS.rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(PROGRAMS).as_posix().encode() + path.read_bytes())
+    digest.update(go.encode() + "\0".join(flags).encode())
+    out = CACHE / f"{name}-{digest.hexdigest()[:16]}"
+    if not out.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod", CGO_ENABLED=os.environ.get("CGO_ENABLED", "0"))
+        tmp = out.with_suffix(".tmp")
+        subprocess.run([go, "build", *flags, "-o", str(tmp), f"./{name}"], cwd=PROGRAMS, env=env, check=True)
+        tmp.rename(out)
+    return out
+
+
+def site_line(program: str, marker: str) -> int:
+    """Line of the `go` statement tagged `// site:MARKER` in tests/programs/PROGRAM/main.go."""
+    for number, line in enumerate((PROGRAMS / program / "main.go").read_text().splitlines(), 1):
+        if line.rstrip().endswith(f"// site:{marker}"):
+            return number
+    raise KeyError(marker)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise TimeoutError(f"nothing listens on port {port}")
+
+
+@dataclass
+class Span:
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    name: str
+    start_ns: int
+    end_ns: int
+    attributes: dict
+    events: list[tuple[str, int, dict]]
+    resource: dict
+
+
+def _value(v):
+    kind = v.WhichOneof("value")
+    return getattr(v, kind) if kind else None
+
+
+def _attrs(kvs) -> dict:
+    return {kv.key: _value(kv.value) for kv in kvs}
+
+
+def spans_from_request(req: ExportTraceServiceRequest) -> list[Span]:
+    out = []
+    for rs in req.resource_spans:
+        resource = _attrs(rs.resource.attributes)
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                out.append(Span(s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.name,
+                                s.start_time_unix_nano, s.end_time_unix_nano, _attrs(s.attributes),
+                                [(e.name, e.time_unix_nano, _attrs(e.attributes)) for e in s.events], resource))
+    return out
+
+
+def spans_from_otlp_json(path: Path) -> list[Span]:
+    from google.protobuf.json_format import ParseDict
+    import base64
+    out = []
+    for line in path.read_text().splitlines():
+        message = json.loads(line)
+        for rs in message.get("resourceSpans", ()):  # OTLP/JSON ids are hex; protobuf JSON wants base64
+            for ss in rs.get("scopeSpans", ()):
+                for s in ss.get("spans", ()):
+                    for key in ("traceId", "spanId", "parentSpanId"):
+                        if key in s:
+                            s[key] = base64.b64encode(bytes.fromhex(s[key])).decode()
+        out += spans_from_request(ParseDict(message, ExportTraceServiceRequest()))
+    return out
+
+
+class OtlpHttpReceiver:
+    """A minimal OTLP/HTTP protobuf trace receiver: what the real collector forwards to."""
+
+    def __init__(self):
+        self.spans: list[Span] = []
+        self.requests = 0
+        lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                if self.path.endswith("/v1/traces"):
+                    req = ExportTraceServiceRequest()
+                    req.ParseFromString(body)
+                    with lock:
+                        receiver.spans += spans_from_request(req)
+                        receiver.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def wait_for(self, predicate, timeout: float = 15.0) -> list[Span]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate(self.spans):
+                return list(self.spans)
+            time.sleep(0.1)
+        return list(self.spans)
+
+    def clear(self) -> None:
+        self.spans = []
+
+    def close(self) -> None:
+        self._server.shutdown()
+
+
+class Rotel:
+    """The real third-party collector (rotel, from PyPI) receiving OTLP gRPC and HTTP and
+    forwarding everything to an OtlpHttpReceiver."""
+
+    def __init__(self, forward_port: int, log_path: Path):
+        import rotel
+        binary = Path(rotel.__file__).parent / "rotel-agent"
+        self.grpc_port, self.http_port = free_port(), free_port()
+        self._log = open(log_path, "w")
+        self._proc = subprocess.Popen(
+            [str(binary), "start", "--otlp-grpc-endpoint", f"127.0.0.1:{self.grpc_port}",
+             "--otlp-http-endpoint", f"127.0.0.1:{self.http_port}", "--exporter", "otlp",
+             "--otlp-exporter-endpoint", f"http://127.0.0.1:{forward_port}", "--otlp-exporter-protocol", "http",
+             "--batch-timeout", "100ms"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for_port(self.grpc_port)
+        wait_for_port(self.http_port)
+
+    def endpoint(self, protocol: str) -> str:
+        return f"http://127.0.0.1:{self.grpc_port if protocol == 'grpc' else self.http_port}"
+
+    def close(self) -> None:
+        self._proc.terminate()
+        try:
+            self._proc.wait(5)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+        self._log.close()
+
+
+@dataclass
+class AgentRun:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_agent(args: list[str], timeout: float = 60.0, env: dict | None = None) -> AgentRun:
+    proc = subprocess.run(AGENT + args, capture_output=True, text=True, timeout=timeout,
+                          env=dict(os.environ, **(env or {})))
+    return AgentRun(proc.returncode, proc.stdout, proc.stderr)
+
+
+def by_goid(spans: list[Span]) -> dict[int, Span]:
+    out = {}
+    for s in spans:
+        goid = s.attributes["go.goroutine.id"]
+        assert goid not in out, f"goroutine {goid} exported twice"
+        out[goid] = s
+    return out

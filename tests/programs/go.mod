@@ -1,0 +1,3 @@
+module example.com/goroutine-fixtures
+
+go 1.19
