@@ -13,7 +13,7 @@ from . import __version__, goruntime
 from .agent import AgentOptions, ExportSettings, Session
 from .binary.gobinary import GoBinary
 from .errors import AgentError
-from .probes import ProbeSettings
+from .probes import ProbeSettings, check_privileges
 from .target import AttachedTarget, LaunchedTarget
 
 DEFAULT_OUTPUT = "goroutine-spans.jsonl"
@@ -93,9 +93,11 @@ def main(verbose):
 @_one_line_errors
 def run(program, **kwargs):
     """Launch PROGRAM and trace it from its first goroutine; exit with its exit status."""
+    options = _options(**kwargs)
+    check_privileges()
     target = LaunchedTarget(list(program))
     try:
-        code = Session(target, _options(**kwargs)).run()
+        code = Session(target, options).run()
     finally:
         target.close()
     sys.exit(code)
@@ -107,9 +109,11 @@ def run(program, **kwargs):
 @_one_line_errors
 def attach(pid, **kwargs):
     """Trace the running Go process PID until it exits or the agent gets SIGINT/SIGTERM."""
+    options = _options(**kwargs)
+    check_privileges()
     target = AttachedTarget.from_pid(pid)
     try:
-        Session(target, _options(**kwargs)).run()
+        Session(target, options).run()
     finally:
         target.close()
 

@@ -96,7 +96,6 @@ class GoroutineProbes:
 
     def attach(self, on_change: Callable[[int, int, StateChange], None], on_end: Callable[[GoroutineRecord], None],
                on_process_exit: Callable[[int], None]) -> None:
-        check_privileges()
         try:
             from bcc import BPF
         except ImportError:

@@ -1,0 +1,3 @@
+module example.com/otel-goroutines-demo
+
+go 1.21

@@ -1,0 +1,80 @@
+"""`otel-goroutines attach` to a Go program that has been running for a while."""
+
+import json
+import signal
+import subprocess
+import time
+
+import pytest
+
+from helpers import AGENT, by_goid
+
+pytestmark = pytest.mark.ebpf
+
+
+def _start_ticker(programs, tmp_path, duration="30s"):
+    manifest = tmp_path / "ticker.json"
+    proc = subprocess.Popen([str(programs["ticker"]), str(manifest), duration])
+    time.sleep(0.5)  # running for a while before the agent comes
+    return proc, manifest
+
+
+def _attach(pid, rotel, *extra):
+    return subprocess.Popen(AGENT + ["attach", "--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc", "-q", *extra, str(pid)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_attached(agent, receiver, timeout=15.0):
+    # Attached once the first tick goroutine's span has gone through the collector.
+    spans = receiver.wait_for(lambda got: any(s.name == "main.tick" for s in got), timeout)
+    assert any(s.name == "main.tick" for s in spans), agent.stderr.read() if agent.poll() is not None else "no spans"
+
+
+def test_attach_until_sigint(programs, rotel, receiver, tmp_path):
+    receiver.clear()
+    ticker, manifest_path = _start_ticker(programs, tmp_path)
+    try:
+        agent = _attach(ticker.pid, rotel)
+        _wait_attached(agent, receiver)
+        time.sleep(0.5)
+        agent.send_signal(signal.SIGINT)
+        out, err = agent.communicate(timeout=30)
+        assert agent.returncode == 0, err
+        assert "Traceback" not in err
+        assert ticker.poll() is None  # the target is left running
+    finally:
+        ticker.send_signal(signal.SIGTERM)
+        ticker.wait(10)
+    spans = receiver.wait_for(lambda got: False, timeout=1.0)
+    spans_by_goid = by_goid(spans)
+    ticks = [s for s in spans if s.name == "main.tick"]
+    tocks = [s for s in spans if s.name == "main.tock"]
+    assert len(ticks) >= 30  # one every 10 ms for about a second
+    # The dispatcher existed before the attach: it has no span, its children name it by id.
+    dispatcher_ids = {s.attributes["go.goroutine.parent_id"] for s in ticks}
+    assert len(dispatcher_ids) == 1 and dispatcher_ids.isdisjoint(spans_by_goid)
+    assert all(s.parent_span_id == "" for s in ticks)
+    # Tocks are children of traced ticks: parent spans resolve.
+    ids = {s.span_id for s in spans}
+    traced_parent_tocks = [t for t in tocks if t.attributes["go.goroutine.parent_id"] in spans_by_goid]
+    assert traced_parent_tocks and all(t.parent_span_id in ids for t in traced_parent_tocks)
+    # Goroutines alive when the agent stopped are ended then, and marked.
+    stopped = [s for s in spans if s.attributes["go.goroutine.end_reason"] == "agent_stopped"]
+    assert all(s.attributes["go.goroutine.alive_at_end"] for s in stopped)
+    assert {s.attributes["go.goroutine.end_reason"] for s in ticks} <= {"exited", "agent_stopped"}
+    assert "goroutines seen" in err
+
+
+def test_attach_until_the_target_exits(programs, rotel, receiver, tmp_path):
+    receiver.clear()
+    ticker, manifest_path = _start_ticker(programs, tmp_path, duration="4s")
+    agent = _attach(ticker.pid, rotel)
+    out, err = agent.communicate(timeout=30)
+    ticker.wait(10)
+    assert agent.returncode == 0, err
+    manifest = json.loads(manifest_path.read_text())
+    spans = receiver.wait_for(lambda got: False, timeout=1.0)
+    ticks = [s for s in spans if s.name == "main.tick"]
+    # One tick per 10 ms from the attach (0.5 s in, plus the agent's start-up) to the end at 4 s.
+    assert 200 <= len(ticks) <= manifest["ticks"]
+    assert {s.attributes["go.goroutine.end_reason"] for s in spans} <= {"exited", "process_exited"}
