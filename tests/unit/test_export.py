@@ -1,0 +1,94 @@
+"""OTLP/JSON encoding and the bounded retry buffer, without a network."""
+
+import json
+import threading
+import time
+
+from opentelemetry.sdk.resources import Resource
+
+from helpers import spans_from_otlp_json
+from otel_goroutines.exporters import otlp_json
+from otel_goroutines.pipeline import ExportPipeline
+from otel_goroutines.spans import GoroutineSpan, SpanEvent
+
+
+def span(goid, parent=None):
+    return GoroutineSpan(trace_id=0x0123456789ABCDEF0123456789ABCDEF, span_id=0x1000 + goid, parent_span_id=parent,
+                         name="main.worker", start_ns=10, end_ns=20, attributes={"go.goroutine.id": goid},
+                         events=[SpanEvent("waiting", 15, {"go.goroutine.wait_reason": "sleep"})])
+
+
+def test_otlp_json_round_trip(tmp_path):
+    text = otlp_json([span(1), span(2, parent=0x1001)], Resource({"service.name": "svc"}))
+    raw = json.loads(text)["resourceSpans"][0]["scopeSpans"][0]["spans"][1]
+    assert raw["traceId"] == "0123456789abcdef0123456789abcdef"  # OTLP/JSON: hex ids, not base64
+    assert raw["parentSpanId"] == "0000000000001001"
+    assert raw["kind"] == 1  # enums as integers
+    path = tmp_path / "s.jsonl"
+    path.write_text(text + "\n")
+    back = spans_from_otlp_json(path)
+    assert [(s.span_id, s.parent_span_id, s.attributes["go.goroutine.id"]) for s in back] == [
+        ("0000000000001001", "", 1), ("0000000000001002", "0000000000001001", 2)]
+    assert back[0].events == [("waiting", 15, {"go.goroutine.wait_reason": "sleep"})]
+    assert back[0].resource["service.name"] == "svc"
+
+
+class FlakySink:
+    """Fails until told to recover; records what it accepted."""
+
+    def __init__(self):
+        self.healthy = threading.Event()
+        self.accepted = []
+        self.attempts = 0
+
+    def export(self, spans):
+        self.attempts += 1
+        if not self.healthy.is_set():
+            return False
+        self.accepted += spans
+        return True
+
+    def shutdown(self):
+        pass
+
+
+def test_outage_is_retried_then_delivered_in_order():
+    sink = FlakySink()
+    pipeline = ExportPipeline(sink, max_buffered=1000, batch_size=10, max_backoff_s=0.05)
+    pipeline.submit([span(i) for i in range(100)])
+    while sink.attempts < 3:
+        time.sleep(0.01)
+    sink.healthy.set()
+    stats = pipeline.close(timeout_s=5)
+    assert [s.attributes["go.goroutine.id"] for s in sink.accepted] == list(range(100))
+    assert stats.exported == 100 and stats.dropped == 0 and stats.failed_attempts >= 3
+
+
+def test_overflow_drops_oldest_and_counts():
+    sink = FlakySink()
+    pipeline = ExportPipeline(sink, max_buffered=50, batch_size=10, max_backoff_s=0.05)
+    pipeline.submit([span(i) for i in range(200)])
+    sink.healthy.set()
+    stats = pipeline.close(timeout_s=5)
+    assert stats.exported + stats.dropped == 200
+    assert stats.dropped >= 150
+    assert sink.accepted[-1].attributes["go.goroutine.id"] == 199  # the newest survive
+
+
+def test_unsent_at_shutdown_is_counted_within_the_deadline():
+    sink = FlakySink()  # never recovers
+    pipeline = ExportPipeline(sink, max_buffered=1000, batch_size=10, max_backoff_s=0.05)
+    pipeline.submit([span(i) for i in range(30)])
+    stats = pipeline.close(timeout_s=0.3)
+    assert stats.exported == 0 and stats.dropped == 30
+
+
+class RaisingSink(FlakySink):
+    def export(self, spans):
+        raise RuntimeError("boom")
+
+
+def test_a_raising_sink_does_not_kill_the_pipeline():
+    pipeline = ExportPipeline(RaisingSink(), max_buffered=100, batch_size=10, max_backoff_s=0.05)
+    pipeline.submit([span(1)])
+    assert pipeline.close(timeout_s=0.3).dropped == 1
