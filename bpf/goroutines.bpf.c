@@ -6,12 +6,22 @@
 //
 // Compile-time parameters (-D, from otel_goroutines/goruntime.py and probes.py):
 //   OFF_G_GOID, OFF_G_GOPC, OFF_G_STARTPC, OFF_G_WAITREASON, OFF_G_ATOMICSTATUS, OFF_G_M,
-//   OFF_M_CURG, optionally OFF_G_PARENTGOID; MAX_GOROUTINES, RINGBUF_PAGES, MAX_EVENTS.
+//   OFF_M_CURG, optionally OFF_G_PARENTGOID; MAX_GOROUTINES, RINGBUF_PAGES, MAX_EVENTS;
+//   trace boundaries: TRACE_MAX_SPANS, SPAWNER_CHILDREN, SPAWNER_AGE_NS.
 #include <uapi/linux/ptrace.h>
 
 #define N_STATES 12
+#define G_RUNNABLE 1
+#define G_RUNNING 2
+#define G_WAITING 4
 #define G_DEAD 6
+#define G_LEAKED 10
 #define G_SCAN 0x1000
+#define SCHED_BUCKETS 40  // log2(ns) buckets of the time runnable before running
+
+// Why a goroutine starts a trace of its own instead of joining its creator's.
+enum trace_reason { TR_JOINS_PARENT = 0, TR_UNTRACED_PARENT = 1, TR_SPAWNER = 2, TR_TRACE_FULL = 3 };
+#define FLAG_EXISTED_AT_ATTACH 1
 
 enum event_kind { EV_TRANSITION = 1, EV_END = 2, EV_PROCESS_EXIT = 3 };
 enum counter {
@@ -44,6 +54,12 @@ struct gstate {
     u32 events_left_out;
     u32 parent_traced;
     u32 pad;
+    u64 root_goid;       // the goroutine whose trace this one is in (itself when it starts one)
+    u64 parent_root_goid;  // the creator's trace, for the link when this one starts its own
+    u32 children;        // goroutines it created
+    u32 trace_reason;    // enum trace_reason
+    u32 flags;
+    u32 waitreason;      // of the current wait, when status is waiting
 };
 
 struct transition_event {
@@ -70,6 +86,16 @@ BPF_HASH(traced, u32, u64, 1024);
 // The address at which each process hit the creation probe: user space derives a PIE's load bias from it.
 BPF_HASH(probe_ips, u32, u64, 1024);
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
+// Spans per trace (by its root goroutine), for the trace-size cap.
+BPF_TABLE("lru_hash", struct gkey, u32, trace_sizes, 65536);
+// Goroutines created and exited per start function, for metrics (bounded: the map's size).
+struct start_counts {
+    u64 created;
+    u64 exited;
+};
+BPF_HASH(by_start_pc, u64, struct start_counts, 4096);
+// Histogram of the time from runnable to running (go.schedule.duration); the last slot is the sum in ns.
+BPF_PERCPU_ARRAY(sched_latency, u64, SCHED_BUCKETS + 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 static __always_inline void count(int which) {
@@ -83,6 +109,56 @@ static __always_inline u64 read_u64(u64 addr) {
     if (bpf_probe_read_user(&value, sizeof(value), (void *)addr) != 0)
         count(C_READ_ERROR);
     return value;
+}
+
+static __always_inline void count_start(u64 start_pc, int exited) {
+    struct start_counts zero = {}, *c = by_start_pc.lookup_or_try_init(&start_pc, &zero);
+    if (!c)
+        return;  // map full: the totals still count it; only the per-function split misses it
+    if (exited)
+        __sync_fetch_and_add(&c->exited, 1);
+    else
+        __sync_fetch_and_add(&c->created, 1);
+}
+
+static __always_inline u32 log2_bucket(u64 v) {
+    u32 b = 0;
+#pragma unroll
+    for (int i = 0; i < SCHED_BUCKETS - 1; i++) {
+        if (v >> (b + 1))
+            b++;
+    }
+    return b;
+}
+
+// Trace boundaries: a goroutine joins its creator's trace unless the creator is untraced, is a
+// long-lived or prolific spawner (accept loop, dispatcher, pool), or its trace is full.
+static __always_inline void assign_trace(struct gkey *key, struct gstate *st, struct gstate *parent, u64 now) {
+    struct gkey root = {.tgid = key->tgid};
+    if (!parent) {
+        st->trace_reason = TR_UNTRACED_PARENT;
+    } else {
+        parent->children++;
+        root.goid = parent->root_goid;
+        st->parent_root_goid = parent->root_goid;
+        u32 *size = trace_sizes.lookup(&root);
+        if (parent->children > SPAWNER_CHILDREN || now - parent->create_ns > SPAWNER_AGE_NS ||
+            (parent->flags & FLAG_EXISTED_AT_ATTACH))
+            st->trace_reason = TR_SPAWNER;
+        else if (size && *size >= TRACE_MAX_SPANS)
+            st->trace_reason = TR_TRACE_FULL;
+        else {
+            st->trace_reason = TR_JOINS_PARENT;
+            st->root_goid = root.goid;
+            if (size)
+                __sync_fetch_and_add(size, 1);
+            return;
+        }
+    }
+    st->root_goid = key->goid;
+    root.goid = key->goid;
+    u32 one = 1;
+    trace_sizes.update(&root, &one);
 }
 
 static __always_inline u32 state_index(u32 status) {
@@ -114,8 +190,11 @@ int on_goroutine_created(struct pt_regs *ctx) {
     u64 ip = PT_REGS_IP(ctx);
     probe_ips.insert(&key.tgid, &ip);
     struct gkey parent = {.tgid = key.tgid, .goid = st.parent_goid};
-    st.parent_traced = goroutines.lookup(&parent) != NULL;
+    struct gstate *parent_st = goroutines.lookup(&parent);
+    st.parent_traced = parent_st != NULL;
+    assign_trace(&key, &st, parent_st, now);
     count(C_CREATED);
+    count_start(st.start_pc, 0);
     if (goroutines.update(&key, &st) != 0)
         count(C_MAP_FULL);
     return 0;
@@ -136,6 +215,7 @@ int on_goroutine_exit(struct pt_regs *ctx) {
     st->last_ns = now;
     st->end_ns = now;
     st->status = G_DEAD;
+    count_start(st->start_pc, 1);
     struct end_event *ev = events.ringbuf_reserve(sizeof(struct end_event));
     if (!ev) {
         // Keep the finished record in the map: user space collects it at the end, so it is late, not lost.
@@ -162,11 +242,24 @@ int on_casgstatus(struct pt_regs *ctx) {
     if (!st)
         return 0;
     u64 now = bpf_ktime_get_ns();
-    st->state_ns[state_index(st->status)] += now - st->last_ns;
+    u64 spent = now - st->last_ns;
+    st->state_ns[state_index(st->status)] += spent;
+    if (st->status == G_RUNNABLE && state_index(to) == G_RUNNING) {
+        u32 bucket = log2_bucket(spent), sum_slot = SCHED_BUCKETS;
+        u64 *n = sched_latency.lookup(&bucket), *sum = sched_latency.lookup(&sum_slot);
+        if (n)
+            (*n)++;
+        if (sum)
+            *sum += spent;
+    }
     st->last_ns = now;
     st->status = state_index(to);
     st->transitions++;
-    if (st->events_sent >= MAX_EVENTS) {
+    u8 reason = 0;
+    if (st->status == G_WAITING)  // gopark stored the reason in gp.waitreason before this call
+        bpf_probe_read_user(&reason, 1, (void *)(gp + OFF_G_WAITREASON));
+    st->waitreason = reason;
+    if (st->events_sent >= MAX_EVENTS && state_index(to) != G_LEAKED) {  // a leak is always reported
         st->events_left_out++;
         return 0;
     }
@@ -182,9 +275,6 @@ int on_casgstatus(struct pt_regs *ctx) {
     ev->ts = now;
     ev->from = from;
     ev->to = to;
-    u8 reason = 0;
-    if (state_index(to) == 4)  // _Gwaiting: gopark stored the reason in gp.waitreason before this call
-        bpf_probe_read_user(&reason, 1, (void *)(gp + OFF_G_WAITREASON));
     ev->waitreason = reason;
     ev->pad = 0;
     events.ringbuf_submit(ev, 0);

@@ -9,20 +9,23 @@ import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
-from . import __version__, goruntime
+from . import __version__, goruntime, target_memory
 from .binary.gobinary import GoBinary
 from .binary.symbolize import Symbolizer
 from .errors import AgentError
 from .exporters import ConsoleSink, FileSink, OtlpSink, SpanSink
+from .longlived import LongLived, LongLivedSettings
+from .metrics import GoroutineMetrics, MetricsData, MetricsSender
 from .pipeline import ExportPipeline
 from .probes import GoroutineProbes, ProbeSettings
-from .records import EndReason
-from .spans import SpanBuilder
-from .target import FORWARDED_SIGNALS, LaunchedTarget, Target
+from .records import EndReason, StateChange
+from .sampling import SpanBudget
+from .spans import SpanBuilder, SpanEvent
+from .target import FORWARDED_SIGNALS, AttachedTarget, LaunchedTarget, Target
 from .tracker import GoroutineTracker, Summary
 
 log = logging.getLogger("otel_goroutines")
@@ -41,6 +44,9 @@ class ExportSettings:
 class AgentOptions:
     export: ExportSettings
     probes: ProbeSettings
+    long_lived: LongLivedSettings = field(default_factory=LongLivedSettings)
+    spans_per_second: float = 0.0    # 0: no budget
+    metrics_interval_s: float = 10.0  # 0: no metrics
     quiet: bool = False
     poll_interval_ms: int = 100
 
@@ -112,11 +118,15 @@ class Session:
         self.tracker = GoroutineTracker()
         self.summary = Summary()
         self.probes = GoroutineProbes(self.support, target.exe_path, target.pid, options.probes)
+        self.long_lived = LongLived(options.long_lived)
+        self.budget = SpanBudget(options.spans_per_second)
+        self.salt = int.from_bytes(secrets.token_bytes(8), "big")
+        self._symbolizer: Symbolizer | None = None
         self._builder: SpanBuilder | None = None
         self._stop_reason: EndReason | None = None
-        self.spans_built = 0
+        self._scan_now = False
 
-    # --- signals ---------------------------------------------------------------------
+    # --- signals and kernel notifications ----------------------------------------------
     def _on_signal(self, signum, _frame):
         if isinstance(self.target, LaunchedTarget):
             self.target.signal(signum)  # the program decides; the agent follows its exit
@@ -126,13 +136,36 @@ class Session:
     def _on_process_exit(self, _pid: int) -> None:
         self._stop_reason = EndReason.PROCESS_EXITED
 
-    # --- spans -------------------------------------------------------------------------
+    def _on_change(self, pid: int, goid: int, change: StateChange) -> None:
+        self.tracker.on_change(pid, goid, change)
+        if change.to_state == goruntime.G_LEAKED:
+            self._scan_now = True  # the runtime found a leak: export it now
+
+    # --- symbols and spans ---------------------------------------------------------------
+    def symbolizer(self) -> Symbolizer:
+        if self._symbolizer is None:
+            self._symbolizer = Symbolizer(self.binary.functions, self.binary.code, self._load_bias())
+        return self._symbolizer
+
+    def _load_bias(self) -> int:
+        if not self.binary.is_pie:
+            return 0
+        ip = self.probes.probe_ip()
+        # The first creation-probe hit was at one of the known sites; a load bias is page-aligned.
+        for point in self.support.lifecycle_probes:
+            if ip is not None and point.handler == "on_goroutine_created" and (ip - point.address) % 4096 == 0:
+                return ip - point.address
+        try:
+            return target_memory.load_bias(self.target.pid, self.binary)
+        except OSError:
+            log.warning("could not find where the PIE binary is loaded; function names may be wrong")
+            return 0
+
     def _span_builder(self) -> SpanBuilder:
         if self._builder is None:
-            symbolizer = Symbolizer(self.binary.functions, self.binary.code, self._load_bias())
+            symbolizer = self.symbolizer()
             self._builder = SpanBuilder(
-                trace_id=int.from_bytes(secrets.token_bytes(16), "big") or 1,
-                salt=int.from_bytes(secrets.token_bytes(8), "big"),
+                salt=self.salt,
                 clock_offset_ns=self.clock_offset_ns,
                 function_name=symbolizer.function,
                 creation_site=symbolizer.creation_site,
@@ -141,57 +174,120 @@ class Session:
             )
         return self._builder
 
-    def _load_bias(self) -> int:
-        if not self.binary.is_pie:
-            return 0
-        ip = self.probes.probe_ip()
-        if ip is None:
-            return 0
-        # The first creation-probe hit was at one of the known sites; a load bias is page-aligned.
-        for point in self.support.lifecycle_probes:
-            if point.handler == "on_goroutine_created" and (ip - point.address) % 4096 == 0:
-                return ip - point.address
-        log.warning("could not derive the PIE load bias; function names may be wrong")
-        return 0
-
-    def _export_ready(self, pipeline: ExportPipeline) -> None:
+    def _export_ended(self, pipeline: ExportPipeline) -> None:
         records = self.tracker.take()
         if not records:
             return
         builder = self._span_builder()
-        spans = [builder.build(rec) for rec in records]
-        for rec, span in zip(records, spans):
-            self.summary.add(span.name, rec.lifetime_ns, rec.end_reason is not EndReason.EXITED)
-        self.spans_built += len(spans)
-        pipeline.submit(spans)
+        spans = []
+        for rec in records:
+            before, leak_flagged = self.long_lived.finish(rec)
+            span = builder.build(rec, before)
+            if leak_flagged:
+                span.attributes["go.goroutine.leak_suspected"] = True
+            spans.append(span)
+            alive = rec.end_reason is not EndReason.EXITED
+            self.summary.add(span.name, rec.lifetime_ns, alive)
+            if self.metrics is not None:
+                self.metrics.observe_end(span.name, rec.lifetime_ns)
+        pipeline.submit(self.budget.select(spans))
+
+    def _export_long_lived(self, pipeline: ExportPipeline, now_ns: int) -> None:
+        builder = self._span_builder()
+        is_runtime = lambda pc: self.symbolizer().function(pc).startswith("runtime.")
+        spans = []
+        for due in self.long_lived.due(self.probes.snapshot(now_ns), now_ns, is_runtime):
+            rec = due.record
+            rec.changes = self.tracker.take_changes(rec.pid, rec.goid)
+            before = self.long_lived.record_checkpoint(rec, now_ns)
+            span = builder.checkpoint(rec, before, now_ns)
+            if due.leak:
+                span.attributes["go.goroutine.leak_suspected"] = True
+                span.events.append(SpanEvent("leak_suspected", now_ns + self.clock_offset_ns,
+                                             {"go.goroutine.wait_reason": self.support.wait_reason(rec.wait_reason),
+                                              "go.goroutine.leak.reason": due.leak}))
+                if rec.status == goruntime.G_LEAKED:
+                    span.error = "goroutine leaked (detected by the Go runtime)"
+            spans.append(span)
+        pipeline.submit(self.budget.select(spans))
+
+    def _import_existing(self, now_ns: int) -> None:
+        """Goroutines alive at attach time get spans too, starting now."""
+        if self.support.allgs_address is None:
+            log.warning("no symbol table: goroutines that existed before the attach get no spans")
+            return
+        try:
+            bias = self._load_bias()
+            found = target_memory.live_goroutines(self.target.pid, self.support, bias)
+            imported = self.probes.import_existing(found, now_ns)
+            alive = target_memory.still_alive(self.target.pid, self.support, found)
+        except OSError as exc:
+            log.warning("could not read the goroutine list of PID %d (%s); goroutines that existed before the attach get no spans",
+                        self.target.pid, exc)
+            return
+        self.probes.forget([g.goid for g in found if g.goid not in alive])
+        self.existing_at_attach = imported
+        log.info("%d goroutines existed at attach", imported)
+
+    def _metrics_snapshot(self, now_ns: int, stats) -> MetricsData:
+        counters = self.probes.counters()
+        self.metrics.existing_at_attach = self.existing_at_attach
+        return self.metrics.collect(
+            now_ns + self.clock_offset_ns,
+            self.probes.start_function_counts(),
+            self.probes.schedule_latency_histogram(),
+            self.long_lived.leaks_flagged,
+            {"exported": stats.exported, "sampled_out": self.budget.sampled_out, "dropped": stats.dropped,
+             "untracked_map_full": counters["goroutines_untracked_map_full"]})
 
     # --- the run -----------------------------------------------------------------------
     def run(self) -> int:
         opts = self.options
         resource = build_resource(self.binary, self.target)
         pipeline = ExportPipeline(make_sink(opts.export, resource))
+        sender = MetricsSender(opts.export.exporter, opts.export.protocol, opts.export.endpoint, opts.export.output) \
+            if opts.metrics_interval_s else None
         status = StatusLine(not opts.quiet)
         self.clock_offset_ns = monotonic_to_wall_offset()
+        self.existing_at_attach = 0
+        start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        self.metrics = GoroutineMetrics(resource, lambda pc: self.symbolizer().function(pc), start_ns + self.clock_offset_ns) \
+            if sender and sender.enabled else None
+        scan_every_ns = int(opts.long_lived.scan_interval_s * 1e9)
+        metrics_every_ns = int(opts.metrics_interval_s * 1e9)
+        next_scan = start_ns + scan_every_ns
+        next_metrics = start_ns + metrics_every_ns
         previous_handlers = {s: signal.signal(s, self._on_signal) for s in FORWARDED_SIGNALS}
         try:
-            self.probes.attach(self.tracker.on_change, self.tracker.on_end, self._on_process_exit)
+            self.probes.attach(self._on_change, self.tracker.on_end, self._on_process_exit)
             log.info("attached %d probes to PID %d (%s, offsets from %s)", len(self.probes.probe_points),
                      self.target.pid, self.binary.go_version, self.support.offsets_source)
+            attached_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            if isinstance(self.target, AttachedTarget):
+                self._import_existing(attached_ns)
             self.target.start()
             while self._stop_reason is None:
                 self.probes.poll(opts.poll_interval_ms)
-                self._export_ready(pipeline)
+                self._export_ended(pipeline)
+                now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+                if self._scan_now or (scan_every_ns and now >= next_scan):
+                    self._export_long_lived(pipeline, now)
+                    self._scan_now, next_scan = False, now + scan_every_ns
+                if self.metrics is not None and now >= next_metrics:
+                    sender.send(self._metrics_snapshot(now, pipeline.stats))
+                    next_metrics = now + metrics_every_ns
                 if self.target.has_exited():
                     self._stop_reason = EndReason.PROCESS_EXITED
                 if status.due():
-                    created = self.probes.counters()["goroutines_created"]
-                    status.update(f"goroutines live {created - self.tracker.ended}  ended {self.tracker.ended}  "
-                                  f"exported {pipeline.stats.exported}  dropped {pipeline.stats.dropped}")
+                    live = self.existing_at_attach + self.probes.counters()["goroutines_created"] - self.tracker.ended
+                    status.update(f"goroutines live {live}  ended {self.tracker.ended}  "
+                                  f"exported {pipeline.stats.exported}  dropped {pipeline.stats.dropped + self.budget.sampled_out}")
             self.probes.drain()
             end_ns = self.probes.exit_time() or time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             for record in self.probes.remaining(end_ns, self._stop_reason):
                 self.tracker.on_end(record)
-            self._export_ready(pipeline)
+            self._export_ended(pipeline)
+            final_metrics = self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None
             losses = self.probes.counters()
             losses.pop("goroutines_created")
         finally:
@@ -200,12 +296,18 @@ class Session:
             self.probes.close()
         status.clear()
         stats = pipeline.close(opts.export.flush_timeout_s)
-        losses = {"spans_not_exported": stats.dropped, **losses}
+        if sender is not None:
+            sender.close(final_metrics, opts.export.flush_timeout_s)
+        losses = {"spans_not_exported": stats.dropped, "spans_sampled_out": self.budget.sampled_out, **losses}
         # Exits of goroutines that predate the attach are expected, not a loss.
         untraced_exits = losses.pop("exits_of_untraced_goroutines")
         print(self.summary.render(losses), file=sys.stderr)
+        if self.existing_at_attach:
+            print(f"({self.existing_at_attach} goroutines existed at attach: their spans start at the attach)", file=sys.stderr)
         if untraced_exits:
-            print(f"({untraced_exits} goroutines that existed before the attach exited; they have no spans)", file=sys.stderr)
+            print(f"({untraced_exits} goroutines that existed before the attach exited untraced)", file=sys.stderr)
+        if self.long_lived.leaks_flagged:
+            print(f"suspected goroutine leaks: {self.long_lived.leaks_flagged}", file=sys.stderr)
         if any(losses.values()):
             log.warning("losses: %s", ", ".join(f"{k}={v}" for k, v in losses.items() if v))
         if opts.export.exporter == "file":

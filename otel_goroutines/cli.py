@@ -13,6 +13,7 @@ from . import __version__, goruntime
 from .agent import AgentOptions, ExportSettings, Session
 from .binary.gobinary import GoBinary
 from .errors import AgentError
+from .longlived import LongLivedSettings
 from .probes import ProbeSettings, check_privileges
 from .target import AttachedTarget, LaunchedTarget
 
@@ -53,6 +54,20 @@ def _tracing_options(func):
                      help="lifecycle: creation and exit only (cheapest); states: also state-change events and per-state times."),
         click.option("--max-events", type=click.IntRange(0, 100000), default=64, show_default=True,
                      help="State-change events kept per goroutine span; the rest are counted in go.goroutine.events_left_out."),
+        click.option("--trace-max-spans", type=click.IntRange(1), default=1000, show_default=True,
+                     help="Goroutine spans per trace; a goroutine created into a full trace starts a new one, linked."),
+        click.option("--spawner-children", type=click.IntRange(0), default=16, show_default=True,
+                     help="A goroutine that created more children than this is a spawner: its later children start traces of their own."),
+        click.option("--spawner-age", type=click.FloatRange(0), default=1.0, show_default=True,
+                     help="Seconds: a goroutine older than this is a spawner too (accept loops, dispatchers, pools)."),
+        click.option("--checkpoint-after", type=click.FloatRange(0), default=60.0, show_default=True,
+                     help="Seconds: a goroutine alive this long is exported as a checkpoint span, and again every so long (0: never)."),
+        click.option("--leak-after", type=click.FloatRange(0), default=300.0, show_default=True,
+                     help="Seconds blocked in one wait before a goroutine is flagged as a suspected leak (0: never)."),
+        click.option("--max-spans-per-second", type=click.FloatRange(0), default=0, show_default=True,
+                     help="Span budget (0: none). Over it, short, unremarkable goroutines are counted but not exported."),
+        click.option("--metrics-interval", type=click.FloatRange(0), default=10.0, show_default=True,
+                     help="Seconds between metric exports (OTLP, or PATH.metrics.jsonl beside --output; 0: no metrics)."),
         click.option("--flush-timeout", type=click.FloatRange(0), default=10.0, show_default=True,
                      help="Seconds allowed at the end to send buffered spans."),
         click.option("--quiet", "-q", is_flag=True, help="No live status line."),
@@ -62,7 +77,8 @@ def _tracing_options(func):
     return func
 
 
-def _options(exporter, output, endpoint, protocol, detail, max_events, flush_timeout, quiet) -> AgentOptions:
+def _options(exporter, output, endpoint, protocol, detail, max_events, trace_max_spans, spawner_children, spawner_age,
+             checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet) -> AgentOptions:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
         exporter = "otlp" if (endpoint or traces_endpoint) else "file"
@@ -73,7 +89,11 @@ def _options(exporter, output, endpoint, protocol, detail, max_events, flush_tim
         raise AgentError(f"OTLP protocol {protocol!r} is not supported; use grpc or http/protobuf")
     return AgentOptions(
         export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout),
-        probes=ProbeSettings(states=detail == "states", max_events=max_events),
+        probes=ProbeSettings(states=detail == "states", max_events=max_events, trace_max_spans=trace_max_spans,
+                             spawner_children=spawner_children, spawner_age_s=spawner_age),
+        long_lived=LongLivedSettings(checkpoint_after_s=checkpoint_after, leak_after_s=leak_after),
+        spans_per_second=max_spans_per_second,
+        metrics_interval_s=metrics_interval,
         quiet=quiet,
     )
 

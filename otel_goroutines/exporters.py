@@ -21,7 +21,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-from opentelemetry.trace import SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
+from opentelemetry.trace.status import Status, StatusCode
 
 from . import __version__
 from .errors import AgentError
@@ -47,7 +48,9 @@ def to_readable(span: GoroutineSpan, resource: Resource) -> ReadableSpan:
         resource=resource,
         attributes=span.attributes,
         events=[Event(ev.name, ev.attributes, ev.time_ns) for ev in span.events],
+        links=[Link(SpanContext(link.trace_id, link.span_id, False, _SAMPLED), link.attributes) for link in span.links],
         kind=SpanKind.INTERNAL,
+        status=Status(StatusCode.ERROR, span.error) if span.error else Status(StatusCode.UNSET),
         start_time=span.start_ns,
         end_time=span.end_ns,
         instrumentation_scope=SCOPE,
@@ -81,9 +84,10 @@ def otlp_json(spans: Sequence[GoroutineSpan], resource: Resource) -> str:
     for resource_spans in message.get("resourceSpans", ()):
         for scope_spans in resource_spans.get("scopeSpans", ()):
             for span in scope_spans.get("spans", ()):
-                for key in ("traceId", "spanId", "parentSpanId"):
-                    if key in span:
-                        span[key] = base64.b64decode(span[key]).hex()
+                for item in (span, *span.get("links", ())):
+                    for key in ("traceId", "spanId", "parentSpanId"):
+                        if key in item:
+                            item[key] = base64.b64decode(item[key]).hex()
     return json.dumps(message, separators=(",", ":"))
 
 

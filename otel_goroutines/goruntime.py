@@ -21,7 +21,7 @@ from .errors import UnsupportedTarget
 MIN_GO = (1, 17)
 
 # runtime/runtime2.go: goroutine status values (stable across versions; 10 and 11 from Go 1.26).
-G_IDLE, G_RUNNABLE, G_RUNNING, G_SYSCALL, G_WAITING, G_DEAD = 0, 1, 2, 3, 4, 6
+G_IDLE, G_RUNNABLE, G_RUNNING, G_SYSCALL, G_WAITING, G_DEAD, G_LEAKED = 0, 1, 2, 3, 4, 6, 10
 STATE_NAMES = {
     0: "idle", 1: "runnable", 2: "running", 3: "syscall", 4: "waiting", 5: "moribund",
     6: "dead", 7: "enqueue", 8: "copystack", 9: "preempted", 10: "leaked", 11: "deadextra",
@@ -70,6 +70,7 @@ class RuntimeSupport:
     lifecycle_probes: tuple[ProbePoint, ...]
     state_probes: tuple[ProbePoint, ...]
     wait_reasons: tuple[str, ...]
+    allgs_address: int | None        # runtime.allgs ([]*g), to list goroutines at attach; None if stripped
 
     def bpf_defines(self) -> list[str]:
         return [f"-DOFF_{name.upper()}={value}" for name, value in sorted(self.offsets.items())]
@@ -90,6 +91,7 @@ def support_for(binary: GoBinary) -> RuntimeSupport:
         lifecycle_probes=tuple(_lifecycle_probes(binary)),
         state_probes=(_entry_probe(binary, "runtime.casgstatus", "on_casgstatus"),),
         wait_reasons=_wait_reasons(binary, version),
+        allgs_address=sym.address if (sym := binary.symbol("runtime.allgs")) else None,
     )
 
 

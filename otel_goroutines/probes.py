@@ -17,7 +17,8 @@ from typing import Callable
 
 from .errors import AgentError
 from .goruntime import N_STATES, ProbePoint, RuntimeSupport
-from .records import EndReason, GoroutineRecord, StateChange
+from .target_memory import ExistingGoroutine
+from .records import EndReason, GoroutineRecord, StateChange, TraceReason
 
 BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "goroutines.bpf.c"
 
@@ -26,6 +27,8 @@ COUNTER_NAMES = ("goroutines_untracked_map_full", "state_events_lost_ringbuf", "
                  "exits_of_untraced_goroutines", "target_memory_read_errors", "goroutines_created")
 
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
+FLAG_EXISTED_AT_ATTACH = 1
+_BPF_NOEXIST = 1
 
 
 class _GState(ct.Structure):
@@ -33,7 +36,10 @@ class _GState(ct.Structure):
                 ("parent_goid", ct.c_uint64), ("start_pc", ct.c_uint64), ("go_pc", ct.c_uint64),
                 ("state_ns", ct.c_uint64 * N_STATES), ("status", ct.c_uint32), ("transitions", ct.c_uint32),
                 ("events_sent", ct.c_uint32), ("events_left_out", ct.c_uint32),
-                ("parent_traced", ct.c_uint32), ("pad", ct.c_uint32)]
+                ("parent_traced", ct.c_uint32), ("pad", ct.c_uint32), ("root_goid", ct.c_uint64),
+                ("parent_root_goid", ct.c_uint64),
+                ("children", ct.c_uint32), ("trace_reason", ct.c_uint32), ("flags", ct.c_uint32),
+                ("waitreason", ct.c_uint32)]
 
 
 class _GKey(ct.Structure):
@@ -59,6 +65,9 @@ class ProbeSettings:
     max_events: int = 64           # state events kept per goroutine; the rest are counted
     max_goroutines: int = 131072   # goroutines tracked at once
     ringbuf_pages: int = 1024      # 4 MiB
+    trace_max_spans: int = 1000    # goroutines per trace before a new one starts
+    spawner_children: int = 16     # a creator with more children than this is a spawner...
+    spawner_age_s: float = 1.0     # ...and so is one older than this: their children start traces
 
 
 def check_privileges() -> None:
@@ -78,7 +87,15 @@ def _record(goid: int, tgid: int, st: _GState, end_reason: EndReason) -> Gorouti
         pid=tgid, goid=goid, parent_goid=st.parent_goid, parent_traced=bool(st.parent_traced),
         create_ns=st.create_ns, end_ns=st.end_ns, start_pc=st.start_pc, go_pc=st.go_pc,
         state_ns=tuple(st.state_ns), transitions=st.transitions, events_left_out=st.events_left_out,
-        end_reason=end_reason)
+        end_reason=end_reason, root_goid=st.root_goid, parent_root_goid=st.parent_root_goid, trace_reason=TraceReason(st.trace_reason),
+        existed_at_attach=bool(st.flags & FLAG_EXISTED_AT_ATTACH), status=st.status, wait_reason=st.waitreason,
+        since_ns=st.last_ns)
+
+
+def _ended(rec: GoroutineRecord, now_ns: int, reason: EndReason) -> GoroutineRecord:
+    rec.end_ns = now_ns
+    rec.end_reason = reason
+    return rec
 
 
 class GoroutineProbes:
@@ -104,6 +121,9 @@ class GoroutineProbes:
             f"-DMAX_EVENTS={self.settings.max_events if self.settings.states else 0}",
             f"-DMAX_GOROUTINES={self.settings.max_goroutines}",
             f"-DRINGBUF_PAGES={self.settings.ringbuf_pages}",
+            f"-DTRACE_MAX_SPANS={self.settings.trace_max_spans}",
+            f"-DSPAWNER_CHILDREN={self.settings.spawner_children}",
+            f"-DSPAWNER_AGE_NS={int(self.settings.spawner_age_s * 1e9)}ULL",
             "-w",
         ]
         # bcc prints compiler chatter on stderr; keep it for the error message only.
@@ -143,18 +163,52 @@ class GoroutineProbes:
     def remaining(self, now_ns: int, reason: EndReason) -> list[GoroutineRecord]:
         """Records still in the kernel map: goroutines alive now (ended at now_ns), and finished
         goroutines whose end record found the ring buffer full (with their real end time)."""
-        table = self._bpf["goroutines"]
+        return [rec if rec.end_ns else _ended(rec, now_ns, reason) for rec in self.snapshot(now_ns, include_ended=True)]
+
+    def snapshot(self, now_ns: int, include_ended: bool = False) -> list[GoroutineRecord]:
+        """The goroutines in the kernel map now, per-state times counted up to now_ns."""
         records = []
-        for key, st in table.items():
-            if key.tgid != self.pid:
+        for key, st in self._bpf["goroutines"].items():
+            if key.tgid != self.pid or (st.end_ns and not include_ended):
                 continue
-            if st.end_ns:
-                records.append(_record(key.goid, key.tgid, st, EndReason.EXITED))
-                continue
-            st.state_ns[min(st.status, N_STATES - 1)] += max(0, now_ns - st.last_ns)
-            st.end_ns = now_ns
-            records.append(_record(key.goid, key.tgid, st, reason))
+            if not st.end_ns:
+                st.state_ns[min(st.status, N_STATES - 1)] += max(0, now_ns - st.last_ns)
+            records.append(_record(key.goid, key.tgid, st, EndReason.EXITED))
         return records
+
+    def import_existing(self, goroutines: list[ExistingGoroutine], now_ns: int) -> int:
+        """Put goroutines that predate the probes into the kernel map, as if created now, each
+        starting a trace of its own. Goroutines the probes already saw are left alone."""
+        from bcc.libbcc import lib  # bcc's Table has no insert-if-absent; the raw call takes flags
+
+        table = self._bpf["goroutines"]
+        imported = 0
+        for g in goroutines:
+            key = _GKey(self.pid, 0, g.goid)
+            st = _GState(create_ns=now_ns, last_ns=now_ns, parent_goid=g.parent_goid, start_pc=g.start_pc,
+                         go_pc=g.go_pc, status=g.status, root_goid=g.goid,
+                         trace_reason=TraceReason.UNTRACED_PARENT, flags=FLAG_EXISTED_AT_ATTACH, waitreason=g.wait_reason)
+            if lib.bpf_update_elem(table.map_fd, ct.byref(key), ct.byref(st), _BPF_NOEXIST) == 0:
+                imported += 1
+        return imported
+
+    def forget(self, goids: list[int]) -> None:
+        """Drop imported goroutines that turned out to have exited during the import."""
+        table = self._bpf["goroutines"]
+        for goid in goids:
+            key = _GKey(self.pid, 0, goid)
+            st = table.get(key)
+            if st is not None and st.flags & FLAG_EXISTED_AT_ATTACH:
+                del table[key]
+
+    def schedule_latency_histogram(self) -> list[int]:
+        """Counts of runnable-to-running waits by log2(ns) bucket (states detail only)."""
+        table = self._bpf["sched_latency"]
+        return [sum(table[ct.c_int(i)]) for i in range(len(table))]
+
+    def start_function_counts(self) -> dict[int, tuple[int, int]]:
+        """start pc -> (goroutines created, exited) since the probes were attached."""
+        return {k.value: (v.created, v.exited) for k, v in self._bpf["by_start_pc"].items()}
 
     def exit_time(self) -> int | None:
         """Kernel time at which the traced process's first thread exited, if it has."""

@@ -12,6 +12,14 @@ class EndReason(str, Enum):
     AGENT_STOPPED = "agent_stopped"    # still alive when the agent stopped tracing
 
 
+class TraceReason(int, Enum):
+    """Why a goroutine's span is in its creator's trace, or starts one (mirrors bpf enum trace_reason)."""
+    JOINS_PARENT = 0
+    UNTRACED_PARENT = 1   # the creator has no span (it predates the probes)
+    SPAWNER = 2           # the creator is a long-lived or prolific spawner: accept loop, dispatcher, pool
+    TRACE_FULL = 3        # the creator's trace reached its span cap
+
+
 @dataclass(slots=True)
 class StateChange:
     time_ns: int      # kernel monotonic clock
@@ -34,6 +42,13 @@ class GoroutineRecord:
     transitions: int
     events_left_out: int
     end_reason: EndReason = EndReason.EXITED
+    root_goid: int = 0               # the goroutine whose trace this one is in
+    parent_root_goid: int = 0        # the creator's trace (linked when this one starts its own)
+    trace_reason: TraceReason = TraceReason.UNTRACED_PARENT
+    existed_at_attach: bool = False  # create_ns is the attach time, not the real creation
+    status: int = 0                  # runtime status at the last update (for live snapshots)
+    wait_reason: int = 0             # the current wait's reason, when status is waiting
+    since_ns: int = 0                # kernel time of the last state change
     changes: list[StateChange] = field(default_factory=list)
 
     @property

@@ -6,16 +6,27 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .goruntime import STATE_NAMES
-from .records import EndReason, GoroutineRecord
+from .records import EndReason, GoroutineRecord, TraceReason
 
 _MASK64 = (1 << 64) - 1
 _WAITING = 4
+_TRACE_SALT = 0x5EED_0F_7A_CE_5A17   # second half of a trace id
+_HISTORY_SALT = 0x415_7041_C0DE    # traces that hold a long-lived goroutine's checkpoints
+_TRACE_REASONS = {TraceReason.UNTRACED_PARENT: "untraced_parent", TraceReason.SPAWNER: "spawner",
+                  TraceReason.TRACE_FULL: "trace_full"}
 
 
 @dataclass(slots=True)
 class SpanEvent:
     name: str
     time_ns: int  # wall clock
+    attributes: dict
+
+
+@dataclass(slots=True)
+class SpanLink:
+    trace_id: int
+    span_id: int
     attributes: dict
 
 
@@ -29,20 +40,41 @@ class GoroutineSpan:
     end_ns: int
     attributes: dict
     events: list[SpanEvent] = field(default_factory=list)
+    links: list[SpanLink] = field(default_factory=list)
+    error: str | None = None  # span status ERROR with this description
 
 
-def span_id_for(salt: int, goid: int) -> int:
-    """A span id from a goroutine id: splitmix64 is a bijection, so distinct goids of one process
-    never collide, and a child can name its parent's span without any shared state."""
-    z = (salt + goid * 0x9E3779B97F4A7C15) & _MASK64
+@dataclass(frozen=True, slots=True)
+class Checkpointed:
+    """What earlier checkpoint spans of a goroutine already covered."""
+    count: int                 # checkpoint spans exported so far
+    until_ns: int              # kernel time the last one ended
+    state_ns: tuple[int, ...]  # per-state totals at that time
+
+
+def mix64(salt: int, n: int) -> int:
+    """splitmix64 of salt + n: a bijection of n, so distinct goroutine ids never collide."""
+    z = (salt + n * 0x9E3779B97F4A7C15) & _MASK64
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     return (z ^ (z >> 31)) or 1
 
 
+def span_id_for(salt: int, goid: int) -> int:
+    """A goroutine's span id: a child names its parent's span without any shared state."""
+    return mix64(salt, goid)
+
+
+def trace_id_for(salt: int, root_goid: int) -> int:
+    return mix64(salt, root_goid) << 64 | mix64(salt ^ _TRACE_SALT, root_goid)
+
+
+def checkpoint_span_id(salt: int, goid: int, index: int) -> int:
+    return mix64(salt ^ (index * _HISTORY_SALT), goid)
+
+
 @dataclass
 class SpanBuilder:
-    trace_id: int
     salt: int
     clock_offset_ns: int  # wall clock - kernel monotonic clock
     function_name: Callable[[int], str]
@@ -50,13 +82,42 @@ class SpanBuilder:
     wait_reason: Callable[[int], str]
     states_traced: bool
 
-    def build(self, rec: GoroutineRecord) -> GoroutineSpan:
+    def build(self, rec: GoroutineRecord, before: Checkpointed | None = None) -> GoroutineSpan:
+        """The goroutine's span, from its creation (or its last checkpoint) to its end."""
+        span = self._span(rec, before, rec.end_ns)
+        span.trace_id = trace_id_for(self.salt, rec.root_goid)
+        span.span_id = span_id_for(self.salt, rec.goid)
+        if rec.trace_reason is TraceReason.JOINS_PARENT:
+            span.parent_span_id = span_id_for(self.salt, rec.parent_goid)
+        else:
+            if rec.trace_reason is not TraceReason.UNTRACED_PARENT:
+                span.links.append(SpanLink(trace_id_for(self.salt, rec.parent_root_goid),
+                                           span_id_for(self.salt, rec.parent_goid), {"go.goroutine.link": "creator"}))
+            span.attributes["go.goroutine.trace_reason"] = _TRACE_REASONS[rec.trace_reason]
+        span.attributes["go.goroutine.end_reason"] = rec.end_reason.value
+        if rec.end_reason is not EndReason.EXITED:
+            span.attributes["go.goroutine.alive_at_end"] = True
+        span.events.append(SpanEvent(rec.end_reason.value, rec.end_ns + self.clock_offset_ns, {}))
+        return span
+
+    def checkpoint(self, rec: GoroutineRecord, before: Checkpointed | None, now_ns: int) -> GoroutineSpan:
+        """A span for the part of a live goroutine's life since its last checkpoint. Checkpoints
+        go to a trace of their own per goroutine, each linked to the one before; the final span links
+        to the last one."""
+        span = self._span(rec, before, now_ns)
+        index = before.count + 1 if before else 1
+        span.trace_id = trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid)
+        span.span_id = checkpoint_span_id(self.salt, rec.goid, index)
+        span.attributes["go.goroutine.checkpoint"] = index
+        span.attributes["go.goroutine.partial"] = True
+        return span
+
+    def _span(self, rec: GoroutineRecord, before: Checkpointed | None, end_ns: int) -> GoroutineSpan:
         name = self.function_name(rec.start_pc)
         attrs = {
             "go.goroutine.id": rec.goid,
             "go.goroutine.parent_id": rec.parent_goid,
             "code.function.name": name,
-            "go.goroutine.end_reason": rec.end_reason.value,
         }
         site = self.creation_site(rec.go_pc) if rec.go_pc else None
         if site is not None:
@@ -64,12 +125,13 @@ class SpanBuilder:
             if site[1]:
                 attrs["code.file.path"] = site[1]
                 attrs["code.line.number"] = site[2]
-        if rec.end_reason is not EndReason.EXITED:
-            attrs["go.goroutine.alive_at_end"] = True
+        if rec.existed_at_attach:
+            attrs["go.goroutine.existed_at_attach"] = True
         if self.states_traced:
-            for state, ns in enumerate(rec.state_ns):
-                if ns:
-                    attrs[f"go.goroutine.{STATE_NAMES.get(state, str(state))}_ns"] = ns
+            previous = before.state_ns if before else (0,) * len(rec.state_ns)
+            for state, (ns, earlier) in enumerate(zip(rec.state_ns, previous)):
+                if ns - earlier:
+                    attrs[f"go.goroutine.{STATE_NAMES.get(state, str(state))}_ns"] = ns - earlier
             attrs["go.goroutine.transitions"] = rec.transitions
             attrs["go.goroutine.events_left_out"] = rec.events_left_out
 
@@ -80,8 +142,11 @@ class SpanBuilder:
             if change.to_state == _WAITING:
                 ev_attrs["go.goroutine.wait_reason"] = self.wait_reason(change.wait_reason)
             events.append(SpanEvent(STATE_NAMES.get(change.to_state, str(change.to_state)), change.time_ns + offset, ev_attrs))
-        events.append(SpanEvent(rec.end_reason.value, rec.end_ns + offset, {}))
-
-        parent = span_id_for(self.salt, rec.parent_goid) if rec.parent_traced else None
-        return GoroutineSpan(self.trace_id, span_id_for(self.salt, rec.goid), parent, name,
-                             rec.create_ns + offset, rec.end_ns + offset, attrs, events)
+        links = []
+        start_ns = rec.create_ns
+        if before:
+            start_ns = before.until_ns
+            attrs["go.goroutine.checkpoints"] = before.count
+            links.append(SpanLink(trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid),
+                                  checkpoint_span_id(self.salt, rec.goid, before.count), {"go.goroutine.link": "previous_checkpoint"}))
+        return GoroutineSpan(0, 0, None, name, start_ns + offset, end_ns + offset, attrs, events, links)

@@ -24,6 +24,10 @@ class GoroutineTracker:
         self.ready.append(record)
         self.ended += 1
 
+    def take_changes(self, pid: int, goid: int) -> list[StateChange]:
+        """The state changes buffered for a live goroutine (for a checkpoint span)."""
+        return self._changes.pop((pid, goid), [])
+
     def take(self) -> list[GoroutineRecord]:
         ready, self.ready = self.ready, []
         return ready

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +83,8 @@ class Span:
     attributes: dict
     events: list[tuple[str, int, dict]]
     resource: dict
+    links: list[tuple[str, str, dict]] = field(default_factory=list)
+    status_code: int = 0
 
 
 def _value(v):
@@ -101,7 +104,9 @@ def spans_from_request(req: ExportTraceServiceRequest) -> list[Span]:
             for s in ss.spans:
                 out.append(Span(s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.name,
                                 s.start_time_unix_nano, s.end_time_unix_nano, _attrs(s.attributes),
-                                [(e.name, e.time_unix_nano, _attrs(e.attributes)) for e in s.events], resource))
+                                [(e.name, e.time_unix_nano, _attrs(e.attributes)) for e in s.events], resource,
+                                [(link.trace_id.hex(), link.span_id.hex(), _attrs(link.attributes)) for link in s.links],
+                                s.status.code))
     return out
 
 
@@ -114,9 +119,10 @@ def spans_from_otlp_json(path: Path) -> list[Span]:
         for rs in message.get("resourceSpans", ()):  # OTLP/JSON ids are hex; protobuf JSON wants base64
             for ss in rs.get("scopeSpans", ()):
                 for s in ss.get("spans", ()):
-                    for key in ("traceId", "spanId", "parentSpanId"):
-                        if key in s:
-                            s[key] = base64.b64encode(bytes.fromhex(s[key])).decode()
+                    for item in (s, *s.get("links", ())):
+                        for key in ("traceId", "spanId", "parentSpanId"):
+                            if key in item:
+                                item[key] = base64.b64encode(bytes.fromhex(item[key])).decode()
         out += spans_from_request(ParseDict(message, ExportTraceServiceRequest()))
     return out
 
@@ -126,6 +132,7 @@ class OtlpHttpReceiver:
 
     def __init__(self):
         self.spans: list[Span] = []
+        self.metrics: list[ExportMetricsServiceRequest] = []
         self.requests = 0
         lock = threading.Lock()
         receiver = self
@@ -141,6 +148,11 @@ class OtlpHttpReceiver:
                     with lock:
                         receiver.spans += spans_from_request(req)
                         receiver.requests += 1
+                elif self.path.endswith("/v1/metrics"):
+                    req = ExportMetricsServiceRequest()
+                    req.ParseFromString(body)
+                    with lock:
+                        receiver.metrics.append(req)
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.send_header("Content-Length", "0")
@@ -163,6 +175,17 @@ class OtlpHttpReceiver:
 
     def clear(self) -> None:
         self.spans = []
+        self.metrics = []
+
+    def metric_points(self, name: str) -> list:
+        """Data points of the newest export that carries metric NAME."""
+        for req in reversed(self.metrics):
+            for rm in req.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        if m.name == name:
+                            return list(getattr(m, m.WhichOneof("data")).data_points)
+        return []
 
     def close(self) -> None:
         self._server.shutdown()

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import AGENT, by_goid
+from helpers import AGENT, by_goid, site_line
 
 pytestmark = pytest.mark.ebpf
 
@@ -50,14 +50,27 @@ def test_attach_until_sigint(programs, rotel, receiver, tmp_path):
     ticks = [s for s in spans if s.name == "main.tick"]
     tocks = [s for s in spans if s.name == "main.tock"]
     assert len(ticks) >= 30  # one every 10 ms for about a second
-    # The dispatcher existed before the attach: it has no span, its children name it by id.
-    dispatcher_ids = {s.attributes["go.goroutine.parent_id"] for s in ticks}
-    assert len(dispatcher_ids) == 1 and dispatcher_ids.isdisjoint(spans_by_goid)
-    assert all(s.parent_span_id == "" for s in ticks)
-    # Tocks are children of traced ticks: parent spans resolve.
-    ids = {s.span_id for s in spans}
+    # The dispatcher existed before the attach: its span starts at the attach and says so.
+    dispatcher = next(s for s in spans if s.name == "main.dispatcher")
+    assert dispatcher.attributes["go.goroutine.existed_at_attach"] is True
+    assert dispatcher.attributes["code.line.number"] == site_line("ticker", "dispatcher")
+    assert dispatcher.attributes["go.goroutine.end_reason"] == "agent_stopped"
+    # It is a spawner: each tick starts a trace of its own, linked to the dispatcher's span
+    # (ticks created while the goroutine list was being read, a few ms, may lack the link).
+    assert {s.attributes["go.goroutine.parent_id"] for s in ticks} == {dispatcher.attributes["go.goroutine.id"]}
+    linked = [t for t in ticks if t.links]
+    assert len(linked) >= len(ticks) - 1
+    for tick in linked:
+        assert tick.parent_span_id == "" and tick.attributes["go.goroutine.trace_reason"] == "spawner"
+        assert tick.links[0][:2] == (dispatcher.trace_id, dispatcher.span_id)
+    assert len({t.trace_id for t in ticks}) == len(ticks)
+    # A tock joins its tick's trace, as the child of the tick's span.
+    by_span = {(s.trace_id, s.span_id): s for s in spans}
     traced_parent_tocks = [t for t in tocks if t.attributes["go.goroutine.parent_id"] in spans_by_goid]
-    assert traced_parent_tocks and all(t.parent_span_id in ids for t in traced_parent_tocks)
+    assert traced_parent_tocks
+    for tock in traced_parent_tocks:
+        parent = by_span[(tock.trace_id, tock.parent_span_id)]
+        assert parent.name == "main.tick" and parent.attributes["go.goroutine.id"] == tock.attributes["go.goroutine.parent_id"]
     # Goroutines alive when the agent stopped are ended then, and marked.
     stopped = [s for s in spans if s.attributes["go.goroutine.end_reason"] == "agent_stopped"]
     assert all(s.attributes["go.goroutine.alive_at_end"] for s in stopped)

@@ -1,0 +1,161 @@
+"""Goroutine metrics beside the spans, from aggregates the kernel keeps.
+
+The kernel already counts (created/exited per start function, the runnable-to-running
+histogram), so metrics are built directly as the SDK's MetricsData and handed to its OTLP
+metric exporter; no per-event SDK instrument calls on the hot path. All are cumulative.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from bisect import bisect_left
+from collections import defaultdict
+from typing import Callable
+
+from google.protobuf.json_format import MessageToDict
+from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
+from opentelemetry.sdk.metrics.export import (  # noqa: F401  (MetricsData is re-exported for the agent)
+    AggregationTemporality, Histogram, HistogramDataPoint, Metric,
+                                              MetricExportResult, MetricsData, NumberDataPoint, ResourceMetrics,
+                                              ScopeMetrics, Sum)
+from opentelemetry.sdk.resources import Resource
+
+from .exporters import SCOPE
+
+log = logging.getLogger(__name__)
+
+CUMULATIVE = AggregationTemporality.CUMULATIVE
+MAX_FUNCTIONS = 50  # per-function series; the rest are summed under "other"
+LIFETIME_BOUNDS_S = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
+
+
+class GoroutineMetrics:
+    def __init__(self, resource: Resource, function_name: Callable[[int], str], start_ns: int):
+        self._resource = resource
+        self._function_name = function_name
+        self._start_ns = start_ns
+        self._lifetimes: dict[str, list[int]] = defaultdict(lambda: [0] * (len(LIFETIME_BOUNDS_S) + 1))
+        self._lifetime_sums: dict[str, float] = defaultdict(float)  # min/max are not tracked: None leaves them unset
+        self.existing_at_attach = 0
+
+    def observe_end(self, name: str, lifetime_ns: int) -> None:
+        if name not in self._lifetimes and len(self._lifetimes) >= MAX_FUNCTIONS:
+            name = "other"
+        seconds = lifetime_ns / 1e9
+        self._lifetimes[name][bisect_left(LIFETIME_BOUNDS_S, seconds)] += 1
+        self._lifetime_sums[name] += seconds
+
+    def collect(self, now_ns: int, start_counts: dict[int, tuple[int, int]], sched_histogram: list[int],
+                leaks: int, spans: dict[str, int]) -> MetricsData:
+        created, exited = defaultdict(int), defaultdict(int)
+        for pc, (c, e) in start_counts.items():
+            name = self._function_name(pc)
+            created[name] += c
+            exited[name] += e
+        top = set(sorted(created, key=created.get, reverse=True)[:MAX_FUNCTIONS])
+        def by_function(counts):
+            folded = defaultdict(int)
+            for name, n in counts.items():
+                folded[name if name in top else "other"] += n
+            return folded
+        live = self.existing_at_attach + sum(created.values()) - sum(exited.values())
+
+        def point(value, attrs=None):
+            return NumberDataPoint(attrs or {}, self._start_ns, now_ns, value)
+
+        def counter(name, unit, description, points, monotonic=True):
+            return Metric(name, description, unit, Sum(points, CUMULATIVE, monotonic))
+
+        metrics = [
+            counter("go.goroutine.count", "{goroutine}", "Live goroutines.", [point(live)], monotonic=False),
+            counter("go.goroutine.created", "{goroutine}", "Goroutines created since tracing began, by start function.",
+                    [point(n, {"code.function.name": f}) for f, n in by_function(created).items()]),
+            counter("go.goroutine.exited", "{goroutine}", "Goroutines that exited since tracing began, by start function.",
+                    [point(n, {"code.function.name": f}) for f, n in by_function(exited).items()]),
+            counter("go.goroutine.leaks", "{goroutine}", "Goroutines flagged as suspected leaks.", [point(leaks)]),
+            counter("otel_goroutines.spans", "{span}", "Goroutine spans by outcome.",
+                    [point(n, {"outcome": k}) for k, n in spans.items()]),
+            Metric("go.goroutine.lifetime", "Goroutine lifetimes, by start function.", "s", Histogram([
+                HistogramDataPoint({"code.function.name": f}, self._start_ns, now_ns, sum(buckets),
+                                   self._lifetime_sums[f], buckets, LIFETIME_BOUNDS_S, None, None)
+                for f, buckets in self._lifetimes.items()], CUMULATIVE)),
+        ]
+        if sched_histogram and sum(sched_histogram[:-1]):
+            buckets, total_ns = sched_histogram[:-1], sched_histogram[-1]
+            bounds = [2 ** (i + 1) / 1e9 for i in range(len(buckets) - 1)]  # bucket i holds [2^i, 2^(i+1)) ns
+            metrics.append(Metric("go.schedule.duration", "Time goroutines spent runnable before running.", "s", Histogram([
+                HistogramDataPoint({}, self._start_ns, now_ns, sum(buckets), total_ns / 1e9, buckets, bounds, None, None)],
+                CUMULATIVE)))
+        return MetricsData([ResourceMetrics(self._resource, [ScopeMetrics(SCOPE, metrics, "")], "")])
+
+
+def metrics_json(data: MetricsData) -> str:
+    message = MessageToDict(encode_metrics(data), use_integers_for_enums=True)
+    return json.dumps(message, separators=(",", ":"))
+
+
+class MetricsSender:
+    """Exports the latest MetricsData from a thread, so a slow collector never blocks tracing.
+    Metrics are cumulative: when a send is still running, the next snapshot replaces the pending one."""
+
+    def __init__(self, exporter: str, protocol: str, endpoint: str | None, output: str | None):
+        self._write = None
+        if exporter == "otlp":
+            if protocol == "grpc":
+                from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+            else:
+                from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+                if endpoint and not os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+                    endpoint = endpoint.rstrip("/") + "/v1/metrics"
+            otlp = OTLPMetricExporter(endpoint=endpoint, timeout=5)
+            self._write = lambda data: otlp.export(data) is MetricExportResult.SUCCESS
+            self._shutdown = otlp.shutdown
+        elif exporter == "file" and output:
+            stream = open(output + ".metrics.jsonl", "w", encoding="utf-8")
+            self._write = lambda data: bool(stream.write(metrics_json(data) + "\n")) and not stream.flush()
+            self._shutdown = stream.close
+        self.enabled = self._write is not None
+        self.failures = 0
+        self._pending: MetricsData | None = None
+        self._cond = threading.Condition()
+        self._closing = False
+        if self.enabled:
+            self._thread = threading.Thread(target=self._run, name="metrics-export", daemon=True)
+            self._thread.start()
+
+    def send(self, data: MetricsData) -> None:
+        with self._cond:
+            self._pending = data
+            self._cond.notify()
+
+    def close(self, final: MetricsData | None, timeout_s: float) -> None:
+        if not self.enabled:
+            return
+        with self._cond:
+            if final is not None:
+                self._pending = final
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(timeout_s)
+        self._shutdown()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._pending is None and not self._closing:
+                    self._cond.wait()
+                data, self._pending = self._pending, None
+                if data is None:
+                    return
+            try:
+                ok = self._write(data)
+            except Exception as exc:
+                log.debug("metrics export raised %s", exc)
+                ok = False
+            if not ok:
+                self.failures += 1
+                if self.failures == 1:
+                    log.warning("metrics export failed (collector down or refusing?); will send the next snapshot")
