@@ -155,12 +155,20 @@ def _lifecycle_probes(binary: GoBinary) -> list[ProbePoint]:
     return probes
 
 
-def _wait_reasons(binary: GoBinary, version: GoVersion) -> tuple[str, ...]:
-    # runtime.waitReasonStrings is a [N]string in the binary's data: read the version's own texts.
+def wait_reasons_in(binary: GoBinary) -> tuple[str, ...]:
+    """The texts of runtime.waitReasonStrings, a [N]string in the binary's data; () without a symbol table."""
     sym = binary.symbol("runtime.waitReasonStrings")
-    if sym is not None and sym.size:
-        raw = binary.read(sym.address, sym.size)
-        return tuple(binary.read(ptr, length).decode("utf-8", "replace") if length else ""
-                     for ptr, length in struct.iter_unpack("<QQ", raw))
+    if sym is None or not sym.size:
+        return ()
+    raw = binary.read(sym.address, sym.size)
+    return tuple(binary.read(ptr, length).decode("utf-8", "replace") if length else ""
+                 for ptr, length in struct.iter_unpack("<QQ", raw))
+
+
+def _wait_reasons(binary: GoBinary, version: GoVersion) -> tuple[str, ...]:
+    # The version's own texts from the binary; stripped, those of the generated table.
+    found = wait_reasons_in(binary)
+    if found:
+        return found
     table = _layout_tables().get(f"go{version.major}.{version.minor}")
     return tuple(table["wait_reasons"]) if table else ()

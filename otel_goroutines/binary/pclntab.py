@@ -109,6 +109,7 @@ class FuncTable:
         self._names: list[str | None] = [None] * hdr.nfunc
         self._by_name: dict[str, int] | None = None
         self._all: list[Func] | None = None
+        self._wrapper_id: int | None = None
         self._pctables: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         self._files: dict[int, str | None] = {}
 
@@ -172,6 +173,17 @@ class FuncTable:
         """The function containing pc (entry <= pc < end), or None."""
         i = self._index(pc)
         return None if i is None else self._func(i)
+
+    def is_wrapper(self, func: Func) -> bool:
+        """Compiler-made code: method wrappers and the closures that carry a `go` statement's
+        arguments (caller.funcN up to Go 1.21, caller.gowrapN after). Their funcID, FuncIDWrapper,
+        is the enum's last value, so the highest in the table."""
+        i = self._index(func.entry)
+        if i is None:
+            return False
+        if self._wrapper_id is None:
+            self._wrapper_id = max(self._funcid(j) for j in range(self._hdr.nfunc))
+        return self._funcid(i) == self._wrapper_id
 
     def by_name(self, name: str) -> Func | None:
         """The function called name. Some runtime functions appear twice: the real one and its

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from functools import lru_cache
 from typing import Callable
 
 from . import disasm
 from .pclntab import Func, FuncTable
-
-# Since Go 1.21 `go f(x)` starts a compiler-made closure "caller.gowrapN" that calls f(x).
-_GO_WRAPPER = re.compile(r"\.gowrap\d+$")
 
 
 class Symbolizer:
@@ -25,7 +21,8 @@ class Symbolizer:
         func = self._functions.lookup(pc - self.load_bias)
         if func is None:
             return f"0x{pc:x}"
-        if _GO_WRAPPER.search(func.name):
+        # `go f(x)` starts a compiler-made wrapper closure that calls f(x).
+        if self._functions.is_wrapper(func):
             return self._wrapped(func) or func.name
         return func.name
 
