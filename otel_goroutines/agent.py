@@ -205,6 +205,7 @@ class Session:
                 span.attributes["go.goroutine.leak_suspected"] = True
                 span.events.append(SpanEvent("leak_suspected", now_ns + self.clock_offset_ns,
                                              {"go.goroutine.wait_reason": self.support.wait_reason(rec.wait_reason),
+                                              "go.goroutine.blocked_ns": now_ns - rec.since_ns,
                                               "go.goroutine.leak.reason": due.leak}))
                 if rec.status == goruntime.G_LEAKED:
                     span.error = "goroutine leaked (detected by the Go runtime)"

@@ -27,11 +27,13 @@ class Symbolizer:
         return func.name
 
     def _wrapped(self, wrapper: Func) -> str | None:
-        # The wrapper's first direct call that is not the stack-growth path is the function the
-        # `go` statement named. (When that function is inlined into the wrapper there is none.)
+        # The wrapper's first direct call outside the runtime (allocation, stack growth) is the
+        # function the `go` statement named, or, when that one was inlined, the first it calls.
+        in_runtime = wrapper.name.startswith("runtime.")
         for target in disasm.call_targets(self._code_of(wrapper), wrapper.entry):
             callee = self._functions.lookup(target)
-            if callee is not None and not callee.name.startswith("runtime.morestack"):
+            if callee is not None and not callee.name.startswith("runtime.morestack") and \
+                    (in_runtime or not callee.name.startswith("runtime.")):
                 return callee.name
         return None
 

@@ -1,7 +1,7 @@
 """The span builder on generated records: pure, no kernel."""
 
-from otel_goroutines.records import EndReason, GoroutineRecord, StateChange
-from otel_goroutines.spans import SpanBuilder, span_id_for
+from otel_goroutines.records import EndReason, GoroutineRecord, StateChange, TraceReason
+from otel_goroutines.spans import Checkpointed, SpanBuilder, span_id_for, trace_id_for
 
 OFFSET = 1_700_000_000_000_000_000
 NAMES = {0x1000: "main.worker", 0x2000: "runtime.main"}
@@ -10,14 +10,14 @@ WAIT_REASONS = ["", "GC assist marking", "IO wait", "chan receive"]
 
 
 def builder(states=True):
-    return SpanBuilder(trace_id=0xABC, salt=7, clock_offset_ns=OFFSET, function_name=NAMES.get,
+    return SpanBuilder(salt=7, clock_offset_ns=OFFSET, function_name=NAMES.get,
                        creation_site=SITES.get, wait_reason=lambda i: WAIT_REASONS[i], states_traced=states)
 
 
 def record(**kw):
     base = dict(pid=10, goid=5, parent_goid=1, parent_traced=True, create_ns=1_000, end_ns=11_000,
                 start_pc=0x1000, go_pc=0x3005, state_ns=(0, 2_000, 3_000, 0, 5_000) + (0,) * 7,
-                transitions=3, events_left_out=0)
+                transitions=3, events_left_out=0, root_goid=1, trace_reason=TraceReason.JOINS_PARENT)
     base.update(kw)
     return GoroutineRecord(**base)
 
@@ -26,7 +26,7 @@ def test_span_fields_and_attributes():
     span = builder().build(record())
     assert span.name == "main.worker"
     assert (span.start_ns, span.end_ns) == (OFFSET + 1_000, OFFSET + 11_000)
-    assert span.trace_id == 0xABC
+    assert span.trace_id == trace_id_for(7, 1) and span.trace_id >> 64  # the trace of root goroutine 1, 128 bits
     assert span.span_id == span_id_for(7, 5)
     assert span.parent_span_id == span_id_for(7, 1)
     assert span.attributes == {
@@ -39,9 +39,35 @@ def test_span_fields_and_attributes():
 
 
 def test_untraced_parent_gives_a_root_span_that_still_names_its_parent():
-    span = builder().build(record(parent_traced=False, parent_goid=99))
-    assert span.parent_span_id is None
+    span = builder().build(record(parent_traced=False, parent_goid=99, root_goid=5, trace_reason=TraceReason.UNTRACED_PARENT))
+    assert span.parent_span_id is None and not span.links
+    assert span.trace_id == trace_id_for(7, 5)
     assert span.attributes["go.goroutine.parent_id"] == 99
+    assert span.attributes["go.goroutine.trace_reason"] == "untraced_parent"
+
+
+def test_child_of_a_spawner_starts_a_trace_linked_to_its_creator():
+    for reason, text in ((TraceReason.SPAWNER, "spawner"), (TraceReason.TRACE_FULL, "trace_full")):
+        span = builder().build(record(root_goid=5, parent_root_goid=1, trace_reason=reason))
+        assert span.parent_span_id is None and span.trace_id == trace_id_for(7, 5)
+        assert [(l.trace_id, l.span_id) for l in span.links] == [(trace_id_for(7, 1), span_id_for(7, 1))]
+        assert span.attributes["go.goroutine.trace_reason"] == text
+
+
+def test_checkpoints_chain_and_split_the_totals():
+    b = builder()
+    first = b.checkpoint(record(end_ns=0, state_ns=(0, 100, 200, 0, 300) + (0,) * 7), None, 5_000)
+    assert (first.start_ns - OFFSET, first.end_ns - OFFSET) == (1_000, 5_000)
+    assert first.attributes["go.goroutine.checkpoint"] == 1 and first.attributes["go.goroutine.partial"] is True
+    assert first.attributes["go.goroutine.waiting_ns"] == 300
+    before = Checkpointed(1, 5_000, (0, 100, 200, 0, 300) + (0,) * 7)
+    final = b.build(record(), before)
+    assert (final.start_ns - OFFSET, final.end_ns - OFFSET) == (5_000, 11_000)
+    assert final.span_id == span_id_for(7, 5)  # the goroutine's own span id stays for its children
+    assert final.attributes["go.goroutine.checkpoints"] == 1
+    assert final.attributes["go.goroutine.waiting_ns"] == 5_000 - 300 and final.attributes["go.goroutine.running_ns"] == 3_000 - 200
+    assert [(l.trace_id, l.span_id) for l in final.links] == [(first.trace_id, first.span_id)]
+    assert first.trace_id != final.trace_id  # checkpoints live in the goroutine's own history trace
 
 
 def test_state_changes_become_events_with_wait_reasons():
