@@ -121,8 +121,9 @@ class ConsoleSink:
             a = s.attributes
             site = f"{a.get('code.file.path', '?')}:{a.get('code.line.number', '?')}"
             parent = f" parent={a['go.goroutine.parent_id']}" if s.parent_span_id else " (root)"
+            outcome = a.get("go.goroutine.end_reason") or f"checkpoint {a.get('go.goroutine.checkpoint')}, still running"
             lines.append(f"goroutine {a['go.goroutine.id']}{parent} {s.name} {(s.end_ns - s.start_ns) / 1e6:.3f} ms, "
-                         f"created at {site}, {a['go.goroutine.end_reason']}")
+                         f"created at {site}, {outcome}{', ERROR: ' + s.error if s.error else ''}")
             for ev in s.events:
                 reason = ev.attributes.get("go.goroutine.wait_reason")
                 lines.append(f"    +{(ev.time_ns - s.start_ns) / 1e6:9.3f} ms  {ev.name}{f' ({reason})' if reason else ''}")
