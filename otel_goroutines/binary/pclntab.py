@@ -129,7 +129,8 @@ class FuncTable:
         field = 4 if hdr.go_format != "1.16" else hdr.ptrsize
         start, end = hdr.pclntab, hdr.pclntab + (2 * hdr.nfunc + 1) * field
         if end > len(data):
-            raise PclntabError(f"Go function table truncated: functab for {hdr.nfunc} functions needs {end} bytes, have {len(data)}")
+            raise PclntabError(f"Go function table truncated: functab for {hdr.nfunc} functions "
+                               f"needs {end} bytes, have {len(data)}")
         table = _uint_array("I" if field == 4 else "Q", data[start:end])
         entries, funcoffs, base = table[0::2].tolist(), table[1::2], 0
         if hdr.go_format != "1.16":
@@ -227,7 +228,10 @@ class FuncTable:
         return Func(self._name(i), self._entries[i], self._entries[i + 1])
 
     def _fields(self, i: int, *ns: int) -> tuple:
-        """uint32 fields n of the i-th _func record (n=1 nameOff, 5 pcfile, 6 pcln, 8 cuOffset); None if out of range."""
+        """uint32 fields n of the i-th _func record, None if out of range.
+
+        n: 1 nameOff, 5 pcfile, 6 pcln, 8 cuOffset (field 0 is the entry, 4 or ptrsize bytes).
+        """
         first = 4 if self.go_format != "1.16" else self._hdr.ptrsize  # size of the entry field
         base = self._hdr.pclntab + self._funcoffs[i] + first - 4
         out = []
@@ -327,7 +331,7 @@ def _varint(data: bytes, pos: int) -> tuple[int | None, int]:
     """Unsigned LEB128 uint32 like debug/gosym's readvarint; (None, pos) if cut off or longer than
     the 5 bytes a uint32 needs (Go would read on; only corrupt data gets there)."""
     value = 0
-    for shift in range(0, 10**9, 7):
+    for shift in range(0, 35, 7):
         if pos >= len(data):
             break
         b = data[pos]

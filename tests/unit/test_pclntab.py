@@ -109,8 +109,10 @@ def go_build(tmp_path_factory):
             env = _go_env(root)
             if cgo:
                 env["CGO_ENABLED"] = "1"
-            subprocess.run([go, "build", *MODES[mode], "-o", str(out), "."], cwd=src, env=env, check=True,
-                           capture_output=True, timeout=300)
+            res = subprocess.run([go, "build", *MODES[mode], "-o", str(out), "."], cwd=src, env=env,
+                                 capture_output=True, text=True, timeout=300)
+            if res.returncode:
+                pytest.fail(f"{go} build {' '.join(MODES[mode])} failed:\n{res.stderr}")
             cache[key] = str(out)
         return cache[key]
 
@@ -248,11 +250,26 @@ def test_lines_match_go_tool_objdump(go_build, tables, toolchain, mode):
         if base == "main.go":
             assert got[0] == src
     # The go statement: its runtime.newproc call sits on the statement's line in main.main.
-    newproc = [pc for pc, _, _, ins in rows if ins.startswith("CALL runtime.newproc(SB)") and tab.lookup(pc).name == "main.main"]
+    newproc = [pc for pc, _, _, ins in rows
+               if ins.startswith("CALL runtime.newproc(SB)") and tab.lookup(pc).name == "main.main"]
     assert newproc, "no newproc call in main.main"
     assert all(tab.line(pc) == (src, GO_STATEMENT_LINE) for pc in newproc)
     main = tab.by_name("main.main")
     assert tab.line(main.entry) == (src, MAIN_GO.splitlines().index("func main() {") + 1)
+
+
+@pytest.mark.parametrize("toolchain,mode", BUILDS)
+def test_is_wrapper(tables, toolchain, mode):
+    tab = tables(toolchain, mode)
+    # The closure carrying the go statement's arguments: main.main.func2 up to Go 1.21, gowrap1 after.
+    go_wrapper = {"go1.19": "main.main.func2", "go1.26": "main.main.gowrap1"}[toolchain]
+    wrappers = {f.name for f in tab.funcs() if f.name.startswith("main.") and tab.is_wrapper(f)}
+    assert go_wrapper in wrappers
+    assert not wrappers & {"main.main", "main.worker", "main.main.func1", "main.(*counter).inc"}
+    newprocs = [f for f in tab.funcs() if f.name == "runtime.newproc"]
+    assert [tab.is_wrapper(f) for f in newprocs if f != tab.by_name("runtime.newproc")] == [True]
+    assert not tab.is_wrapper(tab.by_name("runtime.newproc"))
+    assert not tab.is_wrapper(Func("nowhere", 0, 1))
 
 
 @pytest.mark.parametrize("toolchain", TOOLCHAINS)
@@ -534,7 +551,8 @@ def test_unsorted_functab(raw_table):
     (lambda d: d[:7], "too short"),
     (lambda d: d[:40], "header truncated"),
     (lambda d: b"\x7fELF" + d[4:], "bad magic 0x464c457f"),
-    (lambda d: struct.pack("<I", 0xFFFFFFFB) + d[4:], "^Go function table format from before Go 1.16 is not supported$"),
+    (lambda d: struct.pack("<I", 0xFFFFFFFB) + d[4:],
+     "^Go function table format from before Go 1.16 is not supported$"),
     (lambda d: d[:4] + b"\x00\x01" + d[6:], "bad Go function table header"),
     (lambda d: d[:6] + b"\x03" + d[7:], "bad Go function table header"),
     (lambda d: d[:7] + b"\x02" + d[8:], "bad Go function table header"),
