@@ -9,6 +9,7 @@ generated from real toolchains (layouts/, written by scripts/gen_layouts.py).
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -126,7 +127,25 @@ def _generated_table(version: GoVersion) -> tuple[dict, str]:
     return table["structs"], f"generated table for {key}"
 
 
+# Internal, for bench/run.py only: OTEL_GOROUTINES_PROBE_PLACEMENT=entry puts every probe on its
+# function's first instruction (the naive placement) to measure what choosing addresses is worth.
+# The creation and exit handlers then read registers that hold something else: spans are meaningless.
+PROBE_PLACEMENT_ENV = "OTEL_GOROUTINES_PROBE_PLACEMENT"
+
+
+def _naive_placement() -> bool:
+    return os.environ.get(PROBE_PLACEMENT_ENV) == "entry"
+
+
+def _first_instruction(binary: GoBinary, name: str, handler: str) -> ProbePoint:
+    func = binary.function(name)
+    insn = disasm.instruction_at(binary.code(func), func.entry, func.entry)
+    return ProbePoint(handler, name, func.entry, str(insn), f"first instruction ({PROBE_PLACEMENT_ENV}=entry, for benchmarks only)")
+
+
 def _entry_probe(binary: GoBinary, name: str, handler: str) -> ProbePoint:
+    if _naive_placement():
+        return _first_instruction(binary, name, handler)
     func = binary.function(name)
     code = binary.code(func)
     address = disasm.after_stack_check(code, func.entry)
@@ -146,6 +165,9 @@ def _lifecycle_probes(binary: GoBinary) -> list[ProbePoint]:
     # Exit: the call casgstatus(gp, _Grunning, _Gdead) in gdestroy (Go 1.22+) or goexit0 (earlier).
     # Every goroutine end passes there, including runtime.Goexit and coroutine exits.
     exit_func = binary.functions.by_name("runtime.gdestroy") or binary.function("runtime.goexit0")
+    if _naive_placement():
+        return [_first_instruction(binary, newproc1.name, "on_goroutine_created"),
+                _first_instruction(binary, exit_func.name, "on_goroutine_exit")]
     casgstatus = binary.function("runtime.casgstatus")
     sites = disasm.call_sites(binary.code(exit_func), exit_func.entry, casgstatus.entry)
     if not sites:
