@@ -243,6 +243,19 @@ class Session:
 
     # --- the run -----------------------------------------------------------------------
     def run(self) -> int:
+        """Trace to the end (the target's exit; SIGINT/SIGTERM for an attached one); its exit status."""
+        for _ in self.steps():
+            pass
+        return self.target.exit_status()
+
+    def stop(self) -> None:
+        """End the session at its next step: goroutines still alive end as agent_stopped."""
+        self._stop_reason = self._stop_reason or EndReason.AGENT_STOPPED
+
+    def steps(self, handle_signals: bool = True):
+        """The whole session as a generator, so one process can run several (`watch`): it yields
+        once the probes are attached and the target runs, then after each poll of the kernel, and
+        returns after the final flush and summary. Closing it early still detaches the probes."""
         opts = self.options
         resource = build_resource(self.binary, self.target)
         pipeline = ExportPipeline(make_sink(opts.export, resource))
@@ -258,7 +271,7 @@ class Session:
         metrics_every_ns = int(opts.metrics_interval_s * 1e9)
         next_scan = start_ns + scan_every_ns
         next_metrics = start_ns + metrics_every_ns
-        previous_handlers = {s: signal.signal(s, self._on_signal) for s in FORWARDED_SIGNALS}
+        previous_handlers = {s: signal.signal(s, self._on_signal) for s in FORWARDED_SIGNALS} if handle_signals else {}
         try:
             self.probes.attach(self._on_change, self.tracker.on_end, self._on_process_exit)
             log.info("attached %d probes to PID %d (%s, offsets from %s)", len(self.probes.probe_points),
@@ -267,6 +280,7 @@ class Session:
             if isinstance(self.target, AttachedTarget):
                 self._import_existing(attached_ns)
             self.target.start()
+            yield
             while self._stop_reason is None:
                 self.probes.poll(opts.poll_interval_ms)
                 self._export_ended(pipeline)
@@ -283,6 +297,7 @@ class Session:
                     live = self.existing_at_attach + self.probes.counters()["goroutines_created"] - self.tracker.ended
                     status.update(f"goroutines live {live}  ended {self.tracker.ended}  "
                                   f"exported {pipeline.stats.exported}  dropped {pipeline.stats.dropped + self.budget.sampled_out}")
+                yield
             self.probes.drain()
             end_ns = self.probes.exit_time() or time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             for record in self.probes.remaining(end_ns, self._stop_reason):

@@ -16,6 +16,7 @@ from .errors import AgentError
 from .longlived import LongLivedSettings
 from .probes import ProbeSettings, check_privileges
 from .target import AttachedTarget, LaunchedTarget
+from .watch import Selector, Watcher, check_health
 
 DEFAULT_OUTPUT = "goroutine-spans.jsonl"
 
@@ -136,6 +137,46 @@ def attach(pid, **kwargs):
         Session(target, options).run()
     finally:
         target.close()
+
+
+@main.command()
+@_tracing_options
+@click.option("--exe-name", multiple=True, metavar="NAME",
+              help="Trace processes whose executable has this file name (a shell pattern; repeatable).")
+@click.option("--exe-path", multiple=True, metavar="PATH",
+              help="Trace processes whose executable has this path, as the process itself sees it (a shell pattern; repeatable).")
+@click.option("--pid-file", type=click.Path(dir_okay=False), help="Trace the process whose PID this file holds (read again at every scan).")
+@click.option("--scan-interval", type=click.FloatRange(0.05), default=1.0, show_default=True,
+              help="Seconds between looks at /proc for new processes.")
+@click.option("--health-file", type=click.Path(dir_okay=False),
+              help="Keep this JSON file fresh while alive, for `otel-goroutines health` (removed at exit).")
+@click.option("--shutdown-timeout", type=click.FloatRange(0), default=20.0, show_default=True,
+              help="Seconds allowed after SIGTERM/SIGINT to detach and flush every target's spans.")
+@_one_line_errors
+def watch(exe_name, exe_path, pid_file, scan_interval, health_file, shutdown_timeout, **kwargs):
+    """Trace every Go process that matches a selector (all Go processes without one), including
+    processes that start or restart later; stop on SIGTERM/SIGINT. How a sidecar finds its service."""
+    options = _options(**kwargs)
+    check_privileges()
+    watch_log = logging.getLogger("otel_goroutines.watch")
+    if not watch_log.isEnabledFor(logging.INFO):
+        watch_log.setLevel(logging.INFO)  # which processes are traced, skipped, gone: the sidecar's log
+    selector = Selector(tuple(exe_name), tuple(exe_path), pid_file)
+    sys.exit(Watcher(selector, options, scan_interval, health_file, shutdown_timeout).run())
+
+
+@main.command()
+@click.option("--file", "path", required=True, type=click.Path(dir_okay=False), help="The --health-file of `watch`.")
+@click.option("--max-age", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="Seconds: an older heartbeat means the agent is stuck or gone.")
+@click.option("--require-target", is_flag=True, help="Unhealthy until the agent traces at least one process (a readiness check).")
+@_one_line_errors
+def health(path, max_age, require_target):
+    """Exit 0 if the `watch` agent writing FILE is alive (and tracing, with --require-target), else 1."""
+    problem = check_health(path, max_age, require_target)
+    if problem:
+        _fail(problem)
+    click.echo("ok")
 
 
 @main.command()

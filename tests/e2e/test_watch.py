@@ -1,0 +1,220 @@
+"""`otel-goroutines watch`: the sidecar mode. The agent starts first; the target starts later in
+PID and mount namespaces of its own (as in another container of the pod), from a binary that
+only exists in its private tmpfs, so the agent reaches it only through /proc/PID/exe and
+/proc/PID/root; it is restarted once; a non-Go process matching the selector is skipped."""
+
+import json
+import os
+import shutil
+import secrets
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import AGENT, free_port
+
+pytestmark = pytest.mark.ebpf
+
+
+class Agent:
+    def __init__(self, tmp_path: Path, *args: str):
+        self.health = tmp_path / "run" / "health.json"
+        self.log_path = tmp_path / "agent.log"
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(AGENT + ["watch", "-q", "--scan-interval", "0.2", "--health-file", str(self.health), *args],
+                                     stdout=self._log, stderr=subprocess.STDOUT, text=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_log(self, needle: str, timeout: float = 20.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.log():
+                return self.log()
+            assert self.proc.poll() is None, f"the agent ended early:\n{self.log()}"
+            time.sleep(0.1)
+        raise AssertionError(f"{needle!r} not in the agent's log:\n{self.log()}")
+
+    def health_check(self, *extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(AGENT + ["health", "--file", str(self.health), *extra], capture_output=True, text=True)
+
+    def stop(self, timeout: float) -> float:
+        """SIGTERM; seconds until it exited."""
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout)
+        self._log.close()
+        return time.monotonic() - started
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log.close()
+
+
+def unique_name() -> str:
+    """An executable name no other test on this machine runs, so the selectors match only ours."""
+    return f"ticker-{secrets.token_hex(4)}"
+
+
+def start_isolated(binary: Path, name: str, workdir: Path, *args: str) -> subprocess.Popen:
+    """BINARY run as PID 1 of a new PID namespace, in a new mount namespace, copied into a tmpfs
+    mounted there only: outside, its directory stays empty."""
+    private = workdir / "private"
+    private.mkdir(exist_ok=True)
+    script = f'mount -t tmpfs tmpfs "{private}" && cp "{binary}" "{private}/{name}" && exec "{private}/{name}" "$@"'
+    return subprocess.Popen(["unshare", "--pid", "--mount", "--fork", "sh", "-c", script, "sh", *args])
+
+
+def go_pid_of(unshare: subprocess.Popen, name: str, timeout: float = 10.0) -> int:
+    """The host PID of the program unshare started (its only child)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{unshare.pid}/task/{unshare.pid}/children").read_text().split()
+        if children and os.readlink(f"/proc/{children[0]}/exe").endswith(f"/{name}"):
+            return int(children[0])
+        time.sleep(0.02)
+    raise TimeoutError("the isolated program did not start")
+
+
+@pytest.fixture
+def agent_cleanup():
+    agents = []
+    yield agents.append
+    for agent in agents:
+        agent.kill()
+
+
+def test_watch_finds_a_restarted_service_in_other_namespaces(programs, rotel, receiver, tmp_path, agent_cleanup):
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) is missing")
+    receiver.clear()
+    name = unique_name()
+    agent = Agent(tmp_path, "--exe-name", name, "--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc")
+    agent_cleanup(agent)
+    agent.wait_log(f"watching for executable name '{name}'")
+    deadline = time.monotonic() + 10
+    while agent.health_check().returncode != 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert agent.health_check().returncode == 0, agent.health_check().stderr
+    not_yet = agent.health_check("--require-target")
+    assert not_yet.returncode == 1 and "traces no process yet" in not_yet.stderr
+
+    # A process whose name matches but that is not Go: skipped, with one log line, once.
+    impostor = tmp_path / name
+    shutil.copy("/bin/sleep", impostor)
+    sleeper = subprocess.Popen([str(impostor), "3"])
+    try:
+        log = agent.wait_log(f"skipping PID {sleeper.pid} ({impostor}): it is not a Go program")
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+    runs = []
+    for n in (1, 2):
+        workdir = tmp_path / f"run{n}"
+        workdir.mkdir()
+        manifest = workdir / "manifest.json"
+        unshare = start_isolated(programs["ticker"], name, workdir, str(manifest), "8s")
+        pid = go_pid_of(unshare, name)
+        assert list((workdir / "private").iterdir()) == []  # the binary is not visible from here
+        agent.wait_log(f"tracing PID {pid} ({workdir}/private/{name}, go")
+        health = agent.health_check("--require-target")
+        assert health.returncode == 0, health.stderr
+        assert unshare.wait(30) == 0
+        agent.wait_log(f"PID {pid} ({workdir}/private/{name}) exited")
+        runs.append((pid, json.loads(manifest.read_text())))
+
+    elapsed = agent.stop(timeout=30)
+    assert agent.proc.returncode == 0
+    log = agent.log()
+    assert elapsed < 10, log
+    assert "Traceback" not in log
+    assert log.count("it is not a Go program") == 1
+    assert not agent.health.exists()  # removed at a clean exit
+
+    spans = receiver.wait_for(lambda got: {s.resource.get("process.pid") for s in got} >= {pid for pid, _ in runs}, 10)
+    for pid, manifest in runs:
+        assert manifest["pid"] == 1  # it ran as PID 1 of its own namespace
+        mine = [s for s in spans if s.resource.get("process.pid") == pid]
+        assert mine, f"no spans for run PID {pid}"
+        assert {s.resource["service.name"] for s in mine} == {name}
+        by_goid = {}
+        for s in mine:
+            assert s.attributes["go.goroutine.id"] not in by_goid, "a goroutine exported twice"
+            by_goid[s.attributes["go.goroutine.id"]] = s
+        ticks = [s for s in mine if s.name == "main.tick"]
+        tocks = [s for s in mine if s.name == "main.tock"]
+        # Traced from the attach (1-5 s into an 8 s run, with bcc's compile) to the end, one tick per
+        # 10 ms: none missed in between.
+        assert 50 <= len(ticks) <= manifest["ticks"]
+        starts = sorted(t.start_ns for t in ticks)
+        assert len(ticks) >= 0.9 * ((starts[-1] - starts[0]) / 10e6 + 1)
+        dispatcher = next(s for s in mine if s.name == "main.dispatcher")
+        assert dispatcher.attributes["go.goroutine.existed_at_attach"] is True
+        assert {t.attributes["go.goroutine.parent_id"] for t in ticks} == {dispatcher.attributes["go.goroutine.id"]}
+        by_span = {(s.trace_id, s.span_id): s for s in mine}
+        parented = [t for t in tocks if t.attributes["go.goroutine.parent_id"] in by_goid]
+        assert len(parented) >= len(tocks) - 2
+        for tock in parented:
+            parent = by_span[(tock.trace_id, tock.parent_span_id)]
+            assert parent.name == "main.tick"
+        # It exited by itself: what was still alive then ended with the process.
+        assert dispatcher.attributes["go.goroutine.end_reason"] in ("exited", "process_exited")
+        assert {s.attributes["go.goroutine.end_reason"] for s in mine} <= {"exited", "process_exited"}
+
+
+def test_watch_sigterm_flushes_within_the_shutdown_timeout(programs, tmp_path, agent_cleanup):
+    """SIGTERM with a live target and a collector that is down: the agent detaches, gives up
+    flushing after --shutdown-timeout, and leaves the target running."""
+    dead = free_port()
+    binary = tmp_path / unique_name()
+    shutil.copy(programs["ticker"], binary)
+    agent = Agent(tmp_path, "--exe-path", f"{tmp_path}/ticker-*", "--endpoint", f"http://127.0.0.1:{dead}", "--protocol", "grpc",
+                  "--shutdown-timeout", "3")
+    agent_cleanup(agent)
+    agent.wait_log(f"watching for executable path '{tmp_path}/ticker-*'")
+    ticker = subprocess.Popen([str(binary), str(tmp_path / "manifest.json"), "60s"])
+    try:
+        agent.wait_log(f"tracing PID {ticker.pid}")
+        time.sleep(1.0)
+        elapsed = agent.stop(timeout=30)
+        log = agent.log()
+        assert agent.proc.returncode == 0, log
+        assert elapsed < 3 + 3, log  # the bound, plus the agent's own detach and start-up slack
+        assert f"PID {ticker.pid} ({binary}) no longer traced" in log
+        assert "0 spans exported over OTLP (grpc)" in log
+        assert "Traceback" not in log
+        assert ticker.poll() is None  # the target is left running
+    finally:
+        ticker.terminate()
+        ticker.wait(10)
+
+
+def test_watch_with_a_pid_file(programs, rotel, receiver, tmp_path, agent_cleanup):
+    """--pid-file: a PID file that is missing, then holds garbage, then names the service."""
+    receiver.clear()
+    pid_file = tmp_path / "service.pid"
+    agent = Agent(tmp_path, "--pid-file", str(pid_file), "--endpoint", rotel.endpoint("http/protobuf"))
+    agent_cleanup(agent)
+    agent.wait_log(f"waiting for the PID file {pid_file}")
+    pid_file.write_text("not a pid\n")
+    agent.wait_log("holds no PID ('not a pid')")
+    ticker = subprocess.Popen([str(programs["ticker"]), str(tmp_path / "manifest.json"), "60s"])
+    try:
+        pid_file.write_text(f"{ticker.pid}\n")
+        agent.wait_log(f"tracing PID {ticker.pid}")
+        spans = receiver.wait_for(lambda got: any(s.name == "main.tick" for s in got), 15)
+        assert any(s.name == "main.tick" and s.resource["process.pid"] == ticker.pid for s in spans)
+    finally:
+        ticker.terminate()
+        ticker.wait(10)
+    agent.wait_log(f"PID {ticker.pid} ({programs['ticker']}) exited")
+    agent.stop(timeout=30)
+    assert agent.proc.returncode == 0
+    assert "Traceback" not in agent.log()
