@@ -192,13 +192,15 @@ def inspect(binary, pid):
     support = goruntime.support_for(gobin)
     click.echo(f"binary:          {path}")
     click.echo(f"Go version:      {gobin.go_version}")
-    click.echo(f"build mode:      {gobin.build_mode}{' (PIE)' if gobin.is_pie else ''}, "
+    click.echo(f"build mode:      {gobin.build_mode}{' (PIE)' if gobin.is_pie else ''}{', cgo' if gobin.uses_cgo else ''}"
+               f"{', trimpath' if gobin.build_info.settings.get('-trimpath') == 'true' else ''}, "
                f"{'symbols' if gobin.has_symtab else 'stripped'}, {'DWARF' if gobin.has_dwarf else 'no DWARF'}")
     click.echo(f"function table:  pclntab format {gobin.functions.go_format}, {len(gobin.functions.funcs())} functions")
     click.echo(f"struct offsets:  from {support.offsets_source}")
     for name, value in sorted(support.offsets.items()):
         click.echo(f"  {name:<18} {value}")
-    click.echo(f"wait reasons:    {len(support.wait_reasons)}")
+    click.echo(f"wait reasons:    {len(support.wait_reasons)}, from "
+               f"{'runtime.waitReasonStrings' if goruntime.wait_reasons_in(gobin) else support.offsets_source}")
     click.echo("probes:")
     for point in support.lifecycle_probes + support.state_probes:
         click.echo(f"  {point.handler:<22} {point.function}+{point.address - gobin.function(point.function).entry:<5} "

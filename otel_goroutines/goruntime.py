@@ -124,7 +124,8 @@ def _generated_table(version: GoVersion) -> tuple[dict, str]:
     table = _layout_tables().get(key)
     if table is None:
         raise UnsupportedTarget(f"stripped binary (no DWARF) built with {version}, and no generated offset table for {key}")
-    return table["structs"], f"generated table for {key}"
+    untested = ", derived from the runtime's source, untested" if table["source"].startswith("derived") else ""
+    return table["structs"], f"generated table for {key}{untested}"
 
 
 # Internal, for bench/run.py only: OTEL_GOROUTINES_PROBE_PLACEMENT=entry puts every probe on its

@@ -30,18 +30,19 @@ def go_toolchain() -> str:
     return subprocess.run([str(ROOT / "scripts" / "go-toolchain.sh")], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def build_program(name: str, go: str | None = None, flags: tuple[str, ...] = ()) -> Path:
-    """Build tests/programs/NAME once per (source, toolchain, flags); later runs reuse the binary."""
+def build_program(name: str, go: str | None = None, flags: tuple[str, ...] = (), cgo: bool = False) -> Path:
+    """Build tests/programs/NAME once per (its source, toolchain, flags, cgo); later runs reuse the binary."""
     go = go or go_toolchain()
     digest = hashlib.sha256()
-    for path in sorted(PROGRAMS.rglob("*")):
+    sources = [*PROGRAMS.glob("go.*"), *(PROGRAMS / name).rglob("*"), *(PROGRAMS / "internal").rglob("*")]
+    for path in sorted(sources):
         if path.is_file():
             digest.update(path.relative_to(PROGRAMS).as_posix().encode() + path.read_bytes())
-    digest.update(go.encode() + "\0".join(flags).encode())
+    digest.update(go.encode() + "\0".join(flags).encode() + (b"\0cgo" if cgo else b""))
     out = CACHE / f"{name}-{digest.hexdigest()[:16]}"
     if not out.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod", CGO_ENABLED=os.environ.get("CGO_ENABLED", "0"))
+        env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod", CGO_ENABLED="1" if cgo else "0")
         tmp = out.with_suffix(".tmp")
         subprocess.run([go, "build", *flags, "-o", str(tmp), f"./{name}"], cwd=PROGRAMS, env=env, check=True)
         tmp.rename(out)

@@ -55,6 +55,12 @@ class GoBinary:
         return self.build_info.settings.get("-buildmode", "pie" if self.is_pie else "exe")
 
     @cached_property
+    def uses_cgo(self) -> bool:
+        """runtime/cgo is linked in (CGO_ENABLED=1 alone is not enough: a program needs a cgo package).
+        _cgo_topofstack is its assembly, in every Go version."""
+        return self.functions.by_name("_cgo_topofstack") is not None
+
+    @cached_property
     def has_symtab(self) -> bool:
         return self.elf.get_section_by_name(".symtab") is not None
 
