@@ -166,7 +166,7 @@ static __always_inline u32 state_index(u32 status) {
     return status < N_STATES ? status : 0;
 }
 
-// At the RET of runtime.newproc1: RAX = the new g, complete.
+// At the call casgstatus(newg, _Gdead, status) in runtime.newproc1 (Go 1.21+), or at its RET: RAX = the new g, complete.
 int on_goroutine_created(struct pt_regs *ctx) {
     u64 newg = ctx->ax;
     u64 now = bpf_ktime_get_ns();
@@ -178,6 +178,10 @@ int on_goroutine_created(struct pt_regs *ctx) {
     st.go_pc = read_u64(newg + OFF_G_GOPC);
     u32 status = 0;
     bpf_probe_read_user(&status, sizeof(status), (void *)(newg + OFF_G_ATOMICSTATUS));
+    if (state_index(status) == 0)       // newproc1's casgstatus(fresh g, _Gidle, _Gdead): no goid yet
+        return 0;
+    if (state_index(status) == G_DEAD)  // its casgstatus(newg, _Gdead, RCX): the g is complete, not yet switched
+        status = (u32)ctx->cx;
     st.status = state_index(status);
 #ifdef OFF_G_PARENTGOID
     st.parent_goid = read_u64(newg + OFF_G_PARENTGOID);
