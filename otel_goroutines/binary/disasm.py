@@ -78,3 +78,42 @@ def call_sites(code: bytes, entry: int, target: int) -> list[int]:
 def call_targets(code: bytes, entry: int) -> list[int]:
     """Targets of the direct calls, in code order."""
     return [callee for _, callee in _direct_calls(code, entry)]
+
+
+_REG_FAMILY = {"al": "rax", "ah": "rax", "ax": "rax", "eax": "rax", "rax": "rax",
+               "cl": "rcx", "ch": "rcx", "cx": "rcx", "ecx": "rcx", "rcx": "rcx",
+               "r14b": "r14", "r14w": "r14", "r14d": "r14", "r14": "r14"}
+
+
+def first_one_trap(code: bytes, entry: int, start: int, keep: tuple[str, ...], limit: int = 12) -> int:
+    """From `start` (an address every call reaches), the first instruction that costs one trap,
+    as long as no instruction before it branches or writes a register in `keep` (64-bit names:
+    "rax", "rcx", "r14"), so a probe there reads the same arguments; `start` if there is none.
+    Go before 1.21 opens its frame with SUB/MOV (single-stepped) after the stack check."""
+    for insn in _decode(code[start - entry:], start, limit):
+        if Instruction(insn.address, insn.mnemonic, insn.op_str).one_trap:
+            return insn.address
+        _, written = insn.regs_access()
+        if any(_REG_FAMILY.get(insn.reg_name(r)) in keep for r in written):
+            break
+    return start
+
+
+@dataclass(frozen=True)
+class DataRef:
+    address: int   # the instruction
+    target: int    # the address of its RIP-relative memory operand (a global variable)
+    size: int      # operand size in bytes
+    written: bool
+
+
+def data_refs(code: bytes, entry: int) -> list[DataRef]:
+    """The function's RIP-relative memory operands, in code order: how a stripped binary's code
+    names the runtime's global variables."""
+    refs = []
+    for insn in _decode(code, entry):
+        for op in insn.operands:
+            if op.type == x86.X86_OP_MEM and op.mem.base == x86.X86_REG_RIP:
+                refs.append(DataRef(insn.address, insn.address + insn.size + op.mem.disp, op.size,
+                                    bool(op.access & capstone.CS_AC_WRITE)))
+    return refs

@@ -31,3 +31,26 @@ def test_calls_and_returns():
     assert disasm.call_targets(GOWRAP, entry) == [0x49EC40, 0x47DF40]
     assert disasm.call_sites(GOWRAP, entry, 0x49EC40) == [0x49EE36]
     assert disasm.ret_sites(GOWRAP, entry) == [0x49EE40]
+
+
+# runtime.mallocgc (Go 1.19): stack check; SUBQ $0x70, SP; MOVQ BP, 0x68(SP); LEAQ 0x68(SP), BP;
+# CMPL runtime.gcphase(SB), $2; NOP; JE ...; TESTQ AX, AX (RAX = size all along)
+MALLOCGC_119 = bytes.fromhex("493b6610" "0f86be080000" "4883ec70" "48896c2468" "488d6c2468" "833d45cb140002" "90" "0f8490080000" "4885c0")
+
+
+def test_first_one_trap_skips_a_single_stepped_frame_setup():
+    entry = 0x40B4E0
+    start = disasm.after_stack_check(MALLOCGC_119, entry)
+    assert not disasm.instruction_at(MALLOCGC_119, entry, start).one_trap  # sub rsp: two traps
+    assert disasm.first_one_trap(MALLOCGC_119, entry, start, ("rax", "r14")) == entry + 31  # the nop
+    # but not past an instruction that overwrites an argument the probe reads
+    writes_rax = bytes.fromhex("4883ec70" "31c0" "90")  # SUBQ; XORL AX, AX; NOP
+    assert disasm.first_one_trap(writes_rax, 0x1000, 0x1000, ("rax",)) == 0x1000
+    assert disasm.first_one_trap(writes_rax, 0x1000, 0x1000, ("rcx",)) == 0x1006
+
+
+def test_data_refs_name_rip_relative_globals():
+    # CMPB runtime.disableMemoryProfiling(SB), $0; JE; MOVQ $0, runtime.MemProfileRate(SB)  (Go 1.26 schedinit)
+    code = bytes.fromhex("803dc0f0120000" "740b" "48c705f9f0120000000000")
+    refs = disasm.data_refs(code, 0x44A55B)
+    assert [(r.target, r.size, r.written) for r in refs] == [(0x579622, 1, False), (0x579668, 8, True)]
