@@ -7,7 +7,10 @@
 // Compile-time parameters (-D, from otel_goroutines/goruntime.py and probes.py):
 //   OFF_G_GOID, OFF_G_GOPC, OFF_G_STARTPC, OFF_G_WAITREASON, OFF_G_ATOMICSTATUS, OFF_G_M,
 //   OFF_M_CURG, optionally OFF_G_PARENTGOID; MAX_GOROUTINES, RINGBUF_PAGES, MAX_EVENTS;
-//   trace boundaries: TRACE_MAX_SPANS, SPAWNER_CHILDREN, SPAWNER_AGE_NS.
+//   trace boundaries: TRACE_MAX_SPANS, SPAWNER_CHILDREN, SPAWNER_AGE_NS;
+//   heap allocations: ALLOCS_EXACT (SPECIALIZED_MALLOC_MAX) or ALLOCS_SAMPLED (MEMPROFILERATE_ADDR,
+//   PROFILEALLOC_PROBE_ADDR), and from allocs.py ALLOC_COUNT_SHIFT, ALLOC_WEIGHT_STEPS,
+//   ALLOC_WEIGHT_ENTRIES, ALLOC_RATE_CAP, DEFAULT_MEMPROFILERATE.
 #include <uapi/linux/ptrace.h>
 
 #define N_STATES 12
@@ -23,7 +26,7 @@
 enum trace_reason { TR_JOINS_PARENT = 0, TR_UNTRACED_PARENT = 1, TR_SPAWNER = 2, TR_TRACE_FULL = 3 };
 #define FLAG_EXISTED_AT_ATTACH 1
 
-enum event_kind { EV_TRANSITION = 1, EV_END = 2, EV_PROCESS_EXIT = 3 };
+enum event_kind { EV_TRANSITION = 1, EV_END = 2, EV_PROCESS_EXIT = 3, EV_RUNTIME_INITIALISED = 4 };
 enum counter {
     C_MAP_FULL = 0,        // goroutine not tracked: the map was full (its span is lost, counted)
     C_EVENTS_LOST = 1,     // transition events the ring buffer had no room for
@@ -60,6 +63,9 @@ struct gstate {
     u32 trace_reason;    // enum trace_reason
     u32 flags;
     u32 waitreason;      // of the current wait, when status is waiting
+    u64 alloc_bytes;     // heap bytes it allocated (--allocs; sampled: an estimate)
+    u64 alloc_count;     // heap allocations, in 1/ALLOC_COUNT_UNIT (sampled: an estimate)
+    u64 alloc_samples;   // heap-profile samples the estimate rests on (sampled)
 };
 
 struct transition_event {
@@ -303,3 +309,107 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     events.ringbuf_submit(ev, 0);
     return 0;
 }
+
+// --- heap allocations (--allocs; the estimate math is explained in otel_goroutines/allocs.py) ---
+#if defined(ALLOCS_EXACT) || defined(ALLOCS_SAMPLED)
+#define ALLOC_COUNT_UNIT (1ULL << ALLOC_COUNT_SHIFT)
+// Allocations no goroutine span holds: made on a system stack (g0, gsignal: goid 0), or by a
+// goroutine that is not in the map (it predates the probes, or the map was full).
+enum alloc_owner { ALLOC_SYSTEM_STACK = 0, ALLOC_UNTRACKED = 1, N_ALLOC_OWNERS = 2 };
+struct alloc_totals {
+    u64 bytes;
+    u64 count;    // in 1/ALLOC_COUNT_UNIT
+    u64 samples;
+};
+BPF_PERCPU_ARRAY(allocs_elsewhere, struct alloc_totals, N_ALLOC_OWNERS);
+
+// Adds to the totals of the goroutine running now: R14 is the current g in Go's register ABI.
+// A goroutine runs on one thread at a time, so its own totals need no atomics.
+static __always_inline void add_alloc(struct pt_regs *ctx, u64 bytes, u64 allocs, u64 samples) {
+    u64 goid = read_u64(ctx->r14 + OFF_G_GOID);
+    struct gkey key = {.tgid = bpf_get_current_pid_tgid() >> 32, .goid = goid};
+    struct gstate *st = goid ? goroutines.lookup(&key) : NULL;
+    if (st) {
+        st->alloc_bytes += bytes;
+        st->alloc_count += allocs;
+        st->alloc_samples += samples;
+        return;
+    }
+    u32 owner = goid ? ALLOC_UNTRACKED : ALLOC_SYSTEM_STACK;
+    struct alloc_totals *t = allocs_elsewhere.lookup(&owner);
+    if (t) {
+        t->bytes += bytes;
+        t->count += allocs;
+        t->samples += samples;
+    }
+}
+#endif
+
+#ifdef ALLOCS_EXACT
+// mallocgc(size, typ, needzero) after its stack check: RAX = the requested size.
+int on_mallocgc(struct pt_regs *ctx) {
+    u64 size = ctx->ax;
+    // 0: no allocation (zerobase); up to SPECIALIZED_MALLOC_MAX: mallocgc passes it on to a
+    // size-specialized entry, whose own probe counts it.
+    if (size <= SPECIALIZED_MALLOC_MAX)
+        return 0;
+    add_alloc(ctx, size, ALLOC_COUNT_UNIT, 0);
+    return 0;
+}
+
+// mallocgcSmallNoScanSC<n> and the like (same arguments), called by mallocgc and by compiled code.
+int on_malloc_specialized(struct pt_regs *ctx) {
+    add_alloc(ctx, ctx->ax, ALLOC_COUNT_UNIT, 0);
+    return 0;
+}
+#endif
+
+#ifdef ALLOCS_SAMPLED
+// h(x) = 1/(1-exp(-x)) - 1/x at x = (i + 1/2) / ALLOC_WEIGHT_STEPS, in 1/ALLOC_COUNT_UNIT; filled by user space.
+BPF_ARRAY(alloc_weights, u32, ALLOC_WEIGHT_ENTRIES);
+
+// profilealloc(mp, x, size) after its stack check: RCX = the size of the sampled allocation.
+// A sample of size s at rate r stands for 1/p allocations and s/p bytes, p = 1 - exp(-s/r).
+int on_profilealloc(struct pt_regs *ctx) {
+    u64 size = ctx->cx;
+#ifdef MEMPROFILERATE_ADDR
+    // runtime.MemProfileRate, at its link-time address moved by the load bias of a PIE.
+    u64 rate = read_u64(MEMPROFILERATE_ADDR + PT_REGS_IP(ctx) - PROFILEALLOC_PROBE_ADDR);
+#else
+    u64 rate = DEFAULT_MEMPROFILERATE;
+#endif
+    if (!size)
+        return 0;
+    if ((s64)rate <= 1) {  // every allocation is sampled (or the rate is unknown): no scaling, as pprof
+        add_alloc(ctx, size, ALLOC_COUNT_UNIT, 1);
+        return 0;
+    }
+    if (rate > ALLOC_RATE_CAP)  // runtime.fastexprand caps the mean at this
+        rate = ALLOC_RATE_CAP;
+    u64 index = size * ALLOC_WEIGHT_STEPS / rate;
+    if (index >= ALLOC_WEIGHT_ENTRIES) {  // s >= 16 r: sampled for sure (to 1e-7)
+        add_alloc(ctx, size, ALLOC_COUNT_UNIT, 1);
+        return 0;
+    }
+    u32 i = index;
+    u32 *hq = alloc_weights.lookup(&i);
+    if (!hq)
+        return 0;
+    add_alloc(ctx, rate + ((size * *hq) >> ALLOC_COUNT_SHIFT), (rate << ALLOC_COUNT_SHIFT) / size + *hq, 1);
+    return 0;
+}
+
+// runtime.gcenable: the runtime has initialised (its MemProfileRate is final) and the program's
+// own init has not started. User space may turn heap sampling on now.
+int on_runtime_initialised(struct pt_regs *ctx) {
+    struct transition_event *ev = events.ringbuf_reserve(sizeof(struct transition_event));
+    if (!ev)
+        return 0;
+    __builtin_memset(ev, 0, sizeof(*ev));
+    ev->kind = EV_RUNTIME_INITIALISED;
+    ev->tgid = bpf_get_current_pid_tgid() >> 32;
+    ev->ts = bpf_ktime_get_ns();
+    events.ringbuf_submit(ev, 0);
+    return 0;
+}
+#endif

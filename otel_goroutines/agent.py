@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
-from . import __version__, goruntime, target_memory
+from . import __version__, allocs, goruntime, target_memory
 from .binary.gobinary import GoBinary
 from .binary.symbolize import Symbolizer
 from .errors import AgentError
@@ -115,6 +116,9 @@ class Session:
         self.options = options
         self.binary = GoBinary(target.exe_path)
         self.support = goruntime.support_for(self.binary)
+        if options.probes.allocs is not allocs.AllocMode.OFF and self.support.allocs is None:
+            log.warning("no heap-allocation probe points in %s: --allocs %s is off", target.exe_path, options.probes.allocs.value)
+            options.probes = dataclasses.replace(options.probes, allocs=allocs.AllocMode.OFF)
         self.tracker = GoroutineTracker()
         self.summary = Summary()
         self.probes = GoroutineProbes(self.support, target.exe_path, target.pid, options.probes)
@@ -125,6 +129,8 @@ class Session:
         self._builder: SpanBuilder | None = None
         self._stop_reason: EndReason | None = None
         self._scan_now = False
+        self.alloc_totals = allocs.AllocTotals()  # what the exported goroutine spans hold, summed
+        self.profile_rate: allocs.ProfileRate | None = None
 
     # --- signals and kernel notifications ----------------------------------------------
     def _on_signal(self, signum, _frame):
@@ -171,6 +177,7 @@ class Session:
                 creation_site=symbolizer.creation_site,
                 wait_reason=self.support.wait_reason,
                 states_traced=self.options.probes.states,
+                allocs=self.options.probes.allocs,
             )
         return self._builder
 
@@ -188,6 +195,8 @@ class Session:
             spans.append(span)
             alive = rec.end_reason is not EndReason.EXITED
             self.summary.add(span.name, rec.lifetime_ns, alive)
+            t = self.alloc_totals
+            self.alloc_totals = allocs.AllocTotals(t.bytes + rec.alloc_bytes, t.count + rec.alloc_count, t.samples + rec.alloc_samples)
             if self.metrics is not None:
                 self.metrics.observe_end(span.name, rec.lifetime_ns)
         pipeline.submit(self.budget.select(spans))
@@ -229,6 +238,27 @@ class Session:
         self.probes.forget([g.goid for g in found if g.goid not in alive])
         self.existing_at_attach = imported
         log.info("%d goroutines existed at attach", imported)
+
+    def _enable_heap_sampling(self) -> None:
+        """--allocs sampled rides on the runtime's heap-profile samples: turn them on if the linker
+        turned them off (called once the runtime has initialised)."""
+        support = self.support.allocs
+        if self.options.probes.allocs is not allocs.AllocMode.SAMPLED or self.profile_rate is not None:
+            return
+        if support.mem_profile_rate is None:
+            log.warning("runtime.MemProfileRate not found (%s): heap sampling cannot be checked or turned on; "
+                        "estimates assume the default rate", support.addresses_from)
+            return
+        bias = self._load_bias()
+        try:
+            disabled = support.profiling_disabled
+            self.profile_rate = allocs.enable_heap_sampling(self.target.pid, support.mem_profile_rate + bias,
+                                                            None if disabled is None else disabled + bias)
+        except OSError as exc:
+            log.warning("could not read or set runtime.MemProfileRate in PID %d (%s): heap sampling may be off",
+                        self.target.pid, exc)
+            return
+        (log.warning if self.profile_rate.rate == 0 else log.info)("--allocs sampled: %s", self.profile_rate.note)
 
     def _metrics_snapshot(self, now_ns: int, stats) -> MetricsData:
         counters = self.probes.counters()
@@ -273,12 +303,13 @@ class Session:
         next_metrics = start_ns + metrics_every_ns
         previous_handlers = {s: signal.signal(s, self._on_signal) for s in FORWARDED_SIGNALS} if handle_signals else {}
         try:
-            self.probes.attach(self._on_change, self.tracker.on_end, self._on_process_exit)
+            self.probes.attach(self._on_change, self.tracker.on_end, self._on_process_exit, self._enable_heap_sampling)
             log.info("attached %d probes to PID %d (%s, offsets from %s)", len(self.probes.probe_points),
                      self.target.pid, self.binary.go_version, self.support.offsets_source)
             attached_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             if isinstance(self.target, AttachedTarget):
                 self._import_existing(attached_ns)
+                self._enable_heap_sampling()  # the runtime has long initialised
             self.target.start()
             yield
             while self._stop_reason is None:
@@ -306,6 +337,7 @@ class Session:
             final_metrics = self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None
             losses = self.probes.counters()
             losses.pop("goroutines_created")
+            elsewhere = self.probes.allocs_elsewhere()
         finally:
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
@@ -318,6 +350,9 @@ class Session:
         # Exits of goroutines that predate the attach are expected, not a loss.
         untraced_exits = losses.pop("exits_of_untraced_goroutines")
         print(self.summary.render(losses), file=sys.stderr)
+        if opts.probes.allocs is not allocs.AllocMode.OFF:
+            rate = f" at 1 per {self.profile_rate.rate} bytes" if self.profile_rate and self.profile_rate.rate > 1 else ""
+            print(allocs.render(opts.probes.allocs, self.alloc_totals, elsewhere, rate), file=sys.stderr)
         if self.existing_at_attach:
             print(f"({self.existing_at_attach} goroutines existed at attach: their spans start at the attach)", file=sys.stderr)
         if untraced_exits:

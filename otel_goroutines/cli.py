@@ -11,6 +11,7 @@ import click
 
 from . import __version__, goruntime
 from .agent import AgentOptions, ExportSettings, Session
+from .allocs import AllocMode
 from .binary.gobinary import GoBinary
 from .errors import AgentError
 from .longlived import LongLivedSettings
@@ -53,6 +54,10 @@ def _tracing_options(func):
                      help="OTLP protocol. Default: OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL, else http/protobuf."),
         click.option("--detail", type=click.Choice(["lifecycle", "states"]), default="states", show_default=True,
                      help="lifecycle: creation and exit only (cheapest); states: also state-change events and per-state times."),
+        click.option("--allocs", type=click.Choice([m.value for m in AllocMode]), default=AllocMode.SAMPLED.value,
+                     show_default=True,
+                     help="Heap allocations per goroutine: exact (a probe on every allocation; costly), sampled "
+                          "(estimates from the runtime's heap-profile samples, one per 512 KiB; cheap) or off."),
         click.option("--max-events", type=click.IntRange(0, 100000), default=64, show_default=True,
                      help="State-change events kept per goroutine span; the rest are counted in go.goroutine.events_left_out."),
         click.option("--trace-max-spans", type=click.IntRange(1), default=1000, show_default=True,
@@ -78,7 +83,7 @@ def _tracing_options(func):
     return func
 
 
-def _options(exporter, output, endpoint, protocol, detail, max_events, trace_max_spans, spawner_children, spawner_age,
+def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, trace_max_spans, spawner_children, spawner_age,
              checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet) -> AgentOptions:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
@@ -90,7 +95,7 @@ def _options(exporter, output, endpoint, protocol, detail, max_events, trace_max
         raise AgentError(f"OTLP protocol {protocol!r} is not supported; use grpc or http/protobuf")
     return AgentOptions(
         export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout),
-        probes=ProbeSettings(states=detail == "states", max_events=max_events, trace_max_spans=trace_max_spans,
+        probes=ProbeSettings(states=detail == "states", allocs=AllocMode(allocs), max_events=max_events, trace_max_spans=trace_max_spans,
                              spawner_children=spawner_children, spawner_age_s=spawner_age),
         long_lived=LongLivedSettings(checkpoint_after_s=checkpoint_after, leak_after_s=leak_after),
         spans_per_second=max_spans_per_second,
@@ -201,7 +206,20 @@ def inspect(binary, pid):
         click.echo(f"  {name:<18} {value}")
     click.echo(f"wait reasons:    {len(support.wait_reasons)}, from "
                f"{'runtime.waitReasonStrings' if goruntime.wait_reasons_in(gobin) else support.offsets_source}")
+    allocs = support.allocs
+    if allocs is None:
+        click.echo("heap allocations: no probe points found (--allocs is off)")
+    else:
+        rate = f"0x{allocs.mem_profile_rate:x}" if allocs.mem_profile_rate is not None else "not found (estimates assume 512 KiB)"
+        click.echo(f"heap sampling:   runtime.MemProfileRate at {rate}, from {allocs.addresses_from}")
+        if allocs.specialized_max:
+            click.echo(f"                 size-specialized malloc up to {allocs.specialized_max} bytes")
     click.echo("probes:")
-    for point in support.lifecycle_probes + support.state_probes:
-        click.echo(f"  {point.handler:<22} {point.function}+{point.address - gobin.function(point.function).entry:<5} "
-                   f"0x{point.address:x}  {point.instruction:<24} {point.why}")
+    for group, points in (("", support.lifecycle_probes + support.state_probes),
+                          ("--allocs exact:", allocs.exact_probes if allocs else ()),
+                          ("--allocs sampled:", allocs.sampled_probes if allocs else ())):
+        if group:
+            click.echo(f" {group}")
+        for point in points:
+            click.echo(f"  {point.handler:<22} {point.function}+{point.address - gobin.function(point.function).entry:<5} "
+                       f"0x{point.address:x}  {point.instruction:<24} {point.why}")

@@ -72,6 +72,7 @@ class RuntimeSupport:
     state_probes: tuple[ProbePoint, ...]
     wait_reasons: tuple[str, ...]
     allgs_address: int | None        # runtime.allgs ([]*g), to list goroutines at attach; None if stripped
+    allocs: "AllocSupport | None" = None  # heap-allocation probes (--allocs)
 
     def bpf_defines(self) -> list[str]:
         return [f"-DOFF_{name.upper()}={value}" for name, value in sorted(self.offsets.items())]
@@ -93,6 +94,7 @@ def support_for(binary: GoBinary) -> RuntimeSupport:
         state_probes=(_entry_probe(binary, "runtime.casgstatus", "on_casgstatus"),),
         wait_reasons=_wait_reasons(binary, version),
         allgs_address=sym.address if (sym := binary.symbol("runtime.allgs")) else None,
+        allocs=_alloc_support(binary, version),
     )
 
 
@@ -205,3 +207,90 @@ def _wait_reasons(binary: GoBinary, version: GoVersion) -> tuple[str, ...]:
         return found
     table = _layout_tables().get(f"go{version.major}.{version.minor}")
     return tuple(table["wait_reasons"]) if table else ()
+
+
+# --- heap allocations (--allocs; the estimate math is in allocs.py) ---------------------------
+# Every heap object comes from mallocgc(size, typ, needzero), size in RAX, on the allocating g
+# (R14; g0 or gsignal when on a system stack). From Go 1.27 (1.26 with
+# GOEXPERIMENT=sizespecializedmalloc) compiled code calls size-specialized entries directly for
+# small objects, and mallocgc hands those sizes to the same entries. Every heap-profile sample
+# passes profilealloc(mp, x, size), size in RCX, in all versions (mProf_Malloc's arguments moved
+# in 1.23). runtime.gcenable runs once, after the runtime's package init and before the program's.
+_SPECIALIZED_MALLOC = re.compile(r"runtime\.mallocgc(?:SmallNoScanSC|SmallScanNoHeaderSC|TinySize|TinySC)\d+")
+
+
+@dataclass(frozen=True)
+class AllocSupport:
+    exact_probes: tuple[ProbePoint, ...]
+    specialized_max: int             # mallocgc leaves sizes 1..this to the size-specialized entries (0: none)
+    sampled_probes: tuple[ProbePoint, ...]
+    mem_profile_rate: int | None     # link-time address of runtime.MemProfileRate (None: not found)
+    profiling_disabled: int | None   # of runtime.disableMemoryProfiling, the linker's "nothing reads heap profiles"
+    addresses_from: str
+
+    def bpf_defines(self, sampled: bool) -> list[str]:
+        if not sampled:
+            return ["-DALLOCS_EXACT", f"-DSPECIALIZED_MALLOC_MAX={self.specialized_max}"]
+        defines = ["-DALLOCS_SAMPLED"]
+        if self.mem_profile_rate is not None:
+            probe = next(p for p in self.sampled_probes if p.handler == "on_profilealloc")
+            defines += [f"-DMEMPROFILERATE_ADDR={self.mem_profile_rate:#x}ULL", f"-DPROFILEALLOC_PROBE_ADDR={probe.address:#x}ULL"]
+        return defines
+
+
+def _alloc_probe(binary: GoBinary, name: str, handler: str, keep: tuple[str, ...]) -> ProbePoint:
+    """After the stack check, on the first instruction that costs one trap while the arguments in
+    `keep` are still in their registers (Go before 1.21 opens its frame with SUB, single-stepped)."""
+    point = _entry_probe(binary, name, handler)
+    func = binary.function(name)
+    code = binary.code(func)
+    address = disasm.first_one_trap(code, func.entry, point.address, keep)
+    if address == point.address:
+        return point
+    insn = disasm.instruction_at(code, func.entry, address)
+    return ProbePoint(handler, name, address, str(insn), f"+{address - func.entry}, the first emulated instruction "
+                      f"after the stack check with {', '.join(r.upper() for r in keep)} unchanged: one trap")
+
+
+def _alloc_support(binary: GoBinary, version: GoVersion) -> AllocSupport | None:
+    try:
+        return _find_alloc_support(binary, version)
+    except UnsupportedTarget:  # a function missing: goroutines are still traced, without --allocs
+        return None
+
+
+def _find_alloc_support(binary: GoBinary, version: GoVersion) -> AllocSupport:
+    specialized = sorted((f for f in binary.functions.funcs() if _SPECIALIZED_MALLOC.fullmatch(f.name)), key=lambda f: f.entry)
+    specialized_max = 0
+    if specialized:
+        table = binary.symbol("runtime.mallocScanTable")  # [N+1]func: one entry per size 0..N
+        specialized_max = table.size // 8 - 1 if table and table.size else (512 if (version.major, version.minor) < (1, 27) else 80)
+    exact = [_alloc_probe(binary, "runtime.mallocgc", "on_mallocgc", ("rax", "r14"))]
+    exact += [_alloc_probe(binary, f.name, "on_malloc_specialized", ("rax", "r14")) for f in specialized]
+    sampled = [_alloc_probe(binary, "runtime.profilealloc", "on_profilealloc", ("rcx", "r14")),
+               _entry_probe(binary, "runtime.gcenable", "on_runtime_initialised")]
+    rate, disabled, source = _profile_rate_addresses(binary)
+    return AllocSupport(tuple(exact), specialized_max, tuple(sampled), rate, disabled, source)
+
+
+def _profile_rate_addresses(binary: GoBinary) -> tuple[int | None, int | None, str]:
+    rate, disabled = binary.symbol("runtime.MemProfileRate"), binary.symbol("runtime.disableMemoryProfiling")
+    if rate and disabled:
+        return rate.address, disabled.address, "symbol table"
+    # Stripped: `if disableMemoryProfiling { MemProfileRate = 0 }` in schedinit (Go 1.21+), or
+    # `MemProfileRate = defaultMemProfileRate(512 * 1024)` in the runtime's package init (older):
+    # a byte read, then within a few instructions a quadword store to the variable profilealloc reads.
+    profilealloc = binary.function("runtime.profilealloc")
+    read_there = {r.target for r in disasm.data_refs(binary.code(profilealloc), profilealloc.entry) if r.size == 8 and not r.written}
+    for name in ("runtime.schedinit", "runtime.init"):
+        func = binary.functions.by_name(name)
+        refs = disasm.data_refs(binary.code(func), func.entry) if func else []
+        for i, flag in enumerate(refs):
+            if flag.size != 1 or flag.written:
+                continue
+            for store in refs[i + 1:]:
+                if store.address - flag.address > 40:
+                    break
+                if store.size == 8 and store.written and store.target in read_there:
+                    return store.target, flag.target, f"disassembly of {name}"
+    return None, None, "not found"

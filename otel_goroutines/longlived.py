@@ -66,7 +66,8 @@ class LongLived:
         """Note a checkpoint span for rec up to now_ns; returns what came before it."""
         key = (rec.pid, rec.goid)
         before = self.checkpointed.get(key)
-        self.checkpointed[key] = Checkpointed(before.count + 1 if before else 1, now_ns, rec.state_ns)
+        self.checkpointed[key] = Checkpointed(before.count + 1 if before else 1, now_ns, rec.state_ns,
+                                              (rec.alloc_bytes, rec.alloc_count, rec.alloc_samples))
         return before
 
     def finish(self, rec: GoroutineRecord) -> tuple[Checkpointed | None, bool]:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import allocs
 from .errors import AgentError
 from .goruntime import N_STATES, ProbePoint, RuntimeSupport
 from .target_memory import ExistingGoroutine
@@ -22,7 +23,7 @@ from .records import EndReason, GoroutineRecord, StateChange, TraceReason
 
 BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "goroutines.bpf.c"
 
-EV_TRANSITION, EV_END, EV_PROCESS_EXIT = 1, 2, 3
+EV_TRANSITION, EV_END, EV_PROCESS_EXIT, EV_RUNTIME_INITIALISED = 1, 2, 3, 4
 COUNTER_NAMES = ("goroutines_untracked_map_full", "state_events_lost_ringbuf", "ends_deferred_ringbuf",
                  "exits_of_untraced_goroutines", "target_memory_read_errors", "goroutines_created")
 
@@ -39,7 +40,8 @@ class _GState(ct.Structure):
                 ("parent_traced", ct.c_uint32), ("pad", ct.c_uint32), ("root_goid", ct.c_uint64),
                 ("parent_root_goid", ct.c_uint64),
                 ("children", ct.c_uint32), ("trace_reason", ct.c_uint32), ("flags", ct.c_uint32),
-                ("waitreason", ct.c_uint32)]
+                ("waitreason", ct.c_uint32),
+                ("alloc_bytes", ct.c_uint64), ("alloc_count", ct.c_uint64), ("alloc_samples", ct.c_uint64)]
 
 
 class _GKey(ct.Structure):
@@ -68,6 +70,7 @@ class ProbeSettings:
     trace_max_spans: int = 1000    # goroutines per trace before a new one starts
     spawner_children: int = 16     # a creator with more children than this is a spawner...
     spawner_age_s: float = 1.0     # ...and so is one older than this: their children start traces
+    allocs: allocs.AllocMode = allocs.AllocMode.OFF  # heap allocations per goroutine: exact, sampled or off
 
 
 def check_privileges() -> None:
@@ -89,7 +92,8 @@ def _record(goid: int, tgid: int, st: _GState, end_reason: EndReason) -> Gorouti
         state_ns=tuple(st.state_ns), transitions=st.transitions, events_left_out=st.events_left_out,
         end_reason=end_reason, root_goid=st.root_goid, parent_root_goid=st.parent_root_goid, trace_reason=TraceReason(st.trace_reason),
         existed_at_attach=bool(st.flags & FLAG_EXISTED_AT_ATTACH), status=st.status, wait_reason=st.waitreason,
-        since_ns=st.last_ns)
+        since_ns=st.last_ns, alloc_bytes=st.alloc_bytes,
+        alloc_count=(st.alloc_count + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT, alloc_samples=st.alloc_samples)
 
 
 def _ended(rec: GoroutineRecord, now_ns: int, reason: EndReason) -> GoroutineRecord:
@@ -109,10 +113,14 @@ class GoroutineProbes:
         self.probe_points: list[ProbePoint] = list(support.lifecycle_probes)
         if settings.states:
             self.probe_points += support.state_probes
+        if settings.allocs is allocs.AllocMode.EXACT:
+            self.probe_points += support.allocs.exact_probes
+        elif settings.allocs is allocs.AllocMode.SAMPLED:
+            self.probe_points += support.allocs.sampled_probes
         self._bpf = None
 
     def attach(self, on_change: Callable[[int, int, StateChange], None], on_end: Callable[[GoroutineRecord], None],
-               on_process_exit: Callable[[int], None]) -> None:
+               on_process_exit: Callable[[int], None], on_runtime_initialised: Callable[[], None] = lambda: None) -> None:
         try:
             from bcc import BPF
         except ImportError:
@@ -126,6 +134,8 @@ class GoroutineProbes:
             f"-DSPAWNER_AGE_NS={int(self.settings.spawner_age_s * 1e9)}ULL",
             "-w",
         ]
+        if self.settings.allocs is not allocs.AllocMode.OFF:
+            cflags += allocs.bpf_defines() + self.support.allocs.bpf_defines(self.settings.allocs is allocs.AllocMode.SAMPLED)
         # bcc prints compiler chatter on stderr; keep it for the error message only.
         try:
             with _captured_stderr() as chatter:
@@ -134,6 +144,10 @@ class GoroutineProbes:
             detail = chatter.getvalue().strip().splitlines()
             raise AgentError(f"could not compile the eBPF program ({exc}); {detail[-1] if detail else 'are kernel headers installed? run `make setup`'}") from None
         self._bpf["traced"][ct.c_uint32(self.pid)] = ct.c_uint64(0)
+        if self.settings.allocs is allocs.AllocMode.SAMPLED:
+            weights = self._bpf["alloc_weights"]
+            for i, hq in enumerate(allocs.weight_table()):
+                weights[ct.c_int(i)] = ct.c_uint32(hq)
         try:
             for point in self.probe_points:
                 self._bpf.attach_uprobe(name=self.exe_path, addr=point.address, fn_name=point.handler, pid=self.pid)
@@ -151,6 +165,8 @@ class GoroutineProbes:
                 on_end(_record(ev.goid, ev.tgid, ev.st, EndReason.EXITED))
             elif header.kind == EV_PROCESS_EXIT:
                 on_process_exit(header.tgid)
+            elif header.kind == EV_RUNTIME_INITIALISED:
+                on_runtime_initialised()
 
         self._bpf["events"].open_ring_buffer(handle)
 
@@ -209,6 +225,19 @@ class GoroutineProbes:
     def start_function_counts(self) -> dict[int, tuple[int, int]]:
         """start pc -> (goroutines created, exited) since the probes were attached."""
         return {k.value: (v.created, v.exited) for k, v in self._bpf["by_start_pc"].items()}
+
+    def allocs_elsewhere(self) -> list[allocs.AllocTotals]:
+        """Heap allocations no goroutine span holds, by owner (allocs.ELSEWHERE): system stack, untracked goroutines."""
+        if self.settings.allocs is allocs.AllocMode.OFF:
+            return []
+        table = self._bpf["allocs_elsewhere"]
+        out = []
+        for i in range(len(allocs.ELSEWHERE)):
+            per_cpu = table[ct.c_int(i)]
+            out.append(allocs.AllocTotals(sum(t.bytes for t in per_cpu),
+                                          (sum(t.count for t in per_cpu) + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT,
+                                          sum(t.samples for t in per_cpu)))
+        return out
 
     def exit_time(self) -> int | None:
         """Kernel time at which the traced process's first thread exited, if it has."""

@@ -49,6 +49,9 @@ class GoroutineRecord:
     status: int = 0                  # runtime status at the last update (for live snapshots)
     wait_reason: int = 0             # the current wait's reason, when status is waiting
     since_ns: int = 0                # kernel time of the last state change
+    alloc_bytes: int = 0             # heap bytes it allocated (--allocs; sampled: an estimate)
+    alloc_count: int = 0             # heap allocations (sampled: an estimate)
+    alloc_samples: int = 0           # heap-profile samples the estimate rests on (sampled)
     changes: list[StateChange] = field(default_factory=list)
 
     @property

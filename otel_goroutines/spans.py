@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from .allocs import AllocMode
 from .goruntime import STATE_NAMES
 from .records import EndReason, GoroutineRecord, TraceReason
 
@@ -50,6 +51,7 @@ class Checkpointed:
     count: int                 # checkpoint spans exported so far
     until_ns: int              # kernel time the last one ended
     state_ns: tuple[int, ...]  # per-state totals at that time
+    allocs: tuple[int, int, int] = (0, 0, 0)  # heap bytes, allocations, samples at that time
 
 
 def mix64(salt: int, n: int) -> int:
@@ -81,6 +83,7 @@ class SpanBuilder:
     creation_site: Callable[[int], tuple[str, str, int] | None]
     wait_reason: Callable[[int], str]
     states_traced: bool
+    allocs: AllocMode = AllocMode.OFF
 
     def build(self, rec: GoroutineRecord, before: Checkpointed | None = None) -> GoroutineSpan:
         """The goroutine's span, from its creation (or its last checkpoint) to its end."""
@@ -134,6 +137,12 @@ class SpanBuilder:
                     attrs[f"go.goroutine.{STATE_NAMES.get(state, str(state))}_ns"] = ns - earlier
             attrs["go.goroutine.transitions"] = rec.transitions
             attrs["go.goroutine.events_left_out"] = rec.events_left_out
+        if self.allocs is not AllocMode.OFF:
+            done = before.allocs if before else (0, 0, 0)
+            attrs["go.goroutine.alloc.bytes"] = rec.alloc_bytes - done[0]
+            attrs["go.goroutine.alloc.count"] = rec.alloc_count - done[1]
+            if self.allocs is AllocMode.SAMPLED:  # the values are estimates resting on this many samples
+                attrs["go.goroutine.alloc.samples"] = rec.alloc_samples - done[2]
 
         offset = self.clock_offset_ns
         events = []
