@@ -1,0 +1,101 @@
+"""The sidecar's pipeline for real: agent -> OpenTelemetry Collector running a configuration from
+collector-config/ -> Jaeger v2, read back through Jaeger's query API (what its UI shows).
+Tempo cannot be built here: its leg of the configurations goes to rotel, a real OTLP/gRPC
+receiver, standing in for it."""
+
+import json
+import secrets
+
+import pytest
+
+from helpers import by_goid, run_agent
+from otel_peers import COLLECTOR_CONFIGS, Collector, Jaeger, build_peers, jaeger_parent, jaeger_tag, validate_config
+
+pytestmark = pytest.mark.ebpf
+
+CONFIGS = sorted(p.name for p in COLLECTOR_CONFIGS.glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def peers():
+    return build_peers()
+
+
+@pytest.fixture(scope="module")
+def jaeger(peers, tmp_path_factory):
+    j = Jaeger(peers["jaeger"], tmp_path_factory.mktemp("jaeger") / "jaeger.log")
+    yield j
+    j.close()
+
+
+def test_the_three_configurations_exist():
+    assert CONFIGS == ["otelcol-jaeger-tempo.yaml", "otelcol-jaeger.yaml", "otelcol-tempo.yaml"]
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_collector_config_is_valid(peers, config):
+    result = validate_config(peers["otelcol"], COLLECTOR_CONFIGS / config)
+    assert result.returncode == 0, result.stderr + result.stdout
+
+
+def test_validate_rejects_a_broken_config(peers, tmp_path):
+    """The check above can fail: a pipeline naming an exporter that is not configured."""
+    broken = tmp_path / "broken.yaml"
+    broken.write_text((COLLECTOR_CONFIGS / "otelcol-jaeger.yaml").read_text().replace("[otlp/jaeger, debug]", "[otlp/nowhere, debug]"))
+    result = validate_config(peers["otelcol"], broken)
+    assert result.returncode != 0
+    assert "otlp/nowhere" in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_goroutine_trees_through_the_collector(config, peers, jaeger, rotel, receiver, programs, tmp_path):
+    receiver.clear()
+    collector = Collector(peers["otelcol"], COLLECTOR_CONFIGS / config, tmp_path / "otelcol.log",
+                          jaeger_grpc=jaeger.otlp_grpc, tempo_grpc=rotel.grpc_port)
+    service = f"tree-{secrets.token_hex(4)}"
+    manifest_path = tmp_path / "manifest.json"
+    try:
+        run = run_agent(["run", "--endpoint", collector.endpoint("grpc"), "--protocol", "grpc", "--quiet", "--",
+                         str(programs["tree"]), str(manifest_path)], env={"OTEL_SERVICE_NAME": service})
+        assert run.returncode == 0, run.stderr
+        manifest = json.loads(manifest_path.read_text())
+        expected = {g["goid"] for g in manifest["goroutines"]} | {manifest["main_goid"]}
+        to_jaeger, to_tempo = "jaeger" in config, "tempo" in config
+
+        if to_tempo:  # the Tempo leg: the same spans reach the OTLP receiver behind rotel
+            got = receiver.wait_for(lambda spans: expected <= {s.attributes["go.goroutine.id"] for s in spans
+                                                               if s.resource.get("service.name") == service}, 30)
+            mine = by_goid([s for s in got if s.resource.get("service.name") == service])
+            assert expected <= set(mine), collector.log()[-2000:]
+            assert mine[manifest["main_goid"]].name == "runtime.main"
+
+        if not to_jaeger:
+            assert service not in jaeger.services()
+            return
+        traces = jaeger.wait_for_traces(service, lambda ts: expected <= {jaeger_tag(s, "go.goroutine.id")
+                                                                         for t in ts for s in t["spans"]})
+        assert traces, f"Jaeger has no trace of {service}; collector log:\n{collector.log()[-2000:]}"
+        assert len(traces) == 1  # one program run, one goroutine tree, one trace
+        trace = traces[0]
+        spans = {s["spanID"]: s for s in trace["spans"]}
+        goroutines = {}
+        for s in trace["spans"]:
+            goid = jaeger_tag(s, "go.goroutine.id")
+            assert goid not in goroutines, f"goroutine {goid} twice in Jaeger"
+            goroutines[goid] = s
+        root = goroutines[manifest["main_goid"]]
+        assert root["operationName"] == "runtime.main" and jaeger_parent(root) is None
+        process = trace["processes"][root["processID"]]
+        assert process["serviceName"] == service
+        assert {t["key"]: t["value"] for t in process["tags"]}["process.runtime.name"] == "go"
+        for g in manifest["goroutines"]:
+            span = goroutines[g["goid"]]
+            assert span["operationName"] == g["func"]
+            assert jaeger_tag(span, "code.function.name") == g["func"]
+            parent = spans[jaeger_parent(span)]  # the tree, as Jaeger shows it
+            assert jaeger_tag(parent, "go.goroutine.id") == g["parent"]
+            assert parent["operationName"] == ("main.worker" if g["func"] == "main.leaf" else "runtime.main")
+        leaves = [s for s in trace["spans"] if s["operationName"] == "main.leaf"]
+        assert len(leaves) == 6 and {spans[jaeger_parent(s)]["operationName"] for s in leaves} == {"main.worker"}
+    finally:
+        collector.close()

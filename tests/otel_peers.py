@@ -1,0 +1,146 @@
+"""Real OTLP peers built from the Go module proxy: an OpenTelemetry Collector assembled from its
+modules (tests/peers/otelcol) and Jaeger v2 (a `tool` of tests/peers/go.mod). Both come from
+one Go module, so they share one dependency graph and one compile of the collector's packages.
+
+Binaries are cached under .cache/peers/<key>/, the key being a digest of the module files and
+the Go version: a second test run builds nothing."""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+from helpers import ROOT, free_port, go_toolchain, wait_for_port
+
+PEERS_SRC = ROOT / "tests" / "peers"
+PEERS_CACHE = ROOT / ".cache" / "peers"
+COLLECTOR_CONFIGS = ROOT / "collector-config"
+JAEGER_PACKAGE = "github.com/jaegertracing/jaeger/cmd/jaeger"
+
+
+def build_peers() -> dict[str, Path]:
+    """Paths of the `otelcol` and `jaeger` binaries, built once per module content and Go version."""
+    go = go_toolchain()
+    version = subprocess.run([go, "env", "GOVERSION"], env=dict(os.environ, GOTOOLCHAIN="local"),
+                             check=True, capture_output=True, text=True).stdout.strip()
+    digest = hashlib.sha256(version.encode())
+    for path in sorted(PEERS_SRC.rglob("*")):
+        if path.is_file() and path.suffix in (".mod", ".sum", ".go"):
+            digest.update(path.relative_to(PEERS_SRC).as_posix().encode() + b"\0" + path.read_bytes())
+    out = PEERS_CACHE / digest.hexdigest()[:16]
+    binaries = {"otelcol": out / "otelcol", "jaeger": out / "jaeger"}
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once build once
+        times = {}
+        env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod", CGO_ENABLED="0")
+        for name, package in (("jaeger", JAEGER_PACKAGE), ("otelcol", "./otelcol")):
+            if binaries[name].exists():
+                continue
+            started = time.monotonic()
+            tmp = binaries[name].with_suffix(".tmp")
+            result = subprocess.run([go, "build", "-trimpath", "-o", str(tmp), package], cwd=PEERS_SRC, env=env,
+                                    capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"building {name} failed:\n{result.stderr[-3000:]}")
+            tmp.rename(binaries[name])
+            times[name] = round(time.monotonic() - started, 1)
+        if times:
+            (out / "build-times.json").write_text(json.dumps(times))
+            print(f"\nbuilt test peers in {out}: {times} (seconds)")
+    return binaries
+
+
+def validate_config(otelcol: Path, config: Path, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(otelcol), "validate", "--config", str(config)], capture_output=True, text=True,
+                          env=dict(os.environ, **(env or {})), timeout=60)
+
+
+class Peer:
+    def __init__(self, argv: list[str], env: dict, log_path: Path, ports: list[int]):
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self._proc = subprocess.Popen(argv, env=dict(os.environ, **env), stdout=self._log, stderr=subprocess.STDOUT)
+        try:
+            for port in ports:
+                wait_for_port(port, timeout=60)
+        except TimeoutError:
+            self.close()
+            raise RuntimeError(f"{argv[0]} did not start:\n{log_path.read_text()[-3000:]}") from None
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._log.close()
+
+
+class Collector(Peer):
+    """The collector running one of collector-config/*.yaml, every endpoint on loopback."""
+
+    def __init__(self, otelcol: Path, config: Path, log_path: Path, jaeger_grpc: int | None = None,
+                 tempo_grpc: int | None = None):
+        self.grpc_port, self.http_port = free_port(), free_port()
+        env = {"OTLP_GRPC_ENDPOINT": f"127.0.0.1:{self.grpc_port}", "OTLP_HTTP_ENDPOINT": f"127.0.0.1:{self.http_port}",
+               "JAEGER_OTLP_ENDPOINT": f"127.0.0.1:{jaeger_grpc or free_port()}",
+               "TEMPO_OTLP_ENDPOINT": f"127.0.0.1:{tempo_grpc or free_port()}"}
+        # The collector's own metrics would listen on :8888: off here, where several may run.
+        super().__init__([str(otelcol), "--config", str(config), "--set", "service.telemetry.metrics.level=none"],
+                         env, log_path, [self.grpc_port, self.http_port])
+
+    def endpoint(self, protocol: str) -> str:
+        return f"http://127.0.0.1:{self.grpc_port if protocol == 'grpc' else self.http_port}"
+
+
+class Jaeger(Peer):
+    """Jaeger v2 with memory storage: OTLP gRPC in, the HTTP query API (what its UI reads) out."""
+
+    def __init__(self, jaeger: Path, log_path: Path):
+        self.otlp_grpc, self.query_http = free_port(), free_port()
+        env = {"JAEGER_OTLP_GRPC_PORT": str(self.otlp_grpc), "JAEGER_QUERY_HTTP_PORT": str(self.query_http),
+               "JAEGER_QUERY_GRPC_PORT": str(free_port())}
+        super().__init__([str(jaeger), "--config", str(PEERS_SRC / "jaeger.yaml")], env, log_path,
+                         [self.otlp_grpc, self.query_http])
+
+    def _get(self, path: str) -> dict:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.query_http}{path}", timeout=10) as response:
+            return json.load(response)
+
+    def services(self) -> list[str]:
+        return self._get("/api/services")["data"] or []
+
+    def traces(self, service: str) -> list[dict]:
+        return self._get(f"/api/traces?service={service}&limit=1000&lookback=1h")["data"] or []
+
+    def wait_for_traces(self, service: str, predicate, timeout: float = 30.0) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        traces = []
+        while time.monotonic() < deadline:
+            if service in self.services():
+                traces = self.traces(service)
+                if predicate(traces):
+                    return traces
+            time.sleep(0.3)
+        return traces
+
+
+def jaeger_tag(span: dict, key: str):
+    return next((t["value"] for t in span.get("tags", ()) if t["key"] == key), None)
+
+
+def jaeger_parent(span: dict) -> str | None:
+    """The span id of the span's CHILD_OF parent, if any."""
+    return next((r["spanID"] for r in span.get("references", ()) if r["refType"] == "CHILD_OF"), None)
