@@ -56,8 +56,9 @@ def _tracing_options(func):
                      help="lifecycle: creation and exit only (cheapest); states: also state-change events and per-state times."),
         click.option("--allocs", type=click.Choice([m.value for m in AllocMode]), default=AllocMode.SAMPLED.value,
                      show_default=True,
-                     help="Heap allocations per goroutine: exact (a probe on every allocation; costly), sampled "
-                          "(estimates from the runtime's heap-profile samples, one per 512 KiB; cheap) or off."),
+                     help="Heap allocations per goroutine: exact (a probe on every allocation: about 1 us each), "
+                          "sampled (estimates from the runtime's heap-profile samples, one per 512 KiB, which the agent "
+                          "turns on in the target if the Go linker turned them off; not measurable) or off."),
         click.option("--max-events", type=click.IntRange(0, 100000), default=64, show_default=True,
                      help="State-change events kept per goroutine span; the rest are counted in go.goroutine.events_left_out."),
         click.option("--trace-max-spans", type=click.IntRange(1), default=1000, show_default=True,
