@@ -27,7 +27,7 @@ class ExportStats:
 
 
 class ExportPipeline:
-    def __init__(self, sink: SpanSink, max_buffered: int = 200_000, batch_size: int = 256,
+    def __init__(self, sink: SpanSink, max_buffered: int = 200_000, batch_size: int = 1024,
                  max_backoff_s: float = 5.0):
         self._sink = sink
         self._max_buffered = max_buffered

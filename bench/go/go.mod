@@ -1,0 +1,3 @@
+module otelgoroutines/bench
+
+go 1.21
