@@ -159,13 +159,13 @@ def _entry_probe(binary: GoBinary, name: str, handler: str) -> ProbePoint:
 
 def _lifecycle_probes(binary: GoBinary) -> list[ProbePoint]:
     # Creation: newproc1's RET, where RAX holds the new g with goid, startpc, gopc (and parentGoid) all set.
-    # (Up to Go 1.20 the goid is assigned after the g turns runnable, so casgstatus is too early.)
+    # (Up to Go 1.23 the goid is assigned after the g turns runnable, so casgstatus is too early.)
     newproc1 = binary.function("runtime.newproc1")
-    # From Go 1.21 the goid is assigned before newproc1's casgstatus(newg, _Gdead, _Grunnable or
+    # From Go 1.24 the goid is assigned before newproc1's casgstatus(newg, _Gdead, _Grunnable or
     # _Gwaiting): at that call RAX = the new g, complete, and RCX its first status. The kernel emulates
     # CALL (one trap) but single-steps RET (two traps: measured ~10x the cost here, bench/RESULTS.md).
     calls = disasm.call_sites(binary.code(newproc1), newproc1.entry, binary.function("runtime.casgstatus").entry) \
-        if GoVersion.parse(binary.go_version) >= GoVersion(1, 21) else []
+        if GoVersion.parse(binary.go_version) >= GoVersion(1, 24) else []
     if calls and not _naive_placement():  # the probe ignores the other call, casgstatus(fresh g, _Gidle, _Gdead)
         probes = [ProbePoint("on_goroutine_created", newproc1.name, addr, "call runtime.casgstatus",
                              "the call that makes the new g runnable (RAX = g, complete; RCX = status); call is emulated: one trap")
