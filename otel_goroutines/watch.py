@@ -71,14 +71,16 @@ class Process:
 
 
 def read_process(pid: int, proc_root: str = "/proc") -> Process | None:
-    """What /proc says about PID, or None for a process that is gone, a kernel thread, a zombie
-    or one whose executable this agent may not read."""
+    """What /proc says about PID, or None for a process that is gone, a kernel thread or a
+    zombie. PermissionError when this agent may not read its executable (no CAP_SYS_PTRACE)."""
     try:
         with open(f"{proc_root}/{pid}/stat", "rb") as f:
             stat = f.read()
         start_time = int(stat[stat.rindex(b")") + 2:].split()[19])
         exe = os.readlink(f"{proc_root}/{pid}/exe")
         st = os.stat(f"{proc_root}/{pid}/exe")
+    except PermissionError:
+        raise
     except (OSError, ValueError, IndexError):
         return None
     if exe.endswith(" (deleted)"):  # replaced on disk while running; the running copy is still there
@@ -207,7 +209,11 @@ class Watcher:
         for pid in list_pids():
             if pid in self.traced or pid in self._own_pids:
                 continue
-            proc = read_process(pid)
+            try:
+                proc = read_process(pid)
+            except PermissionError:
+                self._denied(pid)
+                continue
             if proc is None or self.decided.get(pid) == proc.key or not self.selector.matches(proc, pid_from_file):
                 continue
             self.decided[pid] = proc.key  # judged once: a PID is looked at again only as another process
@@ -254,6 +260,18 @@ class Watcher:
         self.traced[proc.pid] = Traced(proc, target, session, steps)
         self.counts["traced"] += 1
         log.info("tracing PID %d (%s, %s)", proc.pid, proc.exe, go_version)
+
+    def _denied(self, pid: int) -> None:
+        if self.decided.get(pid) == "denied":
+            return
+        self.decided[pid] = "denied"
+        self.counts["not_inspectable"] += 1
+        if not _has_capability(_CAP_SYS_PTRACE):
+            if self.counts["not_inspectable"] == 1:  # once: the cause is the agent's privileges, not the process
+                log.warning("cannot read /proc/%d/exe (permission denied): processes of other users or with more "
+                            "capabilities are invisible to this agent; give it CAP_SYS_PTRACE", pid)
+        else:  # a process even CAP_SYS_PTRACE may not inspect (an LSM, a sandbox's init)
+            log.info("cannot read /proc/%d/exe (permission denied); it is not traced", pid)
 
     # --- the loop ---------------------------------------------------------------------------
     def _step(self, pid: int) -> None:
@@ -334,6 +352,17 @@ class Watcher:
             t.session.stop()
             while pid in self.traced:
                 self._step(pid)
+
+
+_CAP_SYS_PTRACE = 19
+
+
+def _has_capability(cap: int) -> bool:
+    try:
+        with open("/proc/self/status") as status:
+            return bool(int(next(l.split()[1] for l in status if l.startswith("CapEff:")), 16) >> cap & 1)
+    except (OSError, StopIteration, ValueError):
+        return True
 
 
 def _reason(exc: Exception, pid: int) -> str:

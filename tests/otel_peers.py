@@ -2,8 +2,8 @@
 modules (tests/peers/otelcol) and Jaeger v2 (a `tool` of tests/peers/go.mod). Both come from
 one Go module, so they share one dependency graph and one compile of the collector's packages.
 
-Binaries are cached under .cache/peers/<key>/, the key being a digest of the module files and
-the Go version: a second test run builds nothing."""
+Binaries are cached under .cache/peers/<module>-<key>/, the key being a digest of the module's
+files and the Go version: a second test run builds nothing."""
 
 from __future__ import annotations
 
@@ -24,37 +24,55 @@ COLLECTOR_CONFIGS = ROOT / "collector-config"
 JAEGER_PACKAGE = "github.com/jaegertracing/jaeger/cmd/jaeger"
 
 
-def build_peers() -> dict[str, Path]:
-    """Paths of the `otelcol` and `jaeger` binaries, built once per module content and Go version."""
+def _module_files(module: Path) -> list[Path]:
+    """The files that decide what a Go module builds: go.mod, go.sum and its .go files, not
+    those of modules nested in it (tests/peers/compose is one)."""
+    nested = {p.parent for p in module.rglob("go.mod") if p.parent != module}
+    return sorted(p for p in module.rglob("*") if p.is_file() and p.suffix in (".mod", ".sum", ".go")
+                  and not any(n in p.parents for n in nested))
+
+
+def build_go_module(module: Path, targets: dict[str, str]) -> dict[str, Path]:
+    """Build each package of TARGETS (name -> package) in MODULE, once per module content and Go
+    version: .cache/peers/<module>-<digest>/<name>. Build times land in build-times.json there."""
     go = go_toolchain()
     version = subprocess.run([go, "env", "GOVERSION"], env=dict(os.environ, GOTOOLCHAIN="local"),
                              check=True, capture_output=True, text=True).stdout.strip()
     digest = hashlib.sha256(version.encode())
-    for path in sorted(PEERS_SRC.rglob("*")):
-        if path.is_file() and path.suffix in (".mod", ".sum", ".go"):
-            digest.update(path.relative_to(PEERS_SRC).as_posix().encode() + b"\0" + path.read_bytes())
-    out = PEERS_CACHE / digest.hexdigest()[:16]
-    binaries = {"otelcol": out / "otelcol", "jaeger": out / "jaeger"}
+    for path in _module_files(module):
+        digest.update(path.relative_to(module).as_posix().encode() + b"\0" + path.read_bytes())
+    out = PEERS_CACHE / f"{module.name}-{digest.hexdigest()[:16]}"
+    binaries = {name: out / name for name in targets}
     out.mkdir(parents=True, exist_ok=True)
     with open(out / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two test runs at once build once
         times = {}
         env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod", CGO_ENABLED="0")
-        for name, package in (("jaeger", JAEGER_PACKAGE), ("otelcol", "./otelcol")):
+        for name, package in targets.items():
             if binaries[name].exists():
                 continue
             started = time.monotonic()
             tmp = binaries[name].with_suffix(".tmp")
-            result = subprocess.run([go, "build", "-trimpath", "-o", str(tmp), package], cwd=PEERS_SRC, env=env,
+            result = subprocess.run([go, "build", "-trimpath", "-o", str(tmp), package], cwd=module, env=env,
                                     capture_output=True, text=True)
             if result.returncode != 0:
-                raise RuntimeError(f"building {name} failed:\n{result.stderr[-3000:]}")
+                raise RuntimeError(f"building {name} in {module} failed:\n{result.stderr[-3000:]}")
             tmp.rename(binaries[name])
             times[name] = round(time.monotonic() - started, 1)
         if times:
             (out / "build-times.json").write_text(json.dumps(times))
-            print(f"\nbuilt test peers in {out}: {times} (seconds)")
+            print(f"\nbuilt {', '.join(times)} in {out}: {times} (seconds)")
     return binaries
+
+
+def build_peers() -> dict[str, Path]:
+    """The `otelcol` and `jaeger` binaries (Jaeger first: the collector then reuses its compiled packages)."""
+    return build_go_module(PEERS_SRC, {"jaeger": JAEGER_PACKAGE, "otelcol": "./otelcol"})
+
+
+def build_compose_check() -> Path:
+    """compose-check: `docker compose config` without Docker (compose-go, the loader Compose uses)."""
+    return build_go_module(PEERS_SRC / "compose", {"compose-check": "."})["compose-check"]
 
 
 def validate_config(otelcol: Path, config: Path, env: dict | None = None) -> subprocess.CompletedProcess:
