@@ -236,6 +236,7 @@ class Session:
                         self.target.pid, exc)
             return
         self.probes.forget([g.goid for g in found if g.goid not in alive])
+        self.probes.adopt(alive, now_ns)
         self.existing_at_attach = imported
         log.info("%d goroutines existed at attach", imported)
 

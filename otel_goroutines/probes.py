@@ -208,6 +208,20 @@ class GoroutineProbes:
                 imported += 1
         return imported
 
+    def adopt(self, imported: set[int], since_ns: int) -> int:
+        """Goroutines created between the probes' attach and the import, by an imported goroutine,
+        were recorded as children of an untraced parent; make them what they would have been: the
+        children of a goroutine that existed at attach, a spawner (their own trace, linked)."""
+        table = self._bpf["goroutines"]
+        adopted = 0
+        for key, st in table.items():
+            if (key.tgid == self.pid and st.create_ns >= since_ns and st.parent_goid in imported
+                    and st.trace_reason == TraceReason.UNTRACED_PARENT and not st.flags & FLAG_EXISTED_AT_ATTACH):
+                st.parent_traced, st.trace_reason, st.parent_root_goid = 1, TraceReason.SPAWNER, st.parent_goid
+                table[key] = st  # a state change racing this write loses its accounting: a window of microseconds
+                adopted += 1
+        return adopted
+
     def forget(self, goids: list[int]) -> None:
         """Drop imported goroutines that turned out to have exited during the import."""
         table = self._bpf["goroutines"]

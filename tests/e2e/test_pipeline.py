@@ -4,7 +4,11 @@ Tempo cannot be built here: its leg of the configurations goes to rotel, a real 
 receiver, standing in for it."""
 
 import json
+import os
 import secrets
+import signal
+import subprocess
+import time
 
 import pytest
 
@@ -99,3 +103,54 @@ def test_goroutine_trees_through_the_collector(config, peers, jaeger, rotel, rec
         assert len(leaves) == 6 and {spans[jaeger_parent(s)]["operationName"] for s in leaves} == {"main.worker"}
     finally:
         collector.close()
+
+
+def test_the_compose_demo_without_docker(peers, jaeger, tmp_path):
+    """docker/compose.yaml's topology with the same parts, as processes: the demo service in its
+    long-running mode, the agent watching for it (started first, as a sidecar is), the collector
+    running the compose file's configuration, Jaeger. Each request's goroutines are a trace."""
+    from helpers import AGENT, ROOT, go_toolchain
+    demo = tmp_path / f"demo-{secrets.token_hex(4)}"  # a name only this test's agent looks for
+    subprocess.run([go_toolchain(), "build", "-o", str(demo), "."], cwd=ROOT / "demo", check=True,
+                   env=dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod", CGO_ENABLED="0"))
+    collector = Collector(peers["otelcol"], COLLECTOR_CONFIGS / "otelcol-jaeger-tempo.yaml", tmp_path / "otelcol.log",
+                          jaeger_grpc=jaeger.otlp_grpc)
+    service = demo.name
+    env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint("grpc"), OTEL_EXPORTER_OTLP_PROTOCOL="grpc",
+               OTEL_SERVICE_NAME=service)
+    log = open(tmp_path / "agent.log", "w")
+    agent = subprocess.Popen(AGENT + ["watch", "-q", "--exe-name", demo.name, "--scan-interval", "0.2"], env=env,
+                             stdout=log, stderr=subprocess.STDOUT)
+    server = None
+    try:
+        time.sleep(1.0)
+        server = subprocess.Popen([str(demo), "-serve"], stdout=subprocess.PIPE, text=True)
+        is_request = lambda trace: any(s["operationName"] == "main.handle" for s in trace["spans"])
+        traces = jaeger.wait_for_traces(service, lambda ts: sum(map(is_request, ts)) >= 20, timeout=60)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(10) == 0
+        assert "demo: handled" in server.stdout.read()
+        agent.send_signal(signal.SIGTERM)
+        assert agent.wait(30) == 0
+    finally:
+        for proc in (server, agent):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        log.close()
+        collector.close()
+    agent_log = (tmp_path / "agent.log").read_text()
+    assert f"tracing PID {server.pid}" in agent_log and "Traceback" not in agent_log
+    requests = [t for t in traces if is_request(t)]
+    assert len(requests) >= 20, f"{len(requests)} request traces in Jaeger; agent log:\n{agent_log[-2000:]}"
+    complete = 0
+    for trace in requests:
+        spans = {s["spanID"]: s for s in trace["spans"]}
+        (handle,) = [s for s in trace["spans"] if s["operationName"] == "main.handle"]
+        # Each request starts a trace of its own (main is a spawner), linked to its creator's span.
+        assert jaeger_parent(handle) is None
+        assert jaeger_tag(handle, "go.goroutine.trace_reason") in ("spawner", "untraced_parent")
+        lookups = [s for s in trace["spans"] if s["operationName"] == "main.lookup"]
+        assert all(spans[jaeger_parent(s)] is handle for s in lookups)
+        complete += len(lookups) == 3
+    assert complete >= len(requests) - 2  # the first request may have begun before the attach
