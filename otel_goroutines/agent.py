@@ -23,7 +23,7 @@ from .longlived import LongLived, LongLivedSettings
 from .metrics import GoroutineMetrics, MetricsData, MetricsSender
 from .pipeline import ExportPipeline
 from .probes import GoroutineProbes, ProbeSettings
-from .records import EndReason, StateChange
+from .records import EndReason, GoroutineRecord, StateChange, TraceReason
 from .sampling import SpanBudget
 from .spans import SpanBuilder, SpanEvent
 from .target import FORWARDED_SIGNALS, AttachedTarget, LaunchedTarget, Target
@@ -129,6 +129,7 @@ class Session:
         self._builder: SpanBuilder | None = None
         self._stop_reason: EndReason | None = None
         self._scan_now = False
+        self._imported: set[int] = set()  # goroutines that existed at attach
         self.alloc_totals = allocs.AllocTotals()  # what the exported goroutine spans hold, summed
         self.profile_rate: allocs.ProfileRate | None = None
 
@@ -187,7 +188,7 @@ class Session:
             return
         builder = self._span_builder()
         spans = []
-        for rec in records:
+        for rec in map(self._adopt, records):
             before, leak_flagged = self.long_lived.finish(rec)
             span = builder.build(rec, before)
             if leak_flagged:
@@ -206,7 +207,7 @@ class Session:
         is_runtime = lambda pc: self.symbolizer().function(pc).startswith("runtime.")
         spans = []
         for due in self.long_lived.due(self.probes.snapshot(now_ns), now_ns, is_runtime):
-            rec = due.record
+            rec = self._adopt(due.record)
             rec.changes = self.tracker.take_changes(rec.pid, rec.goid)
             before = self.long_lived.record_checkpoint(rec, now_ns)
             span = builder.checkpoint(rec, before, now_ns)
@@ -220,6 +221,15 @@ class Session:
                     span.error = "goroutine leaked (detected by the Go runtime)"
             spans.append(span)
         pipeline.submit(self.budget.select(spans))
+
+    def _adopt(self, rec: GoroutineRecord) -> GoroutineRecord:
+        """A goroutine created by an imported one while the import ran (after the probes were in
+        place) was recorded as the child of an untraced parent: make it what it would have been,
+        the child of a goroutine that existed at attach, a spawner (own trace, linked)."""
+        if rec.trace_reason is TraceReason.UNTRACED_PARENT and rec.parent_goid in self._imported \
+                and not rec.existed_at_attach:
+            rec.trace_reason, rec.parent_traced, rec.parent_root_goid = TraceReason.SPAWNER, True, rec.parent_goid
+        return rec
 
     def _import_existing(self, now_ns: int) -> None:
         """Goroutines alive at attach time get spans too, starting now."""
@@ -236,7 +246,7 @@ class Session:
                         self.target.pid, exc)
             return
         self.probes.forget([g.goid for g in found if g.goid not in alive])
-        self.probes.adopt(alive, now_ns)
+        self._imported = alive
         self.existing_at_attach = imported
         log.info("%d goroutines existed at attach", imported)
 
@@ -307,9 +317,8 @@ class Session:
             self.probes.attach(self._on_change, self.tracker.on_end, self._on_process_exit, self._enable_heap_sampling)
             log.info("attached %d probes to PID %d (%s, offsets from %s)", len(self.probes.probe_points),
                      self.target.pid, self.binary.go_version, self.support.offsets_source)
-            attached_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             if isinstance(self.target, AttachedTarget):
-                self._import_existing(attached_ns)
+                self._import_existing(self.probes.attached_ns)
                 self._enable_heap_sampling()  # the runtime has long initialised
             self.target.start()
             yield

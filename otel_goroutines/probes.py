@@ -11,6 +11,7 @@ import ctypes as ct
 import io
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -148,6 +149,7 @@ class GoroutineProbes:
             weights = self._bpf["alloc_weights"]
             for i, hq in enumerate(allocs.weight_table()):
                 weights[ct.c_int(i)] = ct.c_uint32(hq)
+        self.attached_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # from here on, goroutines are seen
         try:
             for point in self.probe_points:
                 self._bpf.attach_uprobe(name=self.exe_path, addr=point.address, fn_name=point.handler, pid=self.pid)
@@ -207,20 +209,6 @@ class GoroutineProbes:
             if lib.bpf_update_elem(table.map_fd, ct.byref(key), ct.byref(st), _BPF_NOEXIST) == 0:
                 imported += 1
         return imported
-
-    def adopt(self, imported: set[int], since_ns: int) -> int:
-        """Goroutines created between the probes' attach and the import, by an imported goroutine,
-        were recorded as children of an untraced parent; make them what they would have been: the
-        children of a goroutine that existed at attach, a spawner (their own trace, linked)."""
-        table = self._bpf["goroutines"]
-        adopted = 0
-        for key, st in table.items():
-            if (key.tgid == self.pid and st.create_ns >= since_ns and st.parent_goid in imported
-                    and st.trace_reason == TraceReason.UNTRACED_PARENT and not st.flags & FLAG_EXISTED_AT_ATTACH):
-                st.parent_traced, st.trace_reason, st.parent_root_goid = 1, TraceReason.SPAWNER, st.parent_goid
-                table[key] = st  # a state change racing this write loses its accounting: a window of microseconds
-                adopted += 1
-        return adopted
 
     def forget(self, goids: list[int]) -> None:
         """Drop imported goroutines that turned out to have exited during the import."""

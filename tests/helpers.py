@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROGRAMS = ROOT / "tests" / "programs"
 CACHE = ROOT / ".cache" / "test-binaries"
 AGENT = [str(ROOT / ".venv" / "bin" / "otel-goroutines")] if (ROOT / ".venv" / "bin" / "otel-goroutines").exists() \
-    else [sys.executable, "-m", "otel_goroutines.cli"]
+    else [sys.executable, "-m", "otel_goroutines"]
 
 
 def go_toolchain() -> str:

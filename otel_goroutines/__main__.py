@@ -1,0 +1,5 @@
+"""`python -m otel_goroutines`: the otel-goroutines command."""
+
+from .cli import main
+
+main()
