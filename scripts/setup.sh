@@ -38,6 +38,15 @@ if ! mountpoint -q /sys/kernel/tracing 2>/dev/null; then
   mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null && say "mounted tracefs" || say "could not mount tracefs (uprobes still work)"
 fi
 
+# --- caches shared by every clone on this machine -------------------------------------
+# Toolchains, test binaries and the collector/Jaeger builds live in .cache; pointing it at a
+# machine-wide folder lets a fresh clone (CI) reuse what an earlier run fetched and built.
+if [ ! -e .cache ]; then
+  shared="${OTEL_GOROUTINES_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/otel-goroutines}"
+  mkdir -p "$shared"
+  ln -s "$shared" .cache
+fi
+
 # --- the venv --------------------------------------------------------------------------
 if [ ! -x .venv/bin/python ]; then
   say "creating .venv"
