@@ -161,7 +161,8 @@ def attach(pid, **kwargs):
 @_one_line_errors
 def watch(exe_name, exe_path, pid_file, scan_interval, health_file, shutdown_timeout, **kwargs):
     """Trace every Go process that matches a selector (all Go processes without one), including
-    processes that start or restart later; stop on SIGTERM/SIGINT. How a sidecar finds its service."""
+    processes that start or restart later; stop on SIGTERM/SIGINT. How a sidecar finds its service.
+    With --exporter file, each process gets a file of its own: --output with its PID before the extension."""
     options = _options(**kwargs)
     check_privileges()
     watch_log = logging.getLogger("otel_goroutines.watch")

@@ -176,7 +176,7 @@ class Watcher:
         self.counts: Counter = Counter()       # traced, ended, skipped_not_go, skipped_unsupported, failed
         self._stopping = False
         self._pid_file_note: str | None = None
-        self._own_pids = {os.getpid(), os.getppid()}
+        self._own_pids = {os.getpid()}
 
     # --- discovery ------------------------------------------------------------------------
     def _pid_from_file(self) -> int | None:
@@ -236,8 +236,11 @@ class Watcher:
         except AgentError as exc:
             log.info("PID %d (%s) is gone before it could be traced: %s", proc.pid, proc.exe, exc)
             return
-        options = dataclasses.replace(self.options, export=dataclasses.replace(self.options.export),
-                                      quiet=True, poll_interval_ms=self.poll_ms)
+        export = dataclasses.replace(self.options.export)
+        if export.output and export.exporter in ("file", "console"):  # one file per process: spans.jsonl -> spans.PID.jsonl
+            root, ext = os.path.splitext(export.output)
+            export.output = f"{root}.{proc.pid}{ext}"
+        options = dataclasses.replace(self.options, export=export, quiet=True, poll_interval_ms=self.poll_ms)
         try:
             session = Session(target, options)
             steps = session.steps(handle_signals=False)

@@ -268,7 +268,7 @@ def test_the_granted_capabilities_are_enough(service_of_another_user, tmp_path, 
             agent.kill()
     text = log()
     assert "Traceback" not in text and "WARNING" not in text, text  # nothing degraded
-    spans = spans_from_otlp_json(tmp_path / "spans.jsonl")
+    spans = spans_from_otlp_json(tmp_path / f"spans.{service.pid}.jsonl")  # watch writes a file per process
     assert {s.resource["process.pid"] for s in spans} == {service.pid}
     ticks = [s for s in spans if s.name == "main.tick"]
     assert len(ticks) >= 30
