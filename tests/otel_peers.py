@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -51,6 +52,8 @@ def build_go_module(module: Path, targets: dict[str, str]) -> dict[str, Path]:
         for name, package in targets.items():
             if binaries[name].exists():
                 continue
+            # Past pytest's capture: a first build of Jaeger is minutes of silence otherwise.
+            print(f"\nbuilding test peer {name} ({package}) into {out}: once, minutes for Jaeger", file=sys.__stderr__, flush=True)
             started = time.monotonic()
             tmp = binaries[name].with_suffix(".tmp")
             result = subprocess.run([go, "build", "-trimpath", "-o", str(tmp), package], cwd=module, env=env,
@@ -61,7 +64,7 @@ def build_go_module(module: Path, targets: dict[str, str]) -> dict[str, Path]:
             times[name] = round(time.monotonic() - started, 1)
         if times:
             (out / "build-times.json").write_text(json.dumps(times))
-            print(f"\nbuilt {', '.join(times)} in {out}: {times} (seconds)")
+            print(f"built {', '.join(times)} in {out}: {times} (seconds)", file=sys.__stderr__, flush=True)
     return binaries
 
 
