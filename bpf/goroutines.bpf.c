@@ -13,6 +13,19 @@
 //   ALLOC_WEIGHT_ENTRIES, ALLOC_RATE_CAP, DEFAULT_MEMPROFILERATE.
 #include <uapi/linux/ptrace.h>
 
+// PIDs as the agent numbers them. In the kernel's own PID namespace they are the kernel's; when
+// the agent runs in a PID namespace of its own (a sidecar sharing its pod's), probes.py defines
+// AGENT_PIDNS_DEV/AGENT_PIDNS_INO (its /proc/self/ns/pid) and every PID below is the one that
+// namespace gives, as in the agent's /proc. (A process of another PID namespace reads as 0.)
+#ifdef AGENT_PIDNS_INO
+static __always_inline u64 agent_pid_tgid(void) {
+    struct bpf_pidns_info ns = {};
+    bpf_get_ns_current_pid_tgid(AGENT_PIDNS_DEV, AGENT_PIDNS_INO, &ns, sizeof(ns));
+    return (u64)ns.tgid << 32 | ns.pid;
+}
+#define bpf_get_current_pid_tgid agent_pid_tgid
+#endif
+
 #define N_STATES 12
 #define G_RUNNABLE 1
 #define G_RUNNING 2

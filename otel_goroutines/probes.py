@@ -86,6 +86,22 @@ def check_privileges() -> None:
         raise AgentError("loading eBPF probes needs root (or CAP_BPF and CAP_PERFMON); run with sudo")
 
 
+_INIT_PID_NS_INO = 0xEFFFFFFC  # PROC_PID_INIT_INO: the kernel's own PID namespace
+
+
+def pid_namespace_defines(ns_path: str = "/proc/self/ns/pid") -> list[str]:
+    """In a PID namespace of its own (a sidecar sharing its pod's), the agent knows processes by
+    that namespace's PIDs and the kernel by its own: the BPF program is then told to report the
+    agent's (bpf_get_ns_current_pid_tgid), so its map keys and events match the PIDs from /proc."""
+    try:
+        st = os.stat(ns_path)
+    except OSError:
+        return []
+    if st.st_ino == _INIT_PID_NS_INO:
+        return []
+    return [f"-DAGENT_PIDNS_DEV={st.st_dev}ULL", f"-DAGENT_PIDNS_INO={st.st_ino}ULL"]
+
+
 def _record(goid: int, tgid: int, st: _GState, end_reason: EndReason) -> GoroutineRecord:
     return GoroutineRecord(
         pid=tgid, goid=goid, parent_goid=st.parent_goid, parent_traced=bool(st.parent_traced),
@@ -135,6 +151,7 @@ class GoroutineProbes:
             f"-DSPAWNER_AGE_NS={int(self.settings.spawner_age_s * 1e9)}ULL",
             "-w",
         ]
+        cflags += pid_namespace_defines()
         if self.settings.allocs is not allocs.AllocMode.OFF:
             cflags += allocs.bpf_defines() + self.support.allocs.bpf_defines(self.settings.allocs is allocs.AllocMode.SAMPLED)
         # bcc prints compiler chatter on stderr; keep it for the error message only.

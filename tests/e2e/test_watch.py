@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import AGENT, free_port
+from helpers import AGENT, free_port, spans_from_otlp_json
 
 pytestmark = pytest.mark.ebpf
 
@@ -218,3 +218,68 @@ def test_watch_with_a_pid_file(programs, rotel, receiver, tmp_path, agent_cleanu
     agent.stop(timeout=30)
     assert agent.proc.returncode == 0
     assert "Traceback" not in agent.log()
+
+
+def test_watch_inside_the_pods_pid_namespace(tmp_path, agent_cleanup):
+    """The agent in a PID namespace that is not the kernel's own, shared with the service (a pod
+    with shareProcessNamespace): the agent is PID 1 there, the service joins later (nsenter, as a
+    container of the pod), and both know it by that namespace's PID, the kernel by another. A
+    goroutine created after the attach and still blocked when the agent stops must be found in
+    the kernel's map under the PID the agent knows: it gets its span, flagged as a leak."""
+    import urllib.request
+    from helpers import build_program
+    if not shutil.which("unshare") or not shutil.which("nsenter"):
+        pytest.skip("unshare/nsenter (util-linux) missing")
+    binary = tmp_path / f"svc-{secrets.token_hex(4)}"
+    shutil.copy(build_program("service"), binary)
+    log_path = tmp_path / "agent.log"
+    log = open(log_path, "w")
+    agent = subprocess.Popen(["unshare", "--pid", "--fork", "--mount-proc", "--", *AGENT, "watch", "-q", "--exe-name", binary.name,
+                              "--scan-interval", "0.2", "--leak-after", "0.5", "--metrics-interval", "0",
+                              "--exporter", "file", "--output", str(tmp_path / "spans.jsonl")], stdout=log, stderr=subprocess.STDOUT)
+    service = None
+    try:
+        deadline = time.monotonic() + 10
+        while not Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        agent_pid = int(Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()[0])  # PID 1 inside
+        deadline = time.monotonic() + 20
+        while "watching for" not in log_path.read_text():
+            assert time.monotonic() < deadline and agent.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        ready = tmp_path / "ready"
+        service = subprocess.Popen(["nsenter", f"--target={agent_pid}", "--pid", "--mount", "--",
+                                    str(binary), str(ready), str(tmp_path / "manifest.json")])
+        deadline = time.monotonic() + 30
+        while "tracing PID" not in log_path.read_text() or not ready.exists() or not ready.read_text().strip():
+            assert time.monotonic() < deadline and agent.poll() is None, log_path.read_text()
+            time.sleep(0.1)
+        ns_pid = int(log_path.read_text().split("tracing PID ")[1].split()[0])
+        port = int(ready.read_text())
+        for path in ("/leak", "/work?id=1"):
+            urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10).read()
+        time.sleep(1.5)  # past --leak-after
+        os.kill(agent_pid, signal.SIGTERM)
+        assert agent.wait(30) == 0, log_path.read_text()
+    finally:
+        for proc in (agent, service):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        log.close()
+    text = log_path.read_text()
+    assert "Traceback" not in text, text
+    spans = spans_from_otlp_json(tmp_path / f"spans.{ns_pid}.jsonl")
+    assert {s.resource["process.pid"] for s in spans} == {ns_pid} and ns_pid != service.pid  # not the kernel's PID
+    goids = [s.attributes["go.goroutine.id"] for s in spans if not s.attributes.get("go.goroutine.partial")]
+    assert len(goids) == len(set(goids)), "a goroutine exported twice (under two PIDs)"
+    leaky = [s for s in spans if s.name == "main.leaky"]
+    assert leaky, f"the goroutine blocked at the stop has no span; log:\n{text}"
+    assert any(s.attributes.get("go.goroutine.leak_suspected") for s in leaky)
+    assert leaky[-1].attributes["go.goroutine.end_reason"] == "agent_stopped"
+    fetches = [s for s in spans if s.name == "main.fetch"]
+    assert len(fetches) == 5
+    by_span = {(s.trace_id, s.span_id): s for s in spans}
+    for fetch in fetches:  # the request's tree: each fetch under the handler's goroutine
+        assert by_span[(fetch.trace_id, fetch.parent_span_id)].name == "net/http.(*conn).serve"
