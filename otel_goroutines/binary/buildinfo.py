@@ -20,6 +20,7 @@ class BuildInfo:
     go_version: str  # as the toolchain printed it: "go1.26.8"
     settings: dict[str, str] = field(default_factory=dict)  # "-buildmode", "CGO_ENABLED", "-trimpath", ...
     main_module: str = ""
+    deps: dict[str, str] = field(default_factory=dict)  # module path -> version linked in (after any replace)
 
 
 def _uvarint(data: bytes, pos: int) -> tuple[int, int]:
@@ -67,12 +68,19 @@ def _parse_modinfo(modinfo: str) -> dict:
     if len(modinfo) >= 33 and modinfo[-17] == "\n":
         modinfo = modinfo[16:-16]
     settings: dict[str, str] = {}
+    deps: dict[str, str] = {}
     main_module = ""
+    last_dep = None
     for line in modinfo.splitlines():
         parts = line.split("\t")
         if parts[0] == "mod" and len(parts) > 1:
             main_module = parts[1]
+        elif parts[0] == "dep" and len(parts) > 2:
+            last_dep = parts[1]
+            deps[last_dep] = parts[2]
+        elif parts[0] == "=>" and len(parts) > 2 and last_dep:  # "=> path version sum": the dep above is replaced
+            deps[last_dep] = parts[2] if parts[2].startswith("v") else "(replaced by a local directory)"
         elif parts[0] == "build" and len(parts) > 1 and "=" in parts[1]:
             key, value = parts[1].split("=", 1)
             settings[key] = value
-    return {"settings": settings, "main_module": main_module}
+    return {"settings": settings, "main_module": main_module, "deps": deps}
