@@ -73,6 +73,7 @@ class RuntimeSupport:
     wait_reasons: tuple[str, ...]
     allgs_address: int | None        # runtime.allgs ([]*g), to list goroutines at attach; None if stripped
     allocs: "AllocSupport | None" = None  # heap-allocation probes (--allocs)
+    labels: "LabelSupport | None" = None  # runtime/pprof goroutine labels; None: the program cannot set any
 
     def bpf_defines(self) -> list[str]:
         return [f"-DOFF_{name.upper()}={value}" for name, value in sorted(self.offsets.items())]
@@ -95,6 +96,7 @@ def support_for(binary: GoBinary) -> RuntimeSupport:
         wait_reasons=_wait_reasons(binary, version),
         allgs_address=sym.address if (sym := binary.symbol("runtime.allgs")) else None,
         allocs=_alloc_support(binary, version),
+        labels=_label_support(binary, version),
     )
 
 
@@ -294,3 +296,38 @@ def _profile_rate_addresses(binary: GoBinary) -> tuple[int | None, int | None, s
                 if store.size == 8 and store.written and store.target in read_there:
                     return store.target, flag.target, f"disassembly of {name}"
     return None, None, "not found"
+
+
+# --- runtime/pprof goroutine labels (g.labels) --------------------------------------------------
+# pprof.SetGoroutineLabels and pprof.Do store, through runtime/pprof.runtime_setProfLabel, a pointer
+# to a labelMap in g.labels (nil: no labels); a new goroutine inherits its creator's. The labelMap is a
+# map[string]string up to Go 1.23 (g.labels points to the map variable), and from Go 1.24 a
+# struct{ list []struct{ key, value string } }. Without runtime/pprof linked in, no label can be set.
+_SET_PROF_LABEL = "runtime/pprof.runtime_setProfLabel"
+
+
+@dataclass(frozen=True)
+class LabelSupport:
+    offset: int       # of g.labels
+    layout: str       # "map" (Go <= 1.23) or "slice" (Go 1.24+)
+    source: str       # where the offset comes from
+
+    def bpf_defines(self) -> list[str]:
+        return [f"-DOFF_G_LABELS={self.offset}", "-DLABELS_MAP" if self.layout == "map" else "-DLABELS_SLICE"]
+
+
+def _label_support(binary: GoBinary, version: GoVersion) -> LabelSupport | None:
+    setter = binary.functions.by_name(_SET_PROF_LABEL)
+    if setter is None:
+        return None
+    layout = "map" if (version.major, version.minor) < (1, 24) else "slice"
+    if binary.has_dwarf:
+        offset = binary.struct_offsets({"runtime.g": ("labels",)}).get("runtime.g", {}).get("labels")
+        if offset is not None:
+            return LabelSupport(offset, layout, "DWARF")
+    # Stripped: the setter's `getg().labels = labels` stores its argument (RAX) at the field, through
+    # R14 or a copy of it (the write-barrier buffer and the stack are other stores of RAX).
+    for base, disp in disasm.register_stores(binary.code(setter), setter.entry, "rax"):
+        if base not in ("rsp", "rbp") and disp >= 64:
+            return LabelSupport(disp, layout, f"disassembly of {_SET_PROF_LABEL}")
+    return None

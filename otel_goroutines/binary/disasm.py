@@ -117,3 +117,16 @@ def data_refs(code: bytes, entry: int) -> list[DataRef]:
                 refs.append(DataRef(insn.address, insn.address + insn.size + op.mem.disp, op.size,
                                     bool(op.access & capstone.CS_AC_WRITE)))
     return refs
+
+
+def register_stores(code: bytes, entry: int, source: str) -> list[tuple[str, int]]:
+    """(base register, displacement) of each 8-byte store of register `source` ("rax") to memory,
+    in code order: how a setter names the struct field it writes."""
+    found = []
+    for insn in _decode(code, entry):
+        if insn.mnemonic != "mov" or len(insn.operands) != 2:
+            continue
+        dst, src = insn.operands
+        if dst.type == x86.X86_OP_MEM and dst.size == 8 and src.type == x86.X86_OP_REG and insn.reg_name(src.reg) == source:
+            found.append((insn.reg_name(dst.mem.base) if dst.mem.base else "", dst.mem.disp))
+    return found
