@@ -10,7 +10,10 @@
 //   trace boundaries: TRACE_MAX_SPANS, SPAWNER_CHILDREN, SPAWNER_AGE_NS;
 //   heap allocations: ALLOCS_EXACT (SPECIALIZED_MALLOC_MAX) or ALLOCS_SAMPLED (MEMPROFILERATE_ADDR,
 //   PROFILEALLOC_PROBE_ADDR), and from allocs.py ALLOC_COUNT_SHIFT, ALLOC_WEIGHT_STEPS,
-//   ALLOC_WEIGHT_ENTRIES, ALLOC_RATE_CAP, DEFAULT_MEMPROFILERATE.
+//   ALLOC_WEIGHT_ENTRIES, ALLOC_RATE_CAP, DEFAULT_MEMPROFILERATE;
+//   application spans (otel_goroutines/gosdk.py): APP_SPANS, OFF_RSPAN_SC, OFF_NRSPAN_SC, OFF_SC_TRACEID,
+//   OFF_SC_SPANID, OFF_SC_FLAGS, OFF_ITAB_TYPE, OFF_TYPE_KIND, KIND_MASK, KIND_POINTER, KIND_STRUCT;
+//   pprof labels (goruntime.py): LABELS_SLICE or LABELS_MAP, with OFF_G_LABELS.
 #include <uapi/linux/ptrace.h>
 
 // PIDs as the agent numbers them. In the kernel's own PID namespace they are the kernel's; when
@@ -36,10 +39,10 @@ static __always_inline u64 agent_pid_tgid(void) {
 #define SCHED_BUCKETS 40  // log2(ns) buckets of the time runnable before running
 
 // Why a goroutine starts a trace of its own instead of joining its creator's.
-enum trace_reason { TR_JOINS_PARENT = 0, TR_UNTRACED_PARENT = 1, TR_SPAWNER = 2, TR_TRACE_FULL = 3 };
+enum trace_reason { TR_JOINS_PARENT = 0, TR_UNTRACED_PARENT = 1, TR_SPAWNER = 2, TR_TRACE_FULL = 3, TR_APP_SPAN = 4 };
 #define FLAG_EXISTED_AT_ATTACH 1
 
-enum event_kind { EV_TRANSITION = 1, EV_END = 2, EV_PROCESS_EXIT = 3, EV_RUNTIME_INITIALISED = 4 };
+enum event_kind { EV_TRANSITION = 1, EV_END = 2, EV_PROCESS_EXIT = 3, EV_RUNTIME_INITIALISED = 4, EV_LABELS = 5 };
 enum counter {
     C_MAP_FULL = 0,        // goroutine not tracked: the map was full (its span is lost, counted)
     C_EVENTS_LOST = 1,     // transition events the ring buffer had no room for
@@ -79,6 +82,10 @@ struct gstate {
     u64 alloc_bytes;     // heap bytes it allocated (--allocs; sampled: an estimate)
     u64 alloc_count;     // heap allocations, in 1/ALLOC_COUNT_UNIT (sampled: an estimate)
     u64 alloc_samples;   // heap-profile samples the estimate rests on (sampled)
+    u8 app_trace_id[16];  // the application's trace (OpenTelemetry SDK) it is in, or links to (app_flags)
+    u8 app_span_id[8];    // its parent, the application span active on its creator; 0: its creator's span
+    u32 app_flags;        // APP_IN_TRACE, APP_LINKED, APP_SAMPLED
+    u32 app_pad;
 };
 
 struct transition_event {
@@ -180,6 +187,318 @@ static __always_inline void assign_trace(struct gkey *key, struct gstate *st, st
     trace_sizes.update(&root, &one);
 }
 
+// --- application traces (otel_goroutines/gosdk.py) and pprof labels (goruntime.py) ---
+// A goroutine created while an OpenTelemetry Go SDK span is active on its creator (the newest span
+// started there and not yet ended) joins that span's trace, as its child; goroutines it creates follow
+// it there by the usual rules. The probes on the SDK keep, per goroutine, the stack of its active spans.
+#define APP_IN_TRACE 1             // in the application's trace app_trace_id
+#define APP_LINKED 2               // starts a trace of its own, linked to its creator's place in app_trace_id
+#define APP_SAMPLED 4              // the application sampled that trace
+#define APP_ROOT_BIT (1ULL << 63)  // root_goid of goroutines in an application trace: sized per trace, not per goroutine
+enum app_counter {
+    AC_SPANS_STARTED = 0,      // application spans seen starting
+    AC_SPANS_ENDED = 1,        // ...and ending (on any goroutine)
+    AC_SPANS_DROPPED_DEEP = 2, // oldest active span forgotten: more than APP_STACK_DEPTH active on one goroutine
+    AC_STACKS_FULL = 3,        // span not followed: the per-goroutine map was full
+    AC_UNKNOWN_SPAN_TYPE = 4,  // Start returned neither a *recordingSpan nor a nonRecordingSpan
+    AC_GOROUTINES_JOINED = 5,  // goroutines created under an application span
+    AC_LABELS_SENT = 6,        // ended goroutines whose pprof labels were sent
+    AC_LABELS_LOST = 7,        // ...not sent: the ring buffer was full
+    N_APP_COUNTERS = 8,
+};
+BPF_PERCPU_ARRAY(app_counters, u64, N_APP_COUNTERS);
+
+static __always_inline void app_count(int which) {
+    u64 *value = app_counters.lookup(&which);
+    if (value)
+        (*value)++;
+}
+
+#ifdef APP_SPANS
+#define APP_STACK_DEPTH 8  // a power of two
+struct app_span {
+    u64 ptr;               // the span object: what End gets as its receiver
+    u8 trace_id[16];
+    u8 span_id[8];
+    u32 flags;             // the span's trace flags (bit 0: sampled)
+    u32 pad;
+};
+struct app_stack {
+    u32 depth;
+    u32 pad;
+    struct app_span spans[APP_STACK_DEPTH];  // oldest first
+};
+struct span_key {
+    u32 tgid;
+    u32 pad;
+    u64 ptr;
+};
+// Goroutines with active application spans (entries come and go with spans: not preallocated).
+BPF_F_TABLE("hash", struct gkey, struct app_stack, app_stacks, 65536, BPF_F_NO_PREALLOC);
+// Span object -> the goroutine it started on, so an End on another goroutine finds it.
+BPF_TABLE("lru_hash", struct span_key, u64, app_span_owner, 65536);
+BPF_PERCPU_ARRAY(app_scratch, struct app_stack, 1);
+
+// A span starts: `type` is its dynamic Go type (abi.Type), `span` its data pointer.
+static __always_inline int app_span_started(struct pt_regs *ctx, u64 type, u64 span) {
+    u8 kind = 0;
+    bpf_probe_read_user(&kind, 1, (void *)(type + OFF_TYPE_KIND));
+    u64 sc;
+    if ((kind & KIND_MASK) == KIND_POINTER)       // *recordingSpan
+        sc = span + OFF_RSPAN_SC;
+    else if ((kind & KIND_MASK) == KIND_STRUCT)   // nonRecordingSpan, boxed
+        sc = span + OFF_NRSPAN_SC;
+    else {
+        app_count(AC_UNKNOWN_SPAN_TYPE);
+        return 0;
+    }
+    struct gkey g = {.tgid = bpf_get_current_pid_tgid() >> 32, .goid = read_u64(ctx->r14 + OFF_G_GOID)};
+    if (!g.goid)
+        return 0;
+    struct app_stack *as = app_stacks.lookup(&g);
+    if (!as) {
+        u32 zero = 0;
+        struct app_stack *empty = app_scratch.lookup(&zero);
+        if (!empty)
+            return 0;
+        empty->depth = 0;
+        if (app_stacks.update(&g, empty) != 0) {
+            app_count(AC_STACKS_FULL);
+            return 0;
+        }
+        as = app_stacks.lookup(&g);
+        if (!as)
+            return 0;
+    }
+    u32 d = as->depth;
+    if (d >= APP_STACK_DEPTH) {  // forget the oldest
+#pragma unroll
+        for (int i = 0; i < APP_STACK_DEPTH - 1; i++)
+            as->spans[i] = as->spans[i + 1];
+        d = APP_STACK_DEPTH - 1;
+        app_count(AC_SPANS_DROPPED_DEEP);
+    }
+    struct app_span *top = &as->spans[d & (APP_STACK_DEPTH - 1)];
+    top->ptr = span;
+    bpf_probe_read_user(top->trace_id, 16, (void *)(sc + OFF_SC_TRACEID));
+    bpf_probe_read_user(top->span_id, 8, (void *)(sc + OFF_SC_SPANID));
+    u8 flags = 0;
+    bpf_probe_read_user(&flags, 1, (void *)(sc + OFF_SC_FLAGS));
+    top->flags = flags;
+    as->depth = d + 1;
+    struct span_key sk = {.tgid = g.tgid, .ptr = span};
+    app_span_owner.update(&sk, &g.goid);
+    app_count(AC_SPANS_STARTED);
+    return 0;
+}
+
+// At the call context.WithValue(ctx, currentSpanKey, span) in (*tracer).Start: RSI, R8 = the span as
+// an `any` (its type, its data).
+int on_app_span_start(struct pt_regs *ctx) {
+    return app_span_started(ctx, ctx->si, ctx->r8);
+}
+
+// At a RET of (*tracer).Start (when the call above is not found): RCX, RDI = the span as a trace.Span
+// (itab, data).
+int on_app_span_start_ret(struct pt_regs *ctx) {
+    return app_span_started(ctx, read_u64(ctx->cx + OFF_ITAB_TYPE), ctx->di);
+}
+
+// At the entry of (*recordingSpan).End or (*nonRecordingSpan).End: RAX = the span.
+int on_app_span_end(struct pt_regs *ctx) {
+    struct span_key sk = {.tgid = bpf_get_current_pid_tgid() >> 32, .ptr = ctx->ax};
+    u64 *owner = app_span_owner.lookup(&sk);
+    if (!owner)
+        return 0;  // started before the probes, or already ended
+    struct gkey g = {.tgid = sk.tgid, .goid = *owner};
+    app_span_owner.delete(&sk);
+    app_count(AC_SPANS_ENDED);
+    struct app_stack *as = app_stacks.lookup(&g);
+    if (!as)
+        return 0;
+    u32 d = as->depth, found = 0;
+#pragma unroll
+    for (int i = 0; i < APP_STACK_DEPTH; i++) {  // remove it, keeping the others in order
+        if (i >= d)
+            break;
+        if (as->spans[i].ptr == sk.ptr)
+            found = 1;
+        if (found && i + 1 < APP_STACK_DEPTH)
+            as->spans[i] = as->spans[i + 1];
+    }
+    if (found)
+        as->depth = d - 1;
+    if (as->depth == 0)
+        app_stacks.delete(&g);
+    return 0;
+}
+
+// Puts a goroutine whose creator has an active application span into that span's trace, under it;
+// returns 0 when the creator has none. Such a goroutine is the child of the application's span
+// whatever its creator is (an accept loop, a pool); the trace cap counts per application trace.
+static __always_inline int join_app_span(struct gkey *key, struct gstate *st, struct gstate *parent) {
+    struct gkey creator = {.tgid = key->tgid, .goid = st->parent_goid};
+    struct app_stack *as = app_stacks.lookup(&creator);
+    if (!as)
+        return 0;
+    u32 d = as->depth;
+    if (d == 0 || d > APP_STACK_DEPTH)
+        return 0;
+    struct app_span *span = &as->spans[(d - 1) & (APP_STACK_DEPTH - 1)];
+    __builtin_memcpy(st->app_trace_id, span->trace_id, 16);
+    __builtin_memcpy(st->app_span_id, span->span_id, 8);
+    u32 sampled = span->flags & 1 ? APP_SAMPLED : 0;
+    if (parent)
+        parent->children++;
+    u64 low = 0;
+    __builtin_memcpy(&low, st->app_trace_id + 8, 8);
+    struct gkey root = {.tgid = key->tgid, .goid = APP_ROOT_BIT | low};
+    u32 one = 1, *size = trace_sizes.lookup(&root);
+    if (size && *size >= TRACE_MAX_SPANS) {  // a trace of its own, linked to the application's span
+        st->trace_reason = TR_TRACE_FULL;
+        st->app_flags = APP_LINKED | sampled;
+        st->root_goid = key->goid;
+        root.goid = key->goid;
+        trace_sizes.update(&root, &one);
+        return 1;
+    }
+    st->trace_reason = TR_APP_SPAN;
+    st->app_flags = APP_IN_TRACE | sampled;
+    st->root_goid = root.goid;
+    if (size)
+        __sync_fetch_and_add(size, 1);
+    else
+        trace_sizes.update(&root, &one);
+    app_count(AC_GOROUTINES_JOINED);
+    return 1;
+}
+
+// A goroutine created with no application span active follows its creator: into the application's
+// trace when it joins its creator's trace, else (spawner, full trace) linked to it.
+static __always_inline void follow_app_trace(struct gstate *st, struct gstate *parent) {
+    if (!parent || !(parent->app_flags & APP_IN_TRACE))
+        return;
+    __builtin_memcpy(st->app_trace_id, parent->app_trace_id, 16);
+    st->app_flags = (st->trace_reason == TR_JOINS_PARENT ? APP_IN_TRACE : APP_LINKED) | (parent->app_flags & APP_SAMPLED);
+}
+#endif
+
+// Which trace a new goroutine is in: an application span's, else by the trace boundaries.
+static __always_inline void place_in_trace(struct gkey *key, struct gstate *st, struct gstate *parent, u64 now) {
+#ifdef APP_SPANS
+    if (join_app_span(key, st, parent))
+        return;
+#endif
+    assign_trace(key, st, parent, now);
+#ifdef APP_SPANS
+    follow_app_trace(st, parent);
+#endif
+}
+
+#if defined(LABELS_SLICE) || defined(LABELS_MAP)
+// runtime/pprof goroutine labels: g.labels points to a labelMap, a map[string]string up to Go 1.23
+// (the pointer is to the map variable), a struct{ []struct{key, value string} } from Go 1.24.
+#define MAX_LABELS 8
+#define LABEL_KEY_MAX 32
+#define LABEL_VALUE_MAX 64
+struct label {
+    u16 key_len;    // the full lengths; the bytes kept are truncated to the buffers
+    u16 value_len;
+    u8 key[LABEL_KEY_MAX];
+    u8 value[LABEL_VALUE_MAX];
+};
+struct labels_event {
+    u32 kind;
+    u32 tgid;
+    u64 goid;
+    u32 count;      // labels sent
+    u32 total;      // labels the goroutine had
+    struct label labels[MAX_LABELS];
+};
+
+static __always_inline void read_label(struct label *l, u64 header) {
+    u64 s[4] = {};  // key ptr, key len, value ptr, value len
+    bpf_probe_read_user(s, sizeof(s), (void *)header);
+    l->key_len = s[1] > 0xffff ? 0xffff : s[1];
+    l->value_len = s[3] > 0xffff ? 0xffff : s[3];
+    u32 n = s[1] < LABEL_KEY_MAX ? s[1] : LABEL_KEY_MAX;
+    bpf_probe_read_user(l->key, n & (2 * LABEL_KEY_MAX - 1), (void *)s[0]);
+    n = s[3] < LABEL_VALUE_MAX ? s[3] : LABEL_VALUE_MAX;
+    bpf_probe_read_user(l->value, n & (2 * LABEL_VALUE_MAX - 1), (void *)s[2]);
+}
+
+// Sends the labels of goroutine gp, if it has any, ahead of its end record.
+static __always_inline void send_labels(struct gkey *key, u64 gp) {
+    u64 labels = 0;
+    bpf_probe_read_user(&labels, sizeof(labels), (void *)(gp + OFF_G_LABELS));
+    if (!labels)
+        return;
+    struct labels_event *ev = events.ringbuf_reserve(sizeof(struct labels_event));
+    if (!ev) {
+        app_count(AC_LABELS_LOST);
+        return;
+    }
+    ev->kind = EV_LABELS;
+    ev->tgid = key->tgid;
+    ev->goid = key->goid;
+    u32 count = 0;
+#ifdef LABELS_SLICE
+    u64 list[2] = {};  // data pointer, length
+    bpf_probe_read_user(list, sizeof(list), (void *)labels);
+    ev->total = list[1];
+#pragma unroll
+    for (int i = 0; i < MAX_LABELS; i++) {
+        if (i >= list[1])
+            break;
+        read_label(&ev->labels[i], list[0] + 32 * i);
+        count++;
+    }
+#else
+    // hmap: count at 0, B at 9, buckets at 16. A labelMap is filled once, up to 8 entries in one
+    // bucket (B = 0): tophash[8], then 8 string keys, then 8 string values. Larger maps are counted only.
+    u64 h = read_u64(labels);
+    u64 hdr[3] = {};
+    if (h)
+        bpf_probe_read_user(hdr, sizeof(hdr), (void *)h);
+    ev->total = hdr[0];
+    u8 b = hdr[1] >> 8;
+    u8 tophash[8] = {};
+    if (b == 0 && hdr[2])
+        bpf_probe_read_user(tophash, sizeof(tophash), (void *)hdr[2]);
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        if (tophash[i] < 5)  // empty (minTopHash = 5)
+            continue;
+        u64 s[4] = {};
+        bpf_probe_read_user(&s[0], 16, (void *)(hdr[2] + 8 + 16 * i));
+        bpf_probe_read_user(&s[2], 16, (void *)(hdr[2] + 8 + 128 + 16 * i));
+        struct label *l = &ev->labels[count & (MAX_LABELS - 1)];
+        l->key_len = s[1] > 0xffff ? 0xffff : s[1];
+        l->value_len = s[3] > 0xffff ? 0xffff : s[3];
+        u32 n = s[1] < LABEL_KEY_MAX ? s[1] : LABEL_KEY_MAX;
+        bpf_probe_read_user(l->key, n & (2 * LABEL_KEY_MAX - 1), (void *)s[0]);
+        n = s[3] < LABEL_VALUE_MAX ? s[3] : LABEL_VALUE_MAX;
+        bpf_probe_read_user(l->value, n & (2 * LABEL_VALUE_MAX - 1), (void *)s[2]);
+        count++;
+    }
+#endif
+    ev->count = count;
+    events.ringbuf_submit(ev, 0);
+    app_count(AC_LABELS_SENT);
+}
+#endif
+
+// A goroutine ends: forget its active application spans; send its pprof labels (if it is tracked).
+static __always_inline void app_goroutine_ended(struct gkey *key, u64 gp, int tracked) {
+#ifdef APP_SPANS
+    app_stacks.delete(key);
+#endif
+#if defined(LABELS_SLICE) || defined(LABELS_MAP)
+    if (tracked)
+        send_labels(key, gp);
+#endif
+}
+
 static __always_inline u32 state_index(u32 status) {
     status &= ~G_SCAN;
     return status < N_STATES ? status : 0;
@@ -215,7 +534,7 @@ int on_goroutine_created(struct pt_regs *ctx) {
     struct gkey parent = {.tgid = key.tgid, .goid = st.parent_goid};
     struct gstate *parent_st = goroutines.lookup(&parent);
     st.parent_traced = parent_st != NULL;
-    assign_trace(&key, &st, parent_st, now);
+    place_in_trace(&key, &st, parent_st, now);
     count(C_CREATED);
     count_start(st.start_pc, 0);
     if (goroutines.update(&key, &st) != 0)
@@ -230,6 +549,7 @@ int on_goroutine_exit(struct pt_regs *ctx) {
     u64 now = bpf_ktime_get_ns();
     struct gkey key = {.tgid = bpf_get_current_pid_tgid() >> 32, .goid = read_u64(ctx->ax + OFF_G_GOID)};
     struct gstate *st = goroutines.lookup(&key);
+    app_goroutine_ended(&key, ctx->ax, st != NULL);
     if (!st) {
         count(C_UNTRACKED_EXIT);
         return 0;

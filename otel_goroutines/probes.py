@@ -19,12 +19,16 @@ from typing import Callable
 from . import allocs
 from .errors import AgentError
 from .goruntime import N_STATES, ProbePoint, RuntimeSupport
+from .gosdk import SdkSupport
 from .target_memory import ExistingGoroutine
 from .records import EndReason, GoroutineRecord, StateChange, TraceReason
 
 BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "goroutines.bpf.c"
 
-EV_TRANSITION, EV_END, EV_PROCESS_EXIT, EV_RUNTIME_INITIALISED = 1, 2, 3, 4
+EV_TRANSITION, EV_END, EV_PROCESS_EXIT, EV_RUNTIME_INITIALISED, EV_LABELS = 1, 2, 3, 4, 5
+APP_COUNTER_NAMES = ("app_spans_started", "app_spans_ended", "app_spans_forgotten_too_deep", "app_spans_not_followed_map_full",
+                     "app_spans_of_unknown_type", "goroutines_under_app_spans", "goroutines_with_labels",
+                     "labels_lost_ringbuf")
 COUNTER_NAMES = ("goroutines_untracked_map_full", "state_events_lost_ringbuf", "ends_deferred_ringbuf",
                  "exits_of_untraced_goroutines", "target_memory_read_errors", "goroutines_created")
 
@@ -42,7 +46,9 @@ class _GState(ct.Structure):
                 ("parent_root_goid", ct.c_uint64),
                 ("children", ct.c_uint32), ("trace_reason", ct.c_uint32), ("flags", ct.c_uint32),
                 ("waitreason", ct.c_uint32),
-                ("alloc_bytes", ct.c_uint64), ("alloc_count", ct.c_uint64), ("alloc_samples", ct.c_uint64)]
+                ("alloc_bytes", ct.c_uint64), ("alloc_count", ct.c_uint64), ("alloc_samples", ct.c_uint64),
+                ("app_trace_id", ct.c_uint8 * 16), ("app_span_id", ct.c_uint8 * 8), ("app_flags", ct.c_uint32),
+                ("app_pad", ct.c_uint32)]
 
 
 class _GKey(ct.Structure):
@@ -62,6 +68,28 @@ class _EndEvent(ct.Structure):
     _fields_ = _Header._fields_ + [("st", _GState)]
 
 
+_MAX_LABELS, _LABEL_KEY_MAX, _LABEL_VALUE_MAX = 8, 32, 64  # as in the BPF program
+
+
+class _Label(ct.Structure):
+    _fields_ = [("key_len", ct.c_uint16), ("value_len", ct.c_uint16), ("key", ct.c_uint8 * _LABEL_KEY_MAX),
+                ("value", ct.c_uint8 * _LABEL_VALUE_MAX)]
+
+
+class _LabelsEvent(ct.Structure):
+    _fields_ = _Header._fields_ + [("count", ct.c_uint32), ("total", ct.c_uint32), ("labels", _Label * _MAX_LABELS)]
+
+
+def _labels(ev: _LabelsEvent) -> dict[str, str]:
+    """A goroutine's pprof labels (the first 8); keys and values cut to the kernel's buffers end in "..."."""
+    out = {}
+    for label in ev.labels[:min(ev.count, _MAX_LABELS)]:
+        key = bytes(label.key[:min(label.key_len, _LABEL_KEY_MAX)]).decode("utf-8", "replace")
+        value = bytes(label.value[:min(label.value_len, _LABEL_VALUE_MAX)]).decode("utf-8", "replace")
+        out[key + ("..." if label.key_len > _LABEL_KEY_MAX else "")] = value + ("..." if label.value_len > _LABEL_VALUE_MAX else "")
+    return out
+
+
 @dataclass(frozen=True)
 class ProbeSettings:
     states: bool = True            # probe casgstatus for state events and per-state times
@@ -72,6 +100,8 @@ class ProbeSettings:
     spawner_children: int = 16     # a creator with more children than this is a spawner...
     spawner_age_s: float = 1.0     # ...and so is one older than this: their children start traces
     allocs: allocs.AllocMode = allocs.AllocMode.OFF  # heap allocations per goroutine: exact, sampled or off
+    app_traces: bool = True        # follow the application's OpenTelemetry SDK spans (when the target has the SDK)
+    labels: bool = True            # send the runtime/pprof labels of ended goroutines
 
 
 def check_privileges() -> None:
@@ -110,7 +140,9 @@ def _record(goid: int, tgid: int, st: _GState, end_reason: EndReason) -> Gorouti
         end_reason=end_reason, root_goid=st.root_goid, parent_root_goid=st.parent_root_goid, trace_reason=TraceReason(st.trace_reason),
         existed_at_attach=bool(st.flags & FLAG_EXISTED_AT_ATTACH), status=st.status, wait_reason=st.waitreason,
         since_ns=st.last_ns, alloc_bytes=st.alloc_bytes,
-        alloc_count=(st.alloc_count + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT, alloc_samples=st.alloc_samples)
+        alloc_count=(st.alloc_count + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT, alloc_samples=st.alloc_samples,
+        app_trace_id=int.from_bytes(bytes(st.app_trace_id), "big"), app_span_id=int.from_bytes(bytes(st.app_span_id), "big"),
+        app_flags=st.app_flags)
 
 
 def _ended(rec: GoroutineRecord, now_ns: int, reason: EndReason) -> GoroutineRecord:
@@ -122,8 +154,12 @@ def _ended(rec: GoroutineRecord, now_ns: int, reason: EndReason) -> GoroutineRec
 class GoroutineProbes:
     """The probes of one traced process, from attach to close."""
 
-    def __init__(self, support: RuntimeSupport, exe_path: str, pid: int, settings: ProbeSettings):
+    def __init__(self, support: RuntimeSupport, exe_path: str, pid: int, settings: ProbeSettings,
+                 sdk: SdkSupport | None = None):
         self.support = support
+        self.sdk = sdk if settings.app_traces else None  # the application's OpenTelemetry SDK, when followed
+        self.labels = support.labels if settings.labels else None
+        self._labels_of: dict[tuple[int, int], dict[str, str]] = {}  # labels sent ahead of their goroutine's end
         self.exe_path = exe_path
         self.pid = pid
         self.settings = settings
@@ -134,6 +170,8 @@ class GoroutineProbes:
             self.probe_points += support.allocs.exact_probes
         elif settings.allocs is allocs.AllocMode.SAMPLED:
             self.probe_points += support.allocs.sampled_probes
+        if self.sdk is not None:
+            self.probe_points += self.sdk.probes
         self._bpf = None
 
     def attach(self, on_change: Callable[[int, int, StateChange], None], on_end: Callable[[GoroutineRecord], None],
@@ -154,6 +192,10 @@ class GoroutineProbes:
         cflags += pid_namespace_defines()
         if self.settings.allocs is not allocs.AllocMode.OFF:
             cflags += allocs.bpf_defines() + self.support.allocs.bpf_defines(self.settings.allocs is allocs.AllocMode.SAMPLED)
+        if self.sdk is not None:
+            cflags += self.sdk.bpf_defines()
+        if self.labels is not None:
+            cflags += self.labels.bpf_defines()
         # bcc prints compiler chatter on stderr; keep it for the error message only.
         try:
             with _captured_stderr() as chatter:
@@ -181,7 +223,10 @@ class GoroutineProbes:
                 on_change(ev.tgid, ev.goid, StateChange(ev.ts, ev.from_state, ev.to_state, ev.waitreason))
             elif header.kind == EV_END:
                 ev = ct.cast(data, ct.POINTER(_EndEvent)).contents
-                on_end(_record(ev.goid, ev.tgid, ev.st, EndReason.EXITED))
+                on_end(self._with_labels(_record(ev.goid, ev.tgid, ev.st, EndReason.EXITED)))
+            elif header.kind == EV_LABELS:
+                ev = ct.cast(data, ct.POINTER(_LabelsEvent)).contents
+                self._labels_of[(ev.tgid, ev.goid)] = _labels(ev)
             elif header.kind == EV_PROCESS_EXIT:
                 on_process_exit(header.tgid)
             elif header.kind == EV_RUNTIME_INITIALISED:
@@ -198,7 +243,12 @@ class GoroutineProbes:
     def remaining(self, now_ns: int, reason: EndReason) -> list[GoroutineRecord]:
         """Records still in the kernel map: goroutines alive now (ended at now_ns), and finished
         goroutines whose end record found the ring buffer full (with their real end time)."""
-        return [rec if rec.end_ns else _ended(rec, now_ns, reason) for rec in self.snapshot(now_ns, include_ended=True)]
+        return [self._with_labels(rec if rec.end_ns else _ended(rec, now_ns, reason))
+                for rec in self.snapshot(now_ns, include_ended=True)]
+
+    def _with_labels(self, rec: GoroutineRecord) -> GoroutineRecord:
+        rec.labels = self._labels_of.pop((rec.pid, rec.goid), rec.labels)
+        return rec
 
     def snapshot(self, now_ns: int, include_ended: bool = False) -> list[GoroutineRecord]:
         """The goroutines in the kernel map now, per-state times counted up to now_ns."""
@@ -272,6 +322,11 @@ class GoroutineProbes:
     def counters(self) -> dict[str, int]:
         values = self._bpf["counters"]
         return {name: sum(values[ct.c_int(i)]) for i, name in enumerate(COUNTER_NAMES)}
+
+    def app_counters(self) -> dict[str, int]:
+        """Application spans followed, goroutines put under them, pprof labels sent (and what was lost)."""
+        values = self._bpf["app_counters"]
+        return {name: sum(values[ct.c_int(i)]) for i, name in enumerate(APP_COUNTER_NAMES)}
 
     def close(self) -> None:
         if self._bpf is not None:

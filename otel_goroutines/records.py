@@ -18,6 +18,7 @@ class TraceReason(int, Enum):
     UNTRACED_PARENT = 1   # the creator has no span (it predates the probes)
     SPAWNER = 2           # the creator is a long-lived or prolific spawner: accept loop, dispatcher, pool
     TRACE_FULL = 3        # the creator's trace reached its span cap
+    APP_SPAN = 4          # created under an application span: in the application's trace, its child
 
 
 @dataclass(slots=True)
@@ -52,6 +53,10 @@ class GoroutineRecord:
     alloc_bytes: int = 0             # heap bytes it allocated (--allocs; sampled: an estimate)
     alloc_count: int = 0             # heap allocations (sampled: an estimate)
     alloc_samples: int = 0           # heap-profile samples the estimate rests on (sampled)
+    app_trace_id: int = 0            # the application's trace it is in, or links to (app_flags; gosdk.py)
+    app_span_id: int = 0             # its parent, the application span active on its creator (0: the creator's span)
+    app_flags: int = 0               # APP_IN_TRACE, APP_LINKED, APP_SAMPLED (spans.py)
+    labels: dict = field(default_factory=dict)  # runtime/pprof labels at its end
     changes: list[StateChange] = field(default_factory=list)
 
     @property

@@ -14,7 +14,10 @@ _WAITING = 4
 _TRACE_SALT = 0x5EED_0F_7A_CE_5A17   # second half of a trace id
 _HISTORY_SALT = 0x415_7041_C0DE    # traces that hold a long-lived goroutine's checkpoints
 _TRACE_REASONS = {TraceReason.UNTRACED_PARENT: "untraced_parent", TraceReason.SPAWNER: "spawner",
-                  TraceReason.TRACE_FULL: "trace_full"}
+                  TraceReason.TRACE_FULL: "trace_full", TraceReason.APP_SPAN: "application_span"}
+# GoroutineRecord.app_flags (bpf/goroutines.bpf.c): in the application's trace app_trace_id; or in a trace
+# of its own, linked to its creator there; and the application's sampling decision for that trace.
+APP_IN_TRACE, APP_LINKED, APP_SAMPLED = 1, 2, 4
 
 
 @dataclass(slots=True)
@@ -93,10 +96,12 @@ class SpanBuilder:
         if rec.trace_reason is TraceReason.JOINS_PARENT:
             span.parent_span_id = span_id_for(self.salt, rec.parent_goid)
         else:
-            if rec.trace_reason is not TraceReason.UNTRACED_PARENT:
+            if rec.trace_reason not in (TraceReason.UNTRACED_PARENT, TraceReason.APP_SPAN):
                 span.links.append(SpanLink(trace_id_for(self.salt, rec.parent_root_goid),
                                            span_id_for(self.salt, rec.parent_goid), {"go.goroutine.link": "creator"}))
             span.attributes["go.goroutine.trace_reason"] = _TRACE_REASONS[rec.trace_reason]
+        if rec.app_flags:
+            _place_in_app_trace(span, rec, span_id_for(self.salt, rec.parent_goid))
         span.attributes["go.goroutine.end_reason"] = rec.end_reason.value
         if rec.end_reason is not EndReason.EXITED:
             span.attributes["go.goroutine.alive_at_end"] = True
@@ -130,6 +135,8 @@ class SpanBuilder:
                 attrs["code.line.number"] = site[2]
         if rec.existed_at_attach:
             attrs["go.goroutine.existed_at_attach"] = True
+        for key, value in rec.labels.items():
+            attrs[f"go.goroutine.label.{key}"] = value
         if self.states_traced:
             previous = before.state_ns if before else (0,) * len(rec.state_ns)
             for state, (ns, earlier) in enumerate(zip(rec.state_ns, previous)):
@@ -159,3 +166,21 @@ class SpanBuilder:
             links.append(SpanLink(trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid),
                                   checkpoint_span_id(self.salt, rec.goid, before.count), {"go.goroutine.link": "previous_checkpoint"}))
         return GoroutineSpan(0, 0, None, name, start_ns + offset, end_ns + offset, attrs, events, links)
+
+
+def _place_in_app_trace(span: GoroutineSpan, rec: GoroutineRecord, creator_span_id: int) -> None:
+    """A goroutine created under an application span is in the application's trace, the child of that
+    span (app_span_id), or of its creator's span when it followed its creator there; one cut from such a
+    trace (spawner, full trace) links to its creator's place in it."""
+    if rec.app_flags & APP_IN_TRACE:
+        span.trace_id = rec.app_trace_id
+        span.parent_span_id = rec.app_span_id or creator_span_id
+    elif rec.app_flags & APP_LINKED and span.links:
+        creator = span.links[-1]
+        creator.trace_id = rec.app_trace_id
+        creator.span_id = rec.app_span_id or creator_span_id
+
+
+def app_unsampled(rec: GoroutineRecord) -> bool:
+    """In an application trace the application chose not to sample."""
+    return bool(rec.app_flags & APP_IN_TRACE) and not rec.app_flags & APP_SAMPLED
