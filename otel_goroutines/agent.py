@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
-from . import __version__, allocs, goruntime, target_memory
+from . import __version__, allocs, goruntime, gosdk, target_memory
 from .binary.gobinary import GoBinary
 from .binary.symbolize import Symbolizer
 from .errors import AgentError
@@ -25,7 +25,7 @@ from .pipeline import ExportPipeline
 from .probes import GoroutineProbes, ProbeSettings
 from .records import EndReason, GoroutineRecord, StateChange, TraceReason
 from .sampling import SpanBudget
-from .spans import SpanBuilder, SpanEvent
+from .spans import SpanBuilder, SpanEvent, app_unsampled
 from .target import FORWARDED_SIGNALS, AttachedTarget, LaunchedTarget, Target
 from .tracker import GoroutineTracker, Summary
 
@@ -50,6 +50,7 @@ class AgentOptions:
     metrics_interval_s: float = 10.0  # 0: no metrics
     quiet: bool = False
     poll_interval_ms: int = 100
+    app_unsampled: str = "follow"     # goroutine spans in an application trace it did not sample: "follow" (drop) or "ignore"
 
 
 def monotonic_to_wall_offset() -> int:
@@ -121,7 +122,9 @@ class Session:
             options.probes = dataclasses.replace(options.probes, allocs=allocs.AllocMode.OFF)
         self.tracker = GoroutineTracker()
         self.summary = Summary()
-        self.probes = GoroutineProbes(self.support, target.exe_path, target.pid, options.probes)
+        self.sdk = gosdk.sdk_status(self.binary)  # the application's OpenTelemetry SDK, if any
+        self.probes = GoroutineProbes(self.support, target.exe_path, target.pid, options.probes, self.sdk.support)
+        self.app_unsampled = 0  # goroutine spans not exported: in an application trace it did not sample
         self.long_lived = LongLived(options.long_lived)
         self.budget = SpanBudget(options.spans_per_second)
         self.salt = int.from_bytes(secrets.token_bytes(8), "big")
@@ -193,7 +196,8 @@ class Session:
             span = builder.build(rec, before)
             if leak_flagged:
                 span.attributes["go.goroutine.leak_suspected"] = True
-            spans.append(span)
+            if not self._unsampled_by_app(rec):
+                spans.append(span)
             alive = rec.end_reason is not EndReason.EXITED
             self.summary.add(span.name, rec.lifetime_ns, alive)
             t = self.alloc_totals
@@ -219,8 +223,34 @@ class Session:
                                               "go.goroutine.leak.reason": due.leak}))
                 if rec.status == goruntime.G_LEAKED:
                     span.error = "goroutine leaked (detected by the Go runtime)"
-            spans.append(span)
+            if not self._unsampled_by_app(rec):
+                spans.append(span)
         pipeline.submit(self.budget.select(spans))
+
+    def _unsampled_by_app(self, rec) -> bool:
+        """The goroutine is in an application trace the application did not sample, and its spans follow
+        that decision (--app-unsampled follow): counted, not exported."""
+        if self.options.app_unsampled == "follow" and app_unsampled(rec):
+            self.app_unsampled += 1
+            return True
+        return False
+
+    def _app_summary(self, counters: dict[str, int]) -> str | None:
+        """What the application's spans and pprof labels gave, for the summary at the end."""
+        lines = []
+        if self.probes.sdk is not None:
+            lines.append(f"application spans ({gosdk.SDK_MODULE} {self.sdk.version}): {counters['app_spans_started']} followed, "
+                         f"{counters['goroutines_under_app_spans']} goroutines started under them")
+            if self.app_unsampled:
+                lines.append(f"({self.app_unsampled} goroutine spans not exported: their application trace was not sampled)")
+            lost = {k: v for k, v in counters.items() if v and k in ("app_spans_forgotten_too_deep", "app_spans_not_followed_map_full",
+                                                                       "app_spans_of_unknown_type")}
+            if lost:
+                lines.append("application spans degraded: " + ", ".join(f"{k}={v}" for k, v in lost.items()))
+        if counters["goroutines_with_labels"] or counters["labels_lost_ringbuf"]:
+            lines.append(f"goroutines with pprof labels: {counters['goroutines_with_labels']}"
+                         + (f" (labels_lost_ringbuf={counters['labels_lost_ringbuf']})" if counters["labels_lost_ringbuf"] else ""))
+        return "\n".join(lines) or None
 
     def _adopt(self, rec: GoroutineRecord) -> GoroutineRecord:
         """A goroutine created by an imported one while the import ran (after the probes were in
@@ -280,7 +310,7 @@ class Session:
             self.probes.schedule_latency_histogram(),
             self.long_lived.leaks_flagged,
             {"exported": stats.exported, "sampled_out": self.budget.sampled_out, "dropped": stats.dropped,
-             "untracked_map_full": counters["goroutines_untracked_map_full"]})
+             "untracked_map_full": counters["goroutines_untracked_map_full"], "app_unsampled": self.app_unsampled})
 
     # --- the run -----------------------------------------------------------------------
     def run(self) -> int:
@@ -317,6 +347,7 @@ class Session:
             self.probes.attach(self._on_change, self.tracker.on_end, self._on_process_exit, self._enable_heap_sampling)
             log.info("attached %d probes to PID %d (%s, offsets from %s)", len(self.probes.probe_points),
                      self.target.pid, self.binary.go_version, self.support.offsets_source)
+            log.info("application spans: %s", self.sdk.reason if opts.probes.app_traces else "not followed (--app-traces off)")
             if isinstance(self.target, AttachedTarget):
                 self._import_existing(self.probes.attached_ns)
                 self._enable_heap_sampling()  # the runtime has long initialised
@@ -348,6 +379,7 @@ class Session:
             losses = self.probes.counters()
             losses.pop("goroutines_created")
             elsewhere = self.probes.allocs_elsewhere()
+            app_counters = self.probes.app_counters()
         finally:
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
@@ -363,6 +395,8 @@ class Session:
         if opts.probes.allocs is not allocs.AllocMode.OFF:
             rate = f" at 1 per {self.profile_rate.rate} bytes" if self.profile_rate and self.profile_rate.rate > 1 else ""
             print(allocs.render(opts.probes.allocs, self.alloc_totals, elsewhere, rate), file=sys.stderr)
+        if (app := self._app_summary(app_counters)) is not None:
+            print(app, file=sys.stderr)
         if self.existing_at_attach:
             print(f"({self.existing_at_attach} goroutines existed at attach: their spans start at the attach)", file=sys.stderr)
         if untraced_exits:

@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from . import __version__, goruntime
+from . import __version__, goruntime, gosdk
 from .agent import AgentOptions, ExportSettings, Session
 from .allocs import AllocMode
 from .binary.gobinary import GoBinary
@@ -77,6 +77,14 @@ def _tracing_options(func):
                      help="Seconds between metric exports (OTLP, or PATH.metrics.jsonl beside --output; 0: no metrics)."),
         click.option("--flush-timeout", type=click.FloatRange(0), default=10.0, show_default=True,
                      help="Seconds allowed at the end to send buffered spans."),
+        click.option("--app-traces", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
+                     help="auto: when the program uses the OpenTelemetry Go SDK, a goroutine started while one of its spans "
+                          "is active joins that span's trace, as its child; off: goroutines keep traces of their own."),
+        click.option("--app-unsampled", type=click.Choice(["follow", "ignore"]), default="follow", show_default=True,
+                     help="Goroutine spans in an application trace the application did not sample: follow its decision "
+                          "(counted, not exported) or ignore it (exported, in that trace)."),
+        click.option("--pprof-labels/--no-pprof-labels", default=True, show_default=True,
+                     help="runtime/pprof goroutine labels (read when a goroutine ends) as go.goroutine.label.<key> attributes."),
         click.option("--quiet", "-q", is_flag=True, help="No live status line."),
     ]
     for option in reversed(options):
@@ -85,7 +93,8 @@ def _tracing_options(func):
 
 
 def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, trace_max_spans, spawner_children, spawner_age,
-             checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet) -> AgentOptions:
+             checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet,
+             app_traces="auto", app_unsampled="follow", pprof_labels=True) -> AgentOptions:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
         exporter = "otlp" if (endpoint or traces_endpoint) else "file"
@@ -97,11 +106,13 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
     return AgentOptions(
         export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout),
         probes=ProbeSettings(states=detail == "states", allocs=AllocMode(allocs), max_events=max_events, trace_max_spans=trace_max_spans,
-                             spawner_children=spawner_children, spawner_age_s=spawner_age),
+                             spawner_children=spawner_children, spawner_age_s=spawner_age,
+                             app_traces=app_traces == "auto", labels=pprof_labels),
         long_lived=LongLivedSettings(checkpoint_after_s=checkpoint_after, leak_after_s=leak_after),
         spans_per_second=max_spans_per_second,
         metrics_interval_s=metrics_interval,
         quiet=quiet,
+        app_unsampled=app_unsampled,
     )
 
 
@@ -216,11 +227,19 @@ def inspect(binary, pid):
         click.echo(f"heap sampling:   runtime.MemProfileRate at {rate}, from {allocs.addresses_from}")
         if allocs.specialized_max:
             click.echo(f"                 size-specialized malloc up to {allocs.specialized_max} bytes")
+    labels = support.labels
+    click.echo(f"pprof labels:    {'runtime/pprof not linked in: the program sets none' if labels is None else f'g.labels at {labels.offset} (from {labels.source}), a labelMap as a {labels.layout}'}")
+    sdk = gosdk.sdk_status(gobin)
+    click.echo(f"OpenTelemetry:   {gosdk.SDK_MODULE} {sdk.version}" if sdk.version else "OpenTelemetry:   no Go SDK linked in")
+    click.echo(f"  correlation:   {'possible' if sdk.correlates else 'not possible'}: {sdk.reason}")
+    for name, value in sorted(sdk.support.offsets.items()) if sdk.support else ():
+        click.echo(f"  {name:<18} {value}")
     click.echo("probes:")
     for group, points in (("", support.lifecycle_probes + support.state_probes),
                           ("--allocs exact:", allocs.exact_probes if allocs else ()),
-                          ("--allocs sampled:", allocs.sampled_probes if allocs else ())):
-        if group:
+                          ("--allocs sampled:", allocs.sampled_probes if allocs else ()),
+                          ("application spans:", sdk.support.probes if sdk.support else ())):
+        if group and points:
             click.echo(f" {group}")
         for point in points:
             click.echo(f"  {point.handler:<22} {point.function}+{point.address - gobin.function(point.function).entry:<5} "
