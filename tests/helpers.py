@@ -242,3 +242,26 @@ def by_goid(spans: list[Span]) -> dict[int, Span]:
         assert goid not in out, f"goroutine {goid} exported twice"
         out[goid] = s
     return out
+
+
+APPSERVICE = PROGRAMS / "appservice"  # its own Go module: go.mod pins the newest OpenTelemetry SDK, go.sdk-*.mod older ones
+SDK_NEWEST = "v1.47.0"
+
+
+def build_appservice(sdk: str = SDK_NEWEST, go: str | None = None, flags: tuple[str, ...] = ()) -> Path:
+    """Build tests/programs/appservice against one OpenTelemetry Go SDK release, once per (its
+    sources, SDK release, toolchain, flags); its modules come from the Go module proxy."""
+    go = go or go_toolchain()
+    modfile = () if sdk == SDK_NEWEST else (f"-modfile=go.sdk-{sdk}.mod",)
+    digest = hashlib.sha256()
+    for path in sorted(p for p in APPSERVICE.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(APPSERVICE).as_posix().encode() + path.read_bytes())
+    digest.update("\0".join((go, *modfile, *flags)).encode())
+    out = CACHE / f"appservice-{digest.hexdigest()[:16]}"
+    if not out.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=readonly", CGO_ENABLED="0")
+        tmp = out.with_suffix(".tmp")
+        subprocess.run([go, "build", *modfile, *flags, "-o", str(tmp), "."], cwd=APPSERVICE, env=env, check=True)
+        tmp.rename(out)
+    return out
