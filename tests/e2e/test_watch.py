@@ -214,7 +214,7 @@ def test_watch_with_a_pid_file(programs, rotel, receiver, tmp_path, agent_cleanu
     finally:
         ticker.terminate()
         ticker.wait(10)
-    agent.wait_log(f"PID {ticker.pid} ({programs['ticker']}) exited")
+    agent.wait_log(f"PID {ticker.pid} ({os.path.realpath(programs['ticker'])}) exited")  # .cache may be a link
     agent.stop(timeout=30)
     assert agent.proc.returncode == 0
     assert "Traceback" not in agent.log()
