@@ -297,3 +297,27 @@ def test_each_capability_is_needed(service_of_another_user, tmp_path, missing, s
             agent.send_signal(signal.SIGTERM)
             agent.wait(30)
     assert "Traceback" not in log(), log()
+
+
+@pytest.mark.ebpf
+def test_entrypoint_uses_the_shipped_headers_and_runs_the_agent(programs, tmp_path):
+    """docker/entrypoint.sh for real, in a mount namespace laid out as the image is: no kernel
+    headers for this kernel under /lib/modules (an empty tmpfs, as in compose.yaml), Debian's
+    headers in /usr/src, the agent at /opt/otel-goroutines/venv. It links the headers, and the
+    agent it execs compiles its probes against them and traces a program."""
+    if not list(Path("/usr/src").glob("linux-headers-*-amd64")):
+        pytest.skip("no Debian kernel headers in /usr/src (make setup installs them)")
+    venv = ROOT / ".venv"
+    script = (f'mount -t tmpfs tmpfs /lib/modules && mount -t tmpfs tmpfs /opt && mkdir -p /opt/otel-goroutines/venv '
+              f'&& mount --bind "{venv}" /opt/otel-goroutines/venv && exec "{DOCKER / "entrypoint.sh"}" "$@"')
+    out = tmp_path / "spans.jsonl"
+    host_modules = sorted(os.listdir("/lib/modules"))
+    result = subprocess.run(["unshare", "--mount", "--", "sh", "-c", script, "sh", "run", "--exporter", "file", "--output", str(out),
+                             "--quiet", "--", str(programs["tree"]), str(tmp_path / "manifest.json")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"no kernel headers for {os.uname().release} from the host; using linux-headers-" in result.stderr
+    assert sorted(os.listdir("/lib/modules")) == host_modules  # all of it happened in its own mount namespace
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    spans = spans_from_otlp_json(out)
+    assert {g["goid"] for g in manifest["goroutines"]} <= {s.attributes["go.goroutine.id"] for s in spans}
