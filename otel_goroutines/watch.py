@@ -110,6 +110,7 @@ class HealthFile:
 
     def __init__(self, path: str):
         self.path = path
+        self._error: str | None = None
         directory = os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(directory, exist_ok=True)
@@ -122,8 +123,11 @@ class HealthFile:
             with open(tmp, "w") as f:
                 json.dump(state, f)
             os.replace(tmp, self.path)
+            self._error = None
         except OSError as exc:
-            log.warning("cannot write the health file %s: %s", self.path, exc.strerror)
+            if exc.strerror != self._error:  # once per kind of failure, not at every scan
+                log.warning("cannot write the health file %s: %s", self.path, exc.strerror)
+            self._error = exc.strerror
 
     def remove(self) -> None:
         try:
@@ -158,6 +162,7 @@ class Traced:
     target: AttachedTarget
     session: Session
     steps: object  # the session's generator
+    replaced: bool = False  # the process exec'd another program
 
 
 class Watcher:
@@ -206,6 +211,15 @@ class Watcher:
 
     def scan(self) -> None:
         pid_from_file = self._pid_from_file()
+        for pid, t in self.traced.items():  # a traced process that exec'd another program: its probes are gone
+            try:
+                now = read_process(pid)
+            except PermissionError:
+                continue
+            if now is not None and now.key != t.process.key and not t.replaced:
+                t.replaced = True
+                log.info("PID %d (%s) now runs %s: its tracing ends, and starts again if that matches", pid, t.process.exe, now.exe)
+                t.session.stop()
         for pid in list_pids():
             if pid in self.traced or pid in self._own_pids:
                 continue

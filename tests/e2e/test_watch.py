@@ -283,3 +283,35 @@ def test_watch_inside_the_pods_pid_namespace(tmp_path, agent_cleanup):
     by_span = {(s.trace_id, s.span_id): s for s in spans}
     for fetch in fetches:  # the request's tree: each fetch under the handler's goroutine
         assert by_span[(fetch.trace_id, fetch.parent_span_id)].name == "net/http.(*conn).serve"
+
+
+def test_watch_follows_an_exec(programs, tmp_path, agent_cleanup):
+    """A traced Go process that execs another Go program keeps its PID but loses its probes: the
+    agent ends that tracing and traces the new program as a new process."""
+    from helpers import build_program
+    prefix = unique_name()
+    launcher, service = tmp_path / f"{prefix}-launcher", tmp_path / f"{prefix}-service"
+    shutil.copy(build_program("execer"), launcher)
+    shutil.copy(programs["ticker"], service)
+    agent = Agent(tmp_path, "--exe-name", f"{prefix}-*", "--exporter", "file", "--output", str(tmp_path / "spans.jsonl"),
+                  "--metrics-interval", "0")
+    agent_cleanup(agent)
+    agent.wait_log("watching for")
+    proc = subprocess.Popen([str(launcher), "4s", str(service), str(tmp_path / "manifest.json"), "5s"])
+    try:
+        agent.wait_log(f"tracing PID {proc.pid} ({launcher}")
+        # The exec ends the first tracing (its other threads exit: the kernel's exit event), or
+        # the next scan sees another executable under that PID ("now runs").
+        log = agent.wait_log(f"tracing PID {proc.pid} ({service}")
+        assert f"PID {proc.pid} ({launcher}) exited" in log or f"PID {proc.pid} ({launcher}) now runs {service}" in log
+        assert proc.wait(30) == 0
+        agent.wait_log(f"PID {proc.pid} ({service}) exited")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    agent.stop(timeout=30)
+    assert "Traceback" not in agent.log()
+    spans = spans_from_otlp_json(tmp_path / f"spans.{proc.pid}.jsonl")  # the second session's file replaced the first's
+    assert {s.resource["process.executable.path"] for s in spans} == {str(service)}
+    assert len([s for s in spans if s.name == "main.tick"]) >= 50
