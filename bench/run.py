@@ -148,7 +148,8 @@ class CountingReceiver:
 class Mode:
     key: str
     label: str
-    kind: str                      # none | agent | trace | bpftrace
+    kind: str                      # none | agent | trace | bpftrace | bare (empty handlers at the agent's probe
+                                   # addresses) | paused (agent attached, then SIGSTOPped: churn only)
     agent_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
 
@@ -180,6 +181,13 @@ def all_modes(smoke: bool) -> tuple[list[Mode], list[str]]:
         Mode("entry_states", "agent states, probes on first instructions", "agent",
              ("--detail", "states", *off), ((PLACEMENT_ENV, "entry"),)),
     ]
+    modes += [
+        Mode("paused_lifecycle", "agent --detail lifecycle, its user space paused (kernel side only)", "paused",
+             ("--detail", "lifecycle", *off)),
+        Mode("bare_lifecycle", "empty handlers at lifecycle probe addresses (trap cost only)", "bare", ("lifecycle",)),
+        Mode("bare_entry_lifecycle", "empty handlers at the same functions' first instructions", "bare", ("lifecycle",),
+             ((PLACEMENT_ENV, "entry"),)),
+    ]
     if smoke:
         modes = [m for m in modes if m.key in ("none", "lifecycle", "runtime_trace")]
     return modes, todo
@@ -194,6 +202,8 @@ def wrap(mode: Mode, argv: list[str], prog_path: Path, rotel: Rotel, trace_file:
         return argv, env
     if mode.kind == "trace":
         return [*argv, "-trace", str(trace_file)], env
+    if mode.kind == "bare":
+        return [sys.executable, __file__, "--bare-probes", mode.agent_args[0], "--", *argv], env
     if mode.kind == "bpftrace":
         script = trace_file.with_suffix(".bt")
         script.write_text((BENCH / "seed.bt").read_text().replace("BIN", str(prog_path)))
@@ -215,7 +225,32 @@ def agent_losses(stderr: str) -> str:
     return found[1].strip() if found else ""
 
 
+def run_churn_paused(mode: Mode, bins, rotel, n: int) -> tuple[float, str]:
+    """The agent attached, then stopped before the program starts: what the kernel side costs
+    without the agent's user space competing for the CPU. At most 100,000 goroutines, so that the
+    ones the stopped agent cannot take stay in its map (131,072) rather than go untracked."""
+    prog = subprocess.Popen([str(bins["churn"]), "-n", str(min(n, 100_000)), "-hold"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    agent = AgentProcess(["attach", "--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc", "-q",
+                          "--flush-timeout", "1", *mode.agent_args, str(prog.pid)])
+    try:
+        agent.wait_attached(120)
+        time.sleep(0.3)
+        os.kill(agent.proc.pid, signal.SIGSTOP)
+        prog.stdin.write("go\n")
+        prog.stdin.flush()
+        out, _ = prog.communicate(timeout=300)
+    finally:
+        os.kill(agent.proc.pid, signal.SIGCONT)
+        if prog.poll() is None:
+            prog.kill()
+        res = agent.wait(300)
+    return _json_line(out, "ns_per_goroutine")["ns_per_goroutine"], res["losses"]
+
+
 def run_churn(mode: Mode, bins, rotel, n: int, tmp: Path) -> tuple[float, str]:
+    if mode.kind == "paused":
+        return run_churn_paused(mode, bins, rotel, n)
     argv = [str(bins["churn"]), "-n", str(n)]
     cmd, env = wrap(mode, argv, bins["churn"], rotel, tmp / f"churn-{mode.key}.trace")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
@@ -441,6 +476,22 @@ def export_worker(protocol: str, endpoint: str, kind: str, n: int) -> None:
                       "maxrss_mb": _rusage.getrusage(_rusage.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
+def bare_probes(detail: str, argv: list[str]) -> int:
+    """Run argv with an empty BPF handler at each address the agent would probe (lifecycle: creation
+    and exit; PROBE_PLACEMENT from the environment): what the traps alone cost."""
+    from bcc import BPF
+    from otel_goroutines import goruntime
+    from otel_goroutines.binary.gobinary import GoBinary
+    support = goruntime.support_for(GoBinary(argv[0]))
+    points = list(support.lifecycle_probes) + (list(support.state_probes) if detail == "states" else [])
+    bpf = BPF(text="int hit(void *ctx) { return 0; }")
+    for point in points:
+        bpf.attach_uprobe(name=argv[0], addr=point.address, fn_name="hit")
+    code = subprocess.run(argv).returncode
+    bpf.cleanup()
+    return code
+
+
 # --- the run -----------------------------------------------------------------------------------
 def median(xs):
     return statistics.median(xs) if xs else float("nan")
@@ -468,7 +519,17 @@ def main() -> int:
     ap.add_argument("--export-n", type=int, default=150_000, help="spans per export-path run (SDK encoder: a fifth)")
     ap.add_argument("--e2e-n", type=int, default=100_000, help="goroutines in each end-to-end agent run")
     ap.add_argument("--export-worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--bare-probes", help=argparse.SUPPRESS)
+    ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md and the plot from OUT/results.json")
+    ap.add_argument("program", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.bare_probes:
+        return bare_probes(args.bare_probes, args.program)
+    if args.render:
+        results = json.loads((args.out / "results.json").read_text())
+        (args.out / "RESULTS.md").write_text(render(results))
+        plot(results, args.out / "overhead.png")
+        return 0
     if args.export_worker:
         protocol, endpoint, kind, n = args.export_worker
         export_worker(protocol, endpoint, kind, int(n))
@@ -508,9 +569,10 @@ def main() -> int:
                         results["churn"].setdefault("agent_losses", {}).setdefault(mode.key, []).append(losses)
                     log(f"churn round {r + 1}/{args.rounds} {mode.key}: {ns:,.0f} ns/goroutine")
         if "server" in parts:
-            results["server"] = {"seconds": args.server_seconds, "conns": args.server_conns, "runs": {m.key: [] for m in modes}}
+            server_modes = [m for m in modes if m.kind not in ("bare", "paused")]
+            results["server"] = {"seconds": args.server_seconds, "conns": args.server_conns, "runs": {m.key: [] for m in server_modes}}
             for r in range(args.rounds):
-                order = modes[:]
+                order = server_modes[:]
                 rng.shuffle(order)
                 for mode in order:
                     res = run_server(mode, bins, rotel, args.server_seconds, args.server_conns, tmp)
@@ -603,8 +665,19 @@ def render(results) -> str:
                   "| mode | ns per goroutine | added ns per goroutine | ratio | runs |", "|---|---:|---:|---:|---:|"]
         for key, s in cs.items():
             lines.append(f"| {labels[key]} | {s['median_ns']:,.0f} | {s['added_ns']:,.0f} | {s['ratio']:.2f}x | {s['runs']} |")
-        for key, losses in results["churn"].get("agent_losses", {}).items():
-            lines.append(f"\nAgent-reported losses under {labels[key]} (counted, in bursts beyond what the agent drains): {'; '.join(losses)}")
+        lost = results["churn"].get("agent_losses", {})
+        if lost:
+            lines += ["", "In these bursts (200,000 goroutines in well under a second) the agent falls behind and says so: "
+                      "the runs end with `--flush-timeout 1`, so most spans are counted as not exported; the kernel side "
+                      "counts what did not fit (median per run):", ""]
+            for key, runs in lost.items():
+                counts: dict[str, list[int]] = {}
+                for text in runs:
+                    for item in text.split(", "):
+                        name, _, value = item.partition("=")
+                        if value.isdigit():
+                            counts.setdefault(name, []).append(int(value))
+                lines.append(f"- {labels[key]}: " + ", ".join(f"{k} {median(v + [0] * (len(runs) - len(v))):,.0f}" for k, v in counts.items()))
         lines.append("")
     if "server" in results:
         ss = server_summary(results)
@@ -622,11 +695,14 @@ def render(results) -> str:
         lines += ["## 3. The agent", "", "### Export path alone (ExportPipeline + OtlpSink to rotel, synthetic spans)", "",
                   "spans/s is wall-clock on the shared machine; spans per CPU-second is what one core of the exporting "
                   "process carries (the collector's CPU not included).", "",
-                  "| encoder | protocol | span shape | spans | spans/s (wall) | spans per CPU-second | received by collector | CPU / wall | peak RSS MB |",
-                  "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+                  "| encoder | protocol | span shape | spans | spans/s (wall) | spans per CPU-second | received by collector | CPU / wall |",
+                  "|---|---|---|---:|---:|---:|---:|---:|"]
         for e in ag["export"]:
             lines.append(f"| {e['encoder']} | {e['protocol']} | {e['kind']} | {e['spans']:,} | {e['spans_per_s']:,.0f} | "
-                         f"{e['spans_per_cpu_s']:,.0f} | {e['received_by_collector']:,} | {e['cpu_per_wall']:.2f} | {e['maxrss_mb']:.0f} |")
+                         f"{e['spans_per_cpu_s']:,.0f} | {e['received_by_collector']:,} | {e['cpu_per_wall']:.2f} |")
+        lines += ["", "`wire` is otlp_wire's encoder (the default), `sdk` the SDK's (`OTEL_GOROUTINES_OTLP_ENCODER=sdk`). "
+                  "Over gRPC the wall rate is bounded by rotel's answer time (about 40 ms a call here, whatever the size; "
+                  "CPU / wall shows the exporter idle), not by the agent; over HTTP the same bytes go at the CPU's pace."]
         lines.append("")
         if "end_to_end" in ag:
             lines += [f"### End to end (attach to a program that churns {ag['end_to_end'][0]['goroutines_created']:,} goroutines; "
@@ -706,7 +782,8 @@ def plot(results, path: Path) -> None:
     panels = [p for p in ("churn", "server") if p in results]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.8))
+    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5.2),
+                             gridspec_kw={"width_ratios": [1.25, 1][:len(panels)]})
     axes = [axes] if len(panels) == 1 else list(axes)
     for ax, panel in zip(axes, panels):
         if panel == "churn":
