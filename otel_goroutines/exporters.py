@@ -86,12 +86,18 @@ class OtlpSink:
         if fast and self._send is None:
             log.info("this OpenTelemetry SDK offers no way to send encoded spans; using its own (slower) encoder")
 
-    def export(self, spans: Sequence[GoroutineSpan]) -> bool:
+    def prepare(self, spans: Sequence[GoroutineSpan]) -> list:
+        """What waits in the pipeline: each span's encoding (or the span, for the SDK's encoder)."""
+        return [self._encoder.span(s) for s in spans] if self._send is not None else list(spans)
+
+    def export(self, spans: Sequence) -> bool:
+        """Export spans: GoroutineSpans, or what prepare() made of them."""
         if self._send is None:
             return self._exporter.export([to_readable(s, self._resource) for s in spans]) is SpanExportResult.SUCCESS
+        encoded = [s if isinstance(s, bytes) else self._encoder.span(s) for s in spans]
         # A batch is one request unless it encodes to more than 2 MiB; if a later part then fails,
         # the whole batch is retried and the first part's spans reach the collector twice (never lost).
-        return all(self._send(payload, count) for payload, count in self._encoder.requests(spans))
+        return all(self._send(payload, count) for payload, count in self._encoder.pack(encoded))
 
     def shutdown(self) -> None:
         self._exporter.shutdown()

@@ -195,10 +195,13 @@ class SpanEncoder:
     def requests(self, spans: Sequence[GoroutineSpan]) -> Iterator[tuple[bytes, int]]:
         """(request bytes, span count) for spans, each request at most max_request_bytes
         (unless a single span is larger)."""
+        return self.pack([self.span(s) for s in spans])
+
+    def pack(self, encoded_spans: Sequence[bytes]) -> Iterator[tuple[bytes, int]]:
+        """(request bytes, span count) for spans already encoded by span(), split as requests()."""
         batch: list[bytes] = []
         size = 0
-        for span in spans:
-            encoded = self.span(span)
+        for encoded in encoded_spans:
             if batch and size + len(encoded) > self.max_request_bytes:
                 yield self.request(batch), len(batch)
                 batch, size = [], 0

@@ -82,3 +82,16 @@ def test_requests_split_by_size_and_keep_every_span():
     assert got == [s for rs in _sdk(spans).resource_spans for ss in rs.scope_spans for s in ss.spans]
     for req in requests:
         assert req.resource_spans[0].resource == _sdk(spans[:1]).resource_spans[0].resource
+
+
+def test_otlp_sink_buffers_encoded_spans_and_sends_the_same_request():
+    from otel_goroutines.exporters import OtlpSink
+    sink = OtlpSink("http/protobuf", "http://127.0.0.1:9", RESOURCE)  # nothing is sent here
+    sent = []
+    sink._send = lambda payload, count: sent.append((payload, count)) or True
+    spans = _spans()
+    prepared = sink.prepare(spans)
+    assert all(isinstance(p, bytes) for p in prepared)
+    assert sink.export(prepared) and sink.export(spans)
+    assert sent[0] == sent[1] == next(iter(SpanEncoder(RESOURCE, SCOPE).requests(spans)))
+    sink.shutdown()
