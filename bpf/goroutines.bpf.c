@@ -599,7 +599,7 @@ int on_casgstatus(struct pt_regs *ctx) {
     st->status = state_index(to);
     st->transitions++;
     u8 reason = 0;
-    if (st->status == G_WAITING)  // gopark stored the reason in gp.waitreason before this call
+    if (st->status == G_WAITING || st->status == G_LEAKED)  // gopark stored it in gp.waitreason before this call
         bpf_probe_read_user(&reason, 1, (void *)(gp + OFF_G_WAITREASON));
     st->waitreason = reason;
     if (st->events_sent >= MAX_EVENTS && state_index(to) != G_LEAKED) {  // a leak is always reported

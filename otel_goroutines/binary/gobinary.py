@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import struct
 from dataclasses import dataclass
 from functools import cached_property
@@ -176,20 +175,6 @@ class GoBinary:
             if pos != -1:
                 return data[pos:pos + 64 * 1024]
         return None
-
-
-def executable_of(pid: int) -> str:
-    """The path through which the agent reads a process's binary, valid across mount namespaces."""
-    path = f"/proc/{pid}/exe"
-    if not os.path.exists(f"/proc/{pid}"):
-        raise UnsupportedTarget(f"no process with PID {pid}")
-    try:
-        os.stat(path)
-    except PermissionError:
-        raise UnsupportedTarget(f"not allowed to read {path}; run as root") from None
-    except OSError:
-        raise UnsupportedTarget(f"process {pid} has no executable (a kernel thread or already exiting)") from None
-    return path
 
 
 def _struct_die_by_name(dwarf, name: bytes):
