@@ -38,6 +38,8 @@ class ExportPipeline:
         self._closing = False
         self._deadline = float("inf")
         self._failing = False
+        self._in_flight = 0       # spans in the export call under way
+        self._abandoned = False   # close() gave up waiting: what is in flight is counted as dropped
         self.stats = ExportStats()
         self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
         self._thread.start()
@@ -68,7 +70,9 @@ class ExportPipeline:
             self._cond.notify()
         self._thread.join(timeout_s + 1.0)
         with self._cond:
-            self.stats.dropped += len(self._buffer)
+            # A call still hanging on the collector is not known to have delivered anything.
+            self._abandoned = True
+            self.stats.dropped += len(self._buffer) + self._in_flight
             self._buffer.clear()
         self._sink.shutdown()
         return self.stats
@@ -82,13 +86,19 @@ class ExportPipeline:
                 if not self._buffer or time.monotonic() > self._deadline:
                     return
                 batch = [self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))]
+                self._in_flight = len(batch)
             try:
                 ok = self._sink.export(batch)
             except Exception as exc:  # a sink must not kill the agent; the batch is retried
                 log.warning("span export raised %s", exc)
                 ok = False
+            with self._cond:
+                self._in_flight = 0
+                if self._abandoned:
+                    return
+                if ok:
+                    self.stats.exported += len(batch)
             if ok:
-                self.stats.exported += len(batch)
                 if self._failing:
                     log.warning("span export recovered")
                 self._failing = False

@@ -92,3 +92,19 @@ def test_a_raising_sink_does_not_kill_the_pipeline():
     pipeline = ExportPipeline(RaisingSink(), max_buffered=100, batch_size=10, max_backoff_s=0.05)
     pipeline.submit([span(1)])
     assert pipeline.close(timeout_s=0.3).dropped == 1
+
+
+class HangingSink(FlakySink):
+    """An export call that does not return in time (a collector that accepts but never answers)."""
+
+    def export(self, spans):
+        time.sleep(2)
+        return True
+
+
+def test_a_batch_still_in_flight_at_shutdown_is_counted():
+    pipeline = ExportPipeline(HangingSink(), max_buffered=100, batch_size=10, max_backoff_s=0.05)
+    pipeline.submit([span(i) for i in range(25)])
+    time.sleep(0.1)
+    stats = pipeline.close(timeout_s=0.1)
+    assert stats.exported == 0 and stats.dropped == 25
