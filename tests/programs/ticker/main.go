@@ -15,6 +15,7 @@ import (
 func tock() { time.Sleep(time.Millisecond) }
 
 func tick(n int64) {
+	m.Add(&m.Goroutine{Goid: m.Goid(), Func: "main.tick", Started: m.Now()})
 	time.Sleep(5 * time.Millisecond)
 	go tock() // site:tock
 }
