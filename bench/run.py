@@ -35,7 +35,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +42,7 @@ BENCH = ROOT / "bench"
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
-from helpers import Rotel, go_toolchain  # noqa: E402  (the test suite's collector set-up, reused)
+from helpers import OtlpHttpReceiver, Rotel, go_toolchain  # noqa: E402  (the test suite's collector set-up, reused)
 
 CACHE = ROOT / ".cache" / "bench"
 AGENT = str(ROOT / ".venv" / "bin" / "otel-goroutines")
@@ -90,56 +89,6 @@ def build_programs(go: str, names: tuple[str, ...]) -> dict[str, Path]:
             out.with_suffix(".tmp").rename(out)
         bins[name] = out
     return bins
-
-
-# --- a collector: rotel forwarding to a receiver that only counts ------------------------------
-class CountingReceiver:
-    """OTLP/HTTP protobuf receiver that counts spans (rotel forwards to it)."""
-
-    def __init__(self):
-        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
-        self.spans = 0
-        lock = threading.Lock()
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                if self.headers.get("Content-Encoding") == "gzip":
-                    import gzip
-                    body = gzip.decompress(body)
-                if self.path.endswith("/v1/traces"):
-                    req = ExportTraceServiceRequest()
-                    req.ParseFromString(body)
-                    n = sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
-                    with lock:
-                        receiver.spans += n
-                self.send_response(200)
-                self.send_header("Content-Type", "application/x-protobuf")
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args):
-                pass
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def wait_for(self, n: int, timeout: float) -> int:
-        """Wait until n spans arrived, or nothing more arrives for 2 s, or timeout."""
-        deadline = time.monotonic() + timeout
-        last, last_change = self.spans, time.monotonic()
-        while time.monotonic() < deadline and self.spans < n:
-            time.sleep(0.05)
-            if self.spans != last:
-                last, last_change = self.spans, time.monotonic()
-            elif time.monotonic() - last_change > 2.0:
-                break
-        return self.spans
-
-    def close(self):
-        self._server.shutdown()
 
 
 # --- modes -------------------------------------------------------------------------------------
@@ -391,7 +340,7 @@ def measure_end_to_end(bins, rotel, receiver, detail_args: tuple[str, ...], n: i
     exported every goroutine (the agent exits once the program has and its spans are flushed)."""
     prog = subprocess.Popen([str(bins["churn"]), "-n", str(n), "-warmup", "0", "-hold"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
-    before = receiver.spans
+    before = receiver.span_count
     agent = AgentProcess(["attach", "--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc", "-q",
                           "--flush-timeout", "60", *detail_args, str(prog.pid)])
     try:
@@ -406,7 +355,7 @@ def measure_end_to_end(bins, rotel, receiver, detail_args: tuple[str, ...], n: i
     finally:
         if prog.poll() is None:
             prog.kill()
-    received = receiver.wait_for(before + (res["exported"] or 0), 30) - before
+    received = receiver.wait_for_count(before + (res["exported"] or 0), 30) - before
     churn = _json_line(out, "ns_per_goroutine")
     elapsed = res["ended"] - released
     return {"detail": " ".join(detail_args), "goroutines_created": churn["n"], "seen": res["seen"], "exported": res["exported"],
@@ -418,14 +367,14 @@ def measure_end_to_end(bins, rotel, receiver, detail_args: tuple[str, ...], n: i
 
 def measure_export(rotel, receiver, encoder: str, protocol: str, kind: str, n: int) -> dict:
     """The export path alone: n spans through ExportPipeline + OtlpSink, in a child process."""
-    before = receiver.spans
+    before = receiver.span_count
     env = dict(os.environ, OTEL_GOROUTINES_OTLP_ENCODER=encoder)
     proc = subprocess.run([sys.executable, __file__, "--export-worker", protocol, rotel.endpoint(protocol), kind, str(n)],
                           capture_output=True, text=True, env=env, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(proc.stderr[-2000:])
     res = json.loads(proc.stdout.strip().splitlines()[-1])
-    res["received_by_collector"] = receiver.wait_for(before + n, 60) - before
+    res["received_by_collector"] = receiver.wait_for_count(before + n, 60) - before
     res.update(encoder=encoder, protocol=protocol, kind=kind)
     return res
 
@@ -551,7 +500,7 @@ def main() -> int:
     results = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
                "go": go_version, "rounds": args.rounds, "smoke": args.smoke, "todo": todo,
                "modes": {m.key: m.label for m in modes}}
-    receiver = CountingReceiver()
+    receiver = OtlpHttpReceiver(keep_spans=False)  # rotel forwards to it; it only counts
     tmp = Path(tempfile.mkdtemp(prefix="bench-"))
     rotel = Rotel(receiver.port, tmp / "rotel.log")
     rng = random.Random(5)

@@ -129,10 +129,12 @@ def spans_from_otlp_json(path: Path) -> list[Span]:
 
 
 class OtlpHttpReceiver:
-    """A minimal OTLP/HTTP protobuf trace receiver: what the real collector forwards to."""
+    """A minimal OTLP/HTTP protobuf trace receiver: what the real collector forwards to.
+    With keep_spans=False it only counts them (for the benchmark's hundreds of thousands)."""
 
-    def __init__(self):
+    def __init__(self, keep_spans: bool = True):
         self.spans: list[Span] = []
+        self.span_count = 0
         self.metrics: list[ExportMetricsServiceRequest] = []
         self.requests = 0
         lock = threading.Lock()
@@ -147,7 +149,9 @@ class OtlpHttpReceiver:
                     req = ExportTraceServiceRequest()
                     req.ParseFromString(body)
                     with lock:
-                        receiver.spans += spans_from_request(req)
+                        receiver.span_count += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
+                        if keep_spans:
+                            receiver.spans += spans_from_request(req)
                         receiver.requests += 1
                 elif self.path.endswith("/v1/metrics"):
                     req = ExportMetricsServiceRequest()
@@ -173,6 +177,18 @@ class OtlpHttpReceiver:
                 return list(self.spans)
             time.sleep(0.1)
         return list(self.spans)
+
+    def wait_for_count(self, n: int, timeout: float) -> int:
+        """Wait until n spans arrived in all, or nothing more arrives for 2 s, or timeout."""
+        deadline = time.monotonic() + timeout
+        last, last_change = self.span_count, time.monotonic()
+        while time.monotonic() < deadline and self.span_count < n:
+            time.sleep(0.05)
+            if self.span_count != last:
+                last, last_change = self.span_count, time.monotonic()
+            elif time.monotonic() - last_change > 2.0:
+                break
+        return self.span_count
 
     def clear(self) -> None:
         self.spans = []
