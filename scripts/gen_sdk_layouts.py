@@ -15,8 +15,6 @@ For a new SDK release: add it to RELEASES and re-run.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import subprocess
 import sys
@@ -25,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import generated_table  # noqa: E402
 from go_toolchains import toolchain, version_of  # noqa: E402
 from otel_goroutines import gosdk  # noqa: E402
 from otel_goroutines.binary.gobinary import GoBinary  # noqa: E402
@@ -109,24 +108,8 @@ def generate() -> dict:
     return table
 
 
-def render(table: dict) -> str:
-    return json.dumps(table, indent=1) + "\n"
-
-
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="compare with the shipped table instead of writing it")
-    args = parser.parse_args()
-    text = render(generate())
-    if args.check:
-        if TABLE.is_file() and TABLE.read_text() == text:
-            print(f"{TABLE} is up to date")
-            return 0
-        print(f"{TABLE} differs from what the SDK releases give; run scripts/gen_sdk_layouts.py", file=sys.stderr)
-        return 1
-    TABLE.write_text(text)
-    print(f"wrote {TABLE}")
-    return 0
+    return generated_table.main(__doc__.splitlines()[0], TABLE, generate, "the SDK releases", "scripts/gen_sdk_layouts.py")
 
 
 if __name__ == "__main__":
