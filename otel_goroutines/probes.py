@@ -113,7 +113,7 @@ def check_privileges() -> None:
         return
     has = lambda cap: bool(cap_eff >> cap & 1)
     if not (has(_CAP_SYS_ADMIN) or (has(_CAP_BPF) and has(_CAP_PERFMON))):
-        raise AgentError("loading eBPF probes needs root (or CAP_BPF and CAP_PERFMON, see the README); run with sudo")
+        raise AgentError("loading eBPF probes needs root (or CAP_BPF and CAP_PERFMON); run with sudo")
 
 
 _INIT_PID_NS_INO = 0xEFFFFFFC  # PROC_PID_INIT_INO: the kernel's own PID namespace
