@@ -35,6 +35,7 @@ func worker(rec *m.Goroutine, wg *sync.WaitGroup) {
 		go leaf(kid, &leaves) // site:leaf
 	}
 	leaves.Wait()
+	time.Sleep(10 * time.Millisecond) // Done runs before the leaves return: let them finish exiting
 	now := m.Now()
 	m.Set(func() {
 		for _, k := range kids {
@@ -106,6 +107,7 @@ func main() {
 	workers.Wait()
 	<-selDone
 	<-lockDone
+	time.Sleep(20 * time.Millisecond) // they signal just before they return: let them finish exiting
 	now := m.Now()
 	m.Set(func() {
 		for _, r := range append(recs, sel, lk) {
