@@ -29,7 +29,8 @@ static __always_inline u64 agent_pid_tgid(void) {
 #define bpf_get_current_pid_tgid agent_pid_tgid
 #endif
 
-#define N_STATES 12
+#include "records.h"
+
 #define G_RUNNABLE 1
 #define G_RUNNING 2
 #define G_WAITING 4
@@ -38,91 +39,30 @@ static __always_inline u64 agent_pid_tgid(void) {
 #define G_SCAN 0x1000
 #define SCHED_BUCKETS 40  // log2(ns) buckets of the time runnable before running
 
-// Why a goroutine starts a trace of its own instead of joining its creator's.
-enum trace_reason { TR_JOINS_PARENT = 0, TR_UNTRACED_PARENT = 1, TR_SPAWNER = 2, TR_TRACE_FULL = 3, TR_APP_SPAN = 4 };
-#define FLAG_EXISTED_AT_ATTACH 1
-
-enum event_kind { EV_TRANSITION = 1, EV_END = 2, EV_PROCESS_EXIT = 3, EV_RUNTIME_INITIALISED = 4, EV_LABELS = 5 };
-enum counter {
-    C_MAP_FULL = 0,        // goroutine not tracked: the map was full (its span is lost, counted)
-    C_EVENTS_LOST = 1,     // transition events the ring buffer had no room for
-    C_END_DEFERRED = 2,    // end records left in the map for user space to collect (ring buffer full)
-    C_UNTRACKED_EXIT = 3,  // exits of goroutines created before the probes were attached
-    C_READ_ERROR = 4,      // target memory that could not be read
-    C_CREATED = 5,         // goroutines created (not a loss; for the live count)
-    N_COUNTERS = 6,
-};
-
-struct gkey {
-    u32 tgid;
-    u32 pad;
-    u64 goid;
-};
-
-struct gstate {
-    u64 create_ns;
-    u64 end_ns;          // 0 while the goroutine lives
-    u64 last_ns;         // time of the last state change
-    u64 parent_goid;
-    u64 start_pc;
-    u64 go_pc;
-    u64 state_ns[N_STATES];
-    u32 status;
-    u32 transitions;
-    u32 events_sent;
-    u32 events_left_out;
-    u32 parent_traced;
-    u32 pad;
-    u64 root_goid;       // the goroutine whose trace this one is in (itself when it starts one)
-    u64 parent_root_goid;  // the creator's trace, for the link when this one starts its own
-    u32 children;        // goroutines it created
-    u32 trace_reason;    // enum trace_reason
-    u32 flags;
-    u32 waitreason;      // of the current wait, when status is waiting
-    u64 alloc_bytes;     // heap bytes it allocated (--allocs; sampled: an estimate)
-    u64 alloc_count;     // heap allocations, in 1/ALLOC_COUNT_UNIT (sampled: an estimate)
-    u64 alloc_samples;   // heap-profile samples the estimate rests on (sampled)
-    u8 app_trace_id[16];  // the application's trace (OpenTelemetry SDK) it is in, or links to (app_flags)
-    u8 app_span_id[8];    // its parent, the application span active on its creator; 0: its creator's span
-    u32 app_flags;        // APP_IN_TRACE, APP_LINKED, APP_SAMPLED
-    u32 app_pad;
-};
-
-struct transition_event {
-    u32 kind;
-    u32 tgid;
-    u64 goid;
-    u64 ts;
-    u32 from;
-    u32 to;
-    u32 waitreason;
-    u32 pad;
-};
-
-struct end_event {
-    u32 kind;
-    u32 tgid;
-    u64 goid;
-    struct gstate st;
-};
-
+// Declared first: bcc numbers maps in declaration order, and wake_flags() names this one as map 1.
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 BPF_HASH(goroutines, struct gkey, struct gstate, MAX_GOROUTINES);
 // Processes being traced -> the time their first thread exited (0 while they run).
 BPF_HASH(traced, u32, u64, 1024);
-// The address at which each process hit the creation probe: user space derives a PIE's load bias from it.
-BPF_HASH(probe_ips, u32, u64, 1024);
+// Where the creation probe was first hit: user space derives a PIE's load bias from it. An array
+// (one program per process): its lookup is inlined, so checking it on every creation costs nothing.
+BPF_ARRAY(probe_ip, u64, 1);
 BPF_PERCPU_ARRAY(counters, u64, N_COUNTERS);
-// Spans per trace (by its root goroutine), for the trace-size cap.
+// Spans per trace (by its root goroutine), for the trace-size cap. Only traces that someone joins
+// get an entry: a goroutine that starts a trace counts as its first span without one.
 BPF_TABLE("lru_hash", struct gkey, u32, trace_sizes, 65536);
-// Goroutines created and exited per start function, for metrics (bounded: the map's size).
-struct start_counts {
-    u64 created;
-    u64 exited;
-};
-BPF_HASH(by_start_pc, u64, struct start_counts, 4096);
 // Histogram of the time from runnable to running (go.schedule.duration); the last slot is the sum in ns.
 BPF_PERCPU_ARRAY(sched_latency, u64, SCHED_BUCKETS + 1);
-BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+// User space drains the ring buffer on a timer; a record wakes it only once the buffer is half
+// full. (A wake-up per record costs the target's CPU an irq_work and an IPI, ~1.4 us.) bcc 0.26 has
+// no events.ringbuf_query(): the helper is called on the map by its bcc number, 1 (declared first;
+// were it not, the verifier would refuse the program: the helper takes only a ring buffer).
+#define RINGBUF_BYTES (RINGBUF_PAGES * 4096ULL)
+static __always_inline u64 wake_flags(void) {
+    return bpf_ringbuf_query((void *)bpf_pseudo_fd(1, -1), BPF_RB_AVAIL_DATA) > RINGBUF_BYTES / 2 ? BPF_RB_FORCE_WAKEUP
+                                                                                                 : BPF_RB_NO_WAKEUP;
+}
 
 static __always_inline void count(int which) {
     u64 *value = counters.lookup(&which);
@@ -137,14 +77,42 @@ static __always_inline u64 read_u64(u64 addr) {
     return value;
 }
 
-static __always_inline void count_start(u64 start_pc, int exited) {
-    struct start_counts zero = {}, *c = by_start_pc.lookup_or_try_init(&start_pc, &zero);
-    if (!c)
-        return;  // map full: the totals still count it; only the per-function split misses it
-    if (exited)
-        __sync_fetch_and_add(&c->exited, 1);
-    else
-        __sync_fetch_and_add(&c->created, 1);
+// The g fields the probes read, fetched in one read of the target's memory (a helper call costs
+// ~50 ns; the fields sit within ~180 bytes in every Go version): a state change needs the low part
+// (status, goid, waitreason), a creation the whole window, up to parentGoid (Go 1.21+), gopc, startpc.
+#define MIN2(a, b) ((a) < (b) ? (a) : (b))
+#define MAX2(a, b) ((a) > (b) ? (a) : (b))
+#define G_START MIN2(MIN2(OFF_G_ATOMICSTATUS, OFF_G_GOID), OFF_G_WAITREASON)
+#define G_LO_END MAX2(MAX2(OFF_G_ATOMICSTATUS + 4, OFF_G_GOID + 8), OFF_G_WAITREASON + 1)
+#ifdef OFF_G_PARENTGOID
+#define G_END MAX2(MAX2(MAX2(OFF_G_PARENTGOID, OFF_G_GOPC), OFF_G_STARTPC) + 8, G_LO_END)
+#else
+#define G_END MAX2(MAX2(OFF_G_GOPC, OFF_G_STARTPC) + 8, G_LO_END)
+#endif
+#define ALIGN8(n) (((n) + 7) & ~7)
+struct g_lo { u8 b[ALIGN8(G_LO_END - G_START)]; };
+struct g_all { u8 b[ALIGN8(G_END - G_START)]; };
+BPF_PERCPU_ARRAY(g_scratch, struct g_all, 1);  // too large for the stack beside a struct gstate
+#define G_FIELD(win, off, type) (*(type *)((win)->b + ((off) - G_START)))
+#define G_GOID(win) G_FIELD(win, OFF_G_GOID, u64)
+#define G_STATUS(win) G_FIELD(win, OFF_G_ATOMICSTATUS, u32)
+#define G_WAITREASON(win) G_FIELD(win, OFF_G_WAITREASON, u8)
+
+static __always_inline int read_g(u64 gp, void *win, u32 size) {
+    if (bpf_probe_read_user(win, size, (void *)(gp + G_START)) != 0) {
+        count(C_READ_ERROR);
+        return -1;
+    }
+    return 0;
+}
+
+// The whole window of gp, in the per-CPU scratch (NULL if unreadable).
+static __always_inline struct g_all *read_g_all(u64 gp) {
+    u32 zero = 0;
+    struct g_all *g = g_scratch.lookup(&zero);
+    if (!g || read_g(gp, g, sizeof(*g)) != 0)
+        return NULL;
+    return g;
 }
 
 static __always_inline u32 log2_bucket(u64 v) {
@@ -158,54 +126,42 @@ static __always_inline u32 log2_bucket(u64 v) {
 }
 
 // Trace boundaries: a goroutine joins its creator's trace unless the creator is untraced, is a
-// long-lived or prolific spawner (accept loop, dispatcher, pool), or its trace is full.
+// long-lived or prolific spawner (accept loop, dispatcher, pool), or its trace is full. Only a
+// join touches trace_sizes (an LRU map, the dearest lookup here): a root is its trace's first span.
 static __always_inline void assign_trace(struct gkey *key, struct gstate *st, struct gstate *parent, u64 now) {
-    struct gkey root = {.tgid = key->tgid};
+    st->root_goid = key->goid;
     if (!parent) {
         st->trace_reason = TR_UNTRACED_PARENT;
-    } else {
-        parent->children++;
-        root.goid = parent->root_goid;
-        st->parent_root_goid = parent->root_goid;
-        u32 *size = trace_sizes.lookup(&root);
-        if (parent->children > SPAWNER_CHILDREN || now - parent->create_ns > SPAWNER_AGE_NS ||
-            (parent->flags & FLAG_EXISTED_AT_ATTACH))
-            st->trace_reason = TR_SPAWNER;
-        else if (size && *size >= TRACE_MAX_SPANS)
-            st->trace_reason = TR_TRACE_FULL;
-        else {
-            st->trace_reason = TR_JOINS_PARENT;
-            st->root_goid = root.goid;
-            if (size)
-                __sync_fetch_and_add(size, 1);
-            return;
-        }
+        return;
     }
-    st->root_goid = key->goid;
-    root.goid = key->goid;
-    u32 one = 1;
-    trace_sizes.update(&root, &one);
+    parent->children++;
+    st->parent_root_goid = parent->root_goid;
+    if (parent->children > SPAWNER_CHILDREN || now - parent->create_ns > SPAWNER_AGE_NS ||
+        (parent->flags & FLAG_EXISTED_AT_ATTACH)) {
+        st->trace_reason = TR_SPAWNER;
+        return;
+    }
+    struct gkey root = {.tgid = key->tgid, .goid = parent->root_goid};
+    u32 *size = trace_sizes.lookup(&root);
+    if (size && *size >= TRACE_MAX_SPANS) {
+        st->trace_reason = TR_TRACE_FULL;
+        return;
+    }
+    st->trace_reason = TR_JOINS_PARENT;
+    st->root_goid = root.goid;
+    if (size) {
+        __sync_fetch_and_add(size, 1);
+    } else {
+        u32 two = 2;  // the root and this one
+        trace_sizes.update(&root, &two);
+    }
 }
 
 // --- application traces (otel_goroutines/gosdk.py) and pprof labels (goruntime.py) ---
 // A goroutine created while an OpenTelemetry Go SDK span is active on its creator (the newest span
 // started there and not yet ended) joins that span's trace, as its child; goroutines it creates follow
 // it there by the usual rules. The probes on the SDK keep, per goroutine, the stack of its active spans.
-#define APP_IN_TRACE 1             // in the application's trace app_trace_id
-#define APP_LINKED 2               // starts a trace of its own, linked to its creator's place in app_trace_id
-#define APP_SAMPLED 4              // the application sampled that trace
 #define APP_ROOT_BIT (1ULL << 63)  // root_goid of goroutines in an application trace: sized per trace, not per goroutine
-enum app_counter {
-    AC_SPANS_STARTED = 0,      // application spans seen starting
-    AC_SPANS_ENDED = 1,        // ...and ending (on any goroutine)
-    AC_SPANS_DROPPED_DEEP = 2, // oldest active span forgotten: more than APP_STACK_DEPTH active on one goroutine
-    AC_STACKS_FULL = 3,        // span not followed: the per-goroutine map was full
-    AC_UNKNOWN_SPAN_TYPE = 4,  // Start returned neither a *recordingSpan nor a nonRecordingSpan
-    AC_GOROUTINES_JOINED = 5,  // goroutines created under an application span
-    AC_LABELS_SENT = 6,        // ended goroutines whose pprof labels were sent
-    AC_LABELS_LOST = 7,        // ...not sent: the ring buffer was full
-    N_APP_COUNTERS = 8,
-};
 BPF_PERCPU_ARRAY(app_counters, u64, N_APP_COUNTERS);
 
 static __always_inline void app_count(int which) {
@@ -358,8 +314,6 @@ static __always_inline int join_app_span(struct gkey *key, struct gstate *st, st
         st->trace_reason = TR_TRACE_FULL;
         st->app_flags = APP_LINKED | sampled;
         st->root_goid = key->goid;
-        root.goid = key->goid;
-        trace_sizes.update(&root, &one);
         return 1;
     }
     st->trace_reason = TR_APP_SPAN;
@@ -398,24 +352,6 @@ static __always_inline void place_in_trace(struct gkey *key, struct gstate *st, 
 #if defined(LABELS_SLICE) || defined(LABELS_MAP)
 // runtime/pprof goroutine labels: g.labels points to a labelMap, a map[string]string up to Go 1.23
 // (the pointer is to the map variable), a struct{ []struct{key, value string} } from Go 1.24.
-#define MAX_LABELS 8
-#define LABEL_KEY_MAX 32
-#define LABEL_VALUE_MAX 64
-struct label {
-    u16 key_len;    // the full lengths; the bytes kept are truncated to the buffers
-    u16 value_len;
-    u8 key[LABEL_KEY_MAX];
-    u8 value[LABEL_VALUE_MAX];
-};
-struct labels_event {
-    u32 kind;
-    u32 tgid;
-    u64 goid;
-    u32 count;      // labels sent
-    u32 total;      // labels the goroutine had
-    struct label labels[MAX_LABELS];
-};
-
 static __always_inline void read_label(struct label *l, u64 header) {
     u64 s[4] = {};  // key ptr, key len, value ptr, value len
     bpf_probe_read_user(s, sizeof(s), (void *)header);
@@ -483,7 +419,7 @@ static __always_inline void send_labels(struct gkey *key, u64 gp) {
     }
 #endif
     ev->count = count;
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, wake_flags());
     app_count(AC_LABELS_SENT);
 }
 #endif
@@ -504,41 +440,77 @@ static __always_inline u32 state_index(u32 status) {
     return status < N_STATES ? status : 0;
 }
 
-// At the call casgstatus(newg, _Gdead, status) in runtime.newproc1 (Go 1.21+), or at its RET: RAX = the new g, complete.
-int on_goroutine_created(struct pt_regs *ctx) {
-    u64 newg = ctx->ax;
+// A goroutine is created: g is its complete window (goid, startpc, gopc and parentGoid set),
+// `status` its first status.
+static __always_inline void goroutine_created(struct pt_regs *ctx, u32 tgid, struct g_all *g, u32 status) {
     u64 now = bpf_ktime_get_ns();
-    struct gkey key = {.tgid = bpf_get_current_pid_tgid() >> 32, .goid = read_u64(newg + OFF_G_GOID)};
+    struct gkey key = {.tgid = tgid, .goid = G_GOID(g)};
     struct gstate st = {};
     st.create_ns = now;
     st.last_ns = now;
-    st.start_pc = read_u64(newg + OFF_G_STARTPC);
-    st.go_pc = read_u64(newg + OFF_G_GOPC);
-    u32 status = 0;
-    bpf_probe_read_user(&status, sizeof(status), (void *)(newg + OFF_G_ATOMICSTATUS));
-    if (state_index(status) == 0)       // newproc1's casgstatus(fresh g, _Gidle, _Gdead): no goid yet
-        return 0;
-    if (state_index(status) == G_DEAD)  // its casgstatus(newg, _Gdead, RCX): the g is complete, not yet switched
-        status = (u32)ctx->cx;
+    st.start_pc = G_FIELD(g, OFF_G_STARTPC, u64);
+    st.go_pc = G_FIELD(g, OFF_G_GOPC, u64);
     st.status = state_index(status);
 #ifdef OFF_G_PARENTGOID
-    st.parent_goid = read_u64(newg + OFF_G_PARENTGOID);
+    st.parent_goid = G_FIELD(g, OFF_G_PARENTGOID, u64);
 #else
     // newproc1 runs on the system stack: R14 is g0, and g0.m.curg is the creating goroutine.
     u64 m = read_u64(ctx->r14 + OFF_G_M);
     u64 curg = m ? read_u64(m + OFF_M_CURG) : 0;
     st.parent_goid = curg ? read_u64(curg + OFF_G_GOID) : 0;
 #endif
-    u64 ip = PT_REGS_IP(ctx);
-    probe_ips.insert(&key.tgid, &ip);
-    struct gkey parent = {.tgid = key.tgid, .goid = st.parent_goid};
+    u32 zero = 0;
+    u64 *ip = probe_ip.lookup(&zero);
+    if (ip && !*ip)
+        *ip = PT_REGS_IP(ctx);
+    struct gkey parent = {.tgid = tgid, .goid = st.parent_goid};
     struct gstate *parent_st = goroutines.lookup(&parent);
     st.parent_traced = parent_st != NULL;
     place_in_trace(&key, &st, parent_st, now);
     count(C_CREATED);
-    count_start(st.start_pc, 0);
     if (goroutines.update(&key, &st) != 0)
         count(C_MAP_FULL);
+}
+
+// A goroutine ends (its casgstatus(gp, _Grunning, _Gdead)): its record goes to user space whole.
+static __always_inline void goroutine_exited(u32 tgid, u64 gp, u64 goid) {
+    struct gkey key = {.tgid = tgid, .goid = goid};
+    struct gstate *st = goroutines.lookup(&key);
+    app_goroutine_ended(&key, gp, st != NULL);
+    if (!st) {
+        count(C_UNTRACKED_EXIT);
+        return;
+    }
+    u64 now = bpf_ktime_get_ns();
+    st->state_ns[state_index(st->status)] += now - st->last_ns;
+    st->last_ns = now;
+    st->end_ns = now;
+    st->status = G_DEAD;
+    struct end_event *ev = events.ringbuf_reserve(sizeof(struct end_event));
+    if (!ev) {
+        // Keep the finished record in the map: user space collects it later, so it is late, not lost.
+        count(C_END_DEFERRED);
+        return;
+    }
+    ev->kind = EV_END;
+    ev->tgid = tgid;
+    ev->goid = goid;
+    __builtin_memcpy(&ev->st, st, sizeof(*st));
+    events.ringbuf_submit(ev, wake_flags());
+    goroutines.delete(&key);
+}
+
+// At the call casgstatus(newg, _Gdead, status) in runtime.newproc1 (Go 1.24+), or at its RET: RAX = the new g, complete.
+int on_goroutine_created(struct pt_regs *ctx) {
+    struct g_all *g = read_g_all(ctx->ax);
+    if (!g)
+        return 0;
+    u32 status = G_STATUS(g);
+    if (state_index(status) == 0)       // newproc1's casgstatus(fresh g, _Gidle, _Gdead): no goid yet
+        return 0;
+    if (state_index(status) == G_DEAD)  // its casgstatus(newg, _Gdead, RCX): the g is complete, not yet switched
+        status = (u32)ctx->cx;
+    goroutine_created(ctx, bpf_get_current_pid_tgid() >> 32, g, status);
     return 0;
 }
 
@@ -546,45 +518,14 @@ int on_goroutine_created(struct pt_regs *ctx) {
 int on_goroutine_exit(struct pt_regs *ctx) {
     if ((u32)ctx->cx != G_DEAD)
         return 0;
-    u64 now = bpf_ktime_get_ns();
-    struct gkey key = {.tgid = bpf_get_current_pid_tgid() >> 32, .goid = read_u64(ctx->ax + OFF_G_GOID)};
-    struct gstate *st = goroutines.lookup(&key);
-    app_goroutine_ended(&key, ctx->ax, st != NULL);
-    if (!st) {
-        count(C_UNTRACKED_EXIT);
-        return 0;
-    }
-    st->state_ns[state_index(st->status)] += now - st->last_ns;
-    st->last_ns = now;
-    st->end_ns = now;
-    st->status = G_DEAD;
-    count_start(st->start_pc, 1);
-    struct end_event *ev = events.ringbuf_reserve(sizeof(struct end_event));
-    if (!ev) {
-        // Keep the finished record in the map: user space collects it at the end, so it is late, not lost.
-        count(C_END_DEFERRED);
-        return 0;
-    }
-    ev->kind = EV_END;
-    ev->tgid = key.tgid;
-    ev->goid = key.goid;
-    __builtin_memcpy(&ev->st, st, sizeof(*st));
-    events.ringbuf_submit(ev, 0);
-    goroutines.delete(&key);
+    struct g_lo lo;
+    if (read_g(ctx->ax, &lo, sizeof(lo)) == 0)
+        goroutine_exited(bpf_get_current_pid_tgid() >> 32, ctx->ax, G_GOID(&lo));
     return 0;
 }
 
-// At the entry of runtime.casgstatus(gp, oldval, newval): RAX = gp, RBX = oldval, RCX = newval.
-int on_casgstatus(struct pt_regs *ctx) {
-    u32 from = ctx->bx, to = ctx->cx;
-    if (from == G_DEAD || to == G_DEAD || from == to)
-        return 0;  // creation and exit are the lifecycle probes' job
-    u64 gp = ctx->ax;
-    struct gkey key = {.tgid = bpf_get_current_pid_tgid() >> 32, .goid = read_u64(gp + OFF_G_GOID)};
-    struct gstate *st = goroutines.lookup(&key);
-    if (!st)
-        return 0;
-    u64 now = bpf_ktime_get_ns();
+// Time in the state left, and the runnable-to-running latency histogram.
+static __always_inline void account_state(struct gstate *st, u32 to, u64 now) {
     u64 spent = now - st->last_ns;
     st->state_ns[state_index(st->status)] += spent;
     if (st->status == G_RUNNABLE && state_index(to) == G_RUNNING) {
@@ -598,9 +539,48 @@ int on_casgstatus(struct pt_regs *ctx) {
     st->last_ns = now;
     st->status = state_index(to);
     st->transitions++;
+}
+
+// At the entry of runtime.casgstatus(gp, oldval, newval): RAX = gp, RBX = oldval, RCX = newval.
+// With STATES_COVER_LIFECYCLE (Go 1.24+, where newproc1 assigns the goid before making the g
+// runnable) this one probe also sees creations and exits: no trap of their own.
+int on_casgstatus(struct pt_regs *ctx) {
+    u32 from = ctx->bx, to = ctx->cx;
+    if (from == to)
+        return 0;
+#ifndef STATES_COVER_LIFECYCLE
+    if (from == G_DEAD || to == G_DEAD)
+        return 0;  // creation and exit are the lifecycle probes' job
+#endif
+    u64 gp = ctx->ax;
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+#ifdef STATES_COVER_LIFECYCLE
+    if (from == G_DEAD) {  // newproc1's casgstatus(newg, _Gdead, _Grunnable or _Gwaiting)
+        struct g_all *g = (to == G_RUNNABLE || to == G_WAITING) ? read_g_all(gp) : NULL;
+        if (g)
+            goroutine_created(ctx, tgid, g, to);
+        return 0;
+    }
+#endif
+    struct g_lo lo;
+    if (read_g(gp, &lo, sizeof(lo)) != 0)
+        return 0;
+#ifdef STATES_COVER_LIFECYCLE
+    if (to == G_DEAD) {    // gdestroy's casgstatus(gp, _Grunning, _Gdead)
+        if (from == G_RUNNING)
+            goroutine_exited(tgid, gp, G_GOID(&lo));
+        return 0;
+    }
+#endif
+    struct gkey key = {.tgid = tgid, .goid = G_GOID(&lo)};
+    struct gstate *st = goroutines.lookup(&key);
+    if (!st)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    account_state(st, to, now);
     u8 reason = 0;
     if (st->status == G_WAITING || st->status == G_LEAKED)  // gopark stored it in gp.waitreason before this call
-        bpf_probe_read_user(&reason, 1, (void *)(gp + OFF_G_WAITREASON));
+        reason = G_WAITREASON(&lo);
     st->waitreason = reason;
     if (st->events_sent >= MAX_EVENTS && state_index(to) != G_LEAKED) {  // a leak is always reported
         st->events_left_out++;
@@ -613,14 +593,14 @@ int on_casgstatus(struct pt_regs *ctx) {
         return 0;
     }
     ev->kind = EV_TRANSITION;
-    ev->tgid = key.tgid;
+    ev->tgid = tgid;
     ev->goid = key.goid;
     ev->ts = now;
     ev->from = from;
     ev->to = to;
     ev->waitreason = reason;
     ev->pad = 0;
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, wake_flags());
     st->events_sent++;
     return 0;
 }
@@ -639,7 +619,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
     ev->kind = EV_PROCESS_EXIT;
     ev->tgid = tgid;
     ev->ts = *exited;
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, BPF_RB_FORCE_WAKEUP);
     return 0;
 }
 

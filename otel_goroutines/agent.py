@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
 from . import __version__, allocs, goruntime, gosdk, target_memory
@@ -19,15 +20,18 @@ from .binary.gobinary import GoBinary
 from .binary.symbolize import Symbolizer
 from .errors import AgentError
 from .exporters import ConsoleSink, FileSink, OtlpSink, SpanSink
+from .fastspans import BatchSpanEncoder
+from .flow import END_REASONS, FlowCounts, SpanFlow
+from .kernel_records import GstateFlag
 from .longlived import LongLived, LongLivedSettings
 from .metrics import GoroutineMetrics, MetricsData, MetricsSender
 from .pipeline import ExportPipeline
-from .probes import GoroutineProbes, ProbeSettings
-from .records import EndReason, GoroutineRecord, StateChange, TraceReason
+from .probes import GoroutineProbes, KernelBatch, ProbeSettings
+from .records import EndReason
 from .sampling import SpanBudget
-from .spans import SpanBuilder, SpanEvent, app_unsampled
+from .spans import SpanBuilder
 from .target import FORWARDED_SIGNALS, AttachedTarget, LaunchedTarget, Target
-from .tracker import GoroutineTracker, Summary
+from .tracker import Summary
 
 log = logging.getLogger("otel_goroutines")
 
@@ -112,6 +116,9 @@ class StatusLine:
 
 
 class Session:
+    """The life of one traced process: attach, poll the kernel, stop. What the kernel sends goes
+    through a SpanFlow (flow.py, pure) to the export pipeline."""
+
     def __init__(self, target: Target, options: AgentOptions):
         self.target = target
         self.options = options
@@ -120,36 +127,25 @@ class Session:
         if options.probes.allocs is not allocs.AllocMode.OFF and self.support.allocs is None:
             log.warning("no heap-allocation probe points in %s: --allocs %s is off", target.exe_path, options.probes.allocs.value)
             options.probes = dataclasses.replace(options.probes, allocs=allocs.AllocMode.OFF)
-        self.tracker = GoroutineTracker()
         self.summary = Summary()
         self.sdk = gosdk.sdk_status(self.binary)  # the application's OpenTelemetry SDK, if any
         self.probes = GoroutineProbes(self.support, target.exe_path, target.pid, options.probes, self.sdk.support)
-        self.app_unsampled = 0  # goroutine spans not exported: in an application trace it did not sample
         self.long_lived = LongLived(options.long_lived)
         self.budget = SpanBudget(options.spans_per_second)
         self.salt = int.from_bytes(secrets.token_bytes(8), "big")
         self._symbolizer: Symbolizer | None = None
-        self._builder: SpanBuilder | None = None
+        self._flow: SpanFlow | None = None
         self._stop_reason: EndReason | None = None
         self._scan_now = False
         self._imported: set[int] = set()  # goroutines that existed at attach
-        self.alloc_totals = allocs.AllocTotals()  # what the exported goroutine spans hold, summed
         self.profile_rate: allocs.ProfileRate | None = None
 
-    # --- signals and kernel notifications ----------------------------------------------
+    # --- signals -------------------------------------------------------------------------
     def _on_signal(self, signum, _frame):
         if isinstance(self.target, LaunchedTarget):
             self.target.signal(signum)  # the program decides; the agent follows its exit
         else:
             self._stop_reason = EndReason.AGENT_STOPPED
-
-    def _on_process_exit(self, _pid: int) -> None:
-        self._stop_reason = EndReason.PROCESS_EXITED
-
-    def _on_change(self, pid: int, goid: int, change: StateChange) -> None:
-        self.tracker.on_change(pid, goid, change)
-        if change.to_state == goruntime.G_LEAKED:
-            self._scan_now = True  # the runtime found a leak: export it now
 
     # --- symbols and spans ---------------------------------------------------------------
     def symbolizer(self) -> Symbolizer:
@@ -161,9 +157,9 @@ class Session:
         if not self.binary.is_pie:
             return 0
         ip = self.probes.probe_ip()
-        # The first creation-probe hit was at one of the known sites; a load bias is page-aligned.
-        for point in self.support.lifecycle_probes:
-            if ip is not None and point.handler == "on_goroutine_created" and (ip - point.address) % 4096 == 0:
+        # The first creation was seen at one of the probed sites; a load bias is page-aligned.
+        for point in self.probes.probe_points:
+            if ip is not None and point.handler in ("on_goroutine_created", "on_casgstatus") and (ip - point.address) % 4096 == 0:
                 return ip - point.address
         try:
             return target_memory.load_bias(self.target.pid, self.binary)
@@ -171,10 +167,11 @@ class Session:
             log.warning("could not find where the PIE binary is loaded; function names may be wrong")
             return 0
 
-    def _span_builder(self) -> SpanBuilder:
-        if self._builder is None:
+    def _span_flow(self, sink: SpanSink) -> SpanFlow:
+        """Built at the first goroutine seen: names need the load bias the probes find then."""
+        if self._flow is None:
             symbolizer = self.symbolizer()
-            self._builder = SpanBuilder(
+            builder = SpanBuilder(
                 salt=self.salt,
                 clock_offset_ns=self.clock_offset_ns,
                 function_name=symbolizer.function,
@@ -183,57 +180,39 @@ class Session:
                 states_traced=self.options.probes.states,
                 allocs=self.options.probes.allocs,
             )
-        return self._builder
+            encoder = getattr(sink, "encoder", None)  # sinks that take encoded spans
+            self._flow = SpanFlow(builder, self.long_lived, self.budget, self.summary,
+                                  encoder.span if encoder is not None else None,
+                                  BatchSpanEncoder(builder, encoder) if encoder is not None else None,
+                                  self.metrics, self.options.app_unsampled == "follow")
+            self._flow.imported = self._imported
+        return self._flow
 
-    def _export_ended(self, pipeline: ExportPipeline) -> None:
-        records = self.tracker.take()
-        if not records:
+    def _take(self, batch: KernelBatch, pipeline: ExportPipeline) -> None:
+        """One drain of the ring buffer: state changes wait, ended goroutines become spans."""
+        if batch.runtime_initialised:
+            self._enable_heap_sampling()
+        if batch.process_exited:
+            self._stop_reason = self._stop_reason or EndReason.PROCESS_EXITED
+        if not len(batch.ends) and not len(batch.transitions) and not batch.labels:
             return
-        builder = self._span_builder()
-        spans = []
-        for rec in map(self._adopt, records):
-            before, leak_flagged = self.long_lived.finish(rec)
-            span = builder.build(rec, before)
-            if leak_flagged:
-                span.attributes["go.goroutine.leak_suspected"] = True
-            if not self._unsampled_by_app(rec):
-                spans.append(span)
-            alive = rec.end_reason is not EndReason.EXITED
-            self.summary.add(span.name, rec.lifetime_ns, alive)
-            t = self.alloc_totals
-            self.alloc_totals = allocs.AllocTotals(t.bytes + rec.alloc_bytes, t.count + rec.alloc_count, t.samples + rec.alloc_samples)
-            if self.metrics is not None:
-                self.metrics.observe_end(span.name, rec.lifetime_ns)
-        pipeline.submit(self.budget.select(spans))
+        flow = self._span_flow(pipeline.sink)
+        if len(batch.transitions) and (batch.transitions["to"] == goruntime.G_LEAKED).any():
+            self._scan_now = True  # the runtime found a leak: export it now
+        flow.changes(batch.transitions, batch.labels)
+        pipeline.submit(flow.ended(batch.ends))
 
-    def _export_long_lived(self, pipeline: ExportPipeline, now_ns: int) -> None:
-        builder = self._span_builder()
-        is_runtime = lambda pc: self.symbolizer().function(pc).startswith("runtime.")
-        spans = []
-        for due in self.long_lived.due(self.probes.snapshot(now_ns), now_ns, is_runtime):
-            rec = self._adopt(due.record)
-            rec.changes = self.tracker.take_changes(rec.pid, rec.goid)
-            before = self.long_lived.record_checkpoint(rec, now_ns)
-            span = builder.checkpoint(rec, before, now_ns)
-            if due.leak:
-                span.attributes["go.goroutine.leak_suspected"] = True
-                span.events.append(SpanEvent("leak_suspected", now_ns + self.clock_offset_ns,
-                                             {"go.goroutine.wait_reason": self.support.wait_reason(rec.wait_reason),
-                                              "go.goroutine.blocked_ns": now_ns - rec.since_ns,
-                                              "go.goroutine.leak.reason": due.leak}))
-                if rec.status == goruntime.G_LEAKED:
-                    span.error = "goroutine leaked (detected by the Go runtime)"
-            if not self._unsampled_by_app(rec):
-                spans.append(span)
-        pipeline.submit(self.budget.select(spans))
-
-    def _unsampled_by_app(self, rec) -> bool:
-        """The goroutine is in an application trace the application did not sample, and its spans follow
-        that decision (--app-unsampled follow): counted, not exported."""
-        if self.options.app_unsampled == "follow" and app_unsampled(rec):
-            self.app_unsampled += 1
-            return True
-        return False
+    def _scan(self, pipeline: ExportPipeline, now_ns: int) -> None:
+        """Checkpoints and leaks of live goroutines; ends the full ring buffer left in the kernel map."""
+        entries = self.probes.snapshot(now_ns, include_ended=True)
+        if not len(entries):
+            return
+        flow = self._span_flow(pipeline.sink)
+        ended = entries["st"]["end_ns"] != 0
+        if ended.any():
+            pipeline.submit(flow.ended(entries[ended]))
+            self.probes.delete(entries["goid"][ended])
+        pipeline.submit(flow.checkpoints(entries[~ended], now_ns))
 
     def _app_summary(self, counters: dict[str, int]) -> str | None:
         """What the application's spans and pprof labels gave, for the summary at the end."""
@@ -241,8 +220,8 @@ class Session:
         if self.probes.sdk is not None:
             lines.append(f"application spans ({gosdk.SDK_MODULE} {self.sdk.version}): {counters['app_spans_started']} followed, "
                          f"{counters['goroutines_under_app_spans']} goroutines started under them")
-            if self.app_unsampled:
-                lines.append(f"({self.app_unsampled} goroutine spans not exported: their application trace was not sampled)")
+            if (unsampled := self._counts().app_unsampled):
+                lines.append(f"({unsampled} goroutine spans not exported: their application trace was not sampled)")
             lost = {k: v for k, v in counters.items() if v and k in ("app_spans_forgotten_too_deep", "app_spans_not_followed_map_full",
                                                                        "app_spans_of_unknown_type")}
             if lost:
@@ -251,15 +230,6 @@ class Session:
             lines.append(f"goroutines with pprof labels: {counters['goroutines_with_labels']}"
                          + (f" (labels_lost_ringbuf={counters['labels_lost_ringbuf']})" if counters["labels_lost_ringbuf"] else ""))
         return "\n".join(lines) or None
-
-    def _adopt(self, rec: GoroutineRecord) -> GoroutineRecord:
-        """A goroutine created by an imported one while the import ran (after the probes were in
-        place) was recorded as the child of an untraced parent: make it what it would have been,
-        the child of a goroutine that existed at attach, a spawner (own trace, linked)."""
-        if rec.trace_reason is TraceReason.UNTRACED_PARENT and rec.parent_goid in self._imported \
-                and not rec.existed_at_attach:
-            rec.trace_reason, rec.parent_traced, rec.parent_root_goid = TraceReason.SPAWNER, True, rec.parent_goid
-        return rec
 
     def _import_existing(self, now_ns: int) -> None:
         """Goroutines alive at attach time get spans too, starting now."""
@@ -306,11 +276,26 @@ class Session:
         self.metrics.existing_at_attach = self.existing_at_attach
         return self.metrics.collect(
             now_ns + self.clock_offset_ns,
-            self.probes.start_function_counts(),
+            self._start_function_counts(now_ns),
             self.probes.schedule_latency_histogram(),
             self.long_lived.leaks_flagged,
             {"exported": stats.exported, "sampled_out": self.budget.sampled_out, "dropped": stats.dropped,
-             "untracked_map_full": counters["goroutines_untracked_map_full"], "app_unsampled": self.app_unsampled})
+             "untracked_map_full": counters["goroutines_untracked_map_full"], "app_unsampled": self._counts().app_unsampled})
+
+    def _start_function_counts(self, now_ns: int) -> dict[int, tuple[int, int]]:
+        """start pc -> (created since tracing began, exited): what ended, plus what lives in the kernel map now."""
+        counts = self._counts()
+        created = dict(counts.created_by_start_pc)
+        live = self.probes.snapshot(now_ns)["st"]
+        new = live[live["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH == 0]
+        pcs, n = np.unique(new["start_pc"], return_counts=True)
+        for pc, count in zip(pcs.tolist(), n.tolist()):
+            created[pc] = created.get(pc, 0) + count
+        exited = counts.exited_by_start_pc
+        return {pc: (created.get(pc, 0), exited.get(pc, 0)) for pc in created.keys() | exited.keys()}
+
+    def _counts(self) -> FlowCounts:
+        return self._flow.counts if self._flow is not None else FlowCounts()
 
     # --- the run -----------------------------------------------------------------------
     def run(self) -> int:
@@ -332,70 +317,93 @@ class Session:
         pipeline = ExportPipeline(make_sink(opts.export, resource))
         sender = MetricsSender(opts.export.exporter, opts.export.protocol, opts.export.endpoint, opts.export.output) \
             if opts.metrics_interval_s else None
-        status = StatusLine(not opts.quiet)
         self.clock_offset_ns = monotonic_to_wall_offset()
         self.existing_at_attach = 0
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         self.metrics = GoroutineMetrics(resource, lambda pc: self.symbolizer().function(pc), start_ns + self.clock_offset_ns) \
             if sender and sender.enabled else None
-        scan_every_ns = int(opts.long_lived.scan_interval_s * 1e9)
-        metrics_every_ns = int(opts.metrics_interval_s * 1e9)
-        next_scan = start_ns + scan_every_ns
-        next_metrics = start_ns + metrics_every_ns
         previous_handlers = {s: signal.signal(s, self._on_signal) for s in FORWARDED_SIGNALS} if handle_signals else {}
         try:
-            self.probes.attach(self._on_change, self.tracker.on_end, self._on_process_exit, self._enable_heap_sampling)
-            log.info("attached %d probes to PID %d (%s, offsets from %s)", len(self.probes.probe_points),
-                     self.target.pid, self.binary.go_version, self.support.offsets_source)
-            log.info("application spans: %s", self.sdk.reason if opts.probes.app_traces else "not followed (--app-traces off)")
-            if isinstance(self.target, AttachedTarget):
-                self._import_existing(self.probes.attached_ns)
-                self._enable_heap_sampling()  # the runtime has long initialised
-            self.target.start()
+            self._attach()
             yield
-            while self._stop_reason is None:
-                self.probes.poll(opts.poll_interval_ms)
-                self._export_ended(pipeline)
-                now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-                if self._scan_now or (scan_every_ns and now >= next_scan):
-                    self._export_long_lived(pipeline, now)
-                    self._scan_now, next_scan = False, now + scan_every_ns
-                if self.metrics is not None and now >= next_metrics:
-                    sender.send(self._metrics_snapshot(now, pipeline.stats))
-                    next_metrics = now + metrics_every_ns
-                if self.target.has_exited():
-                    self._stop_reason = EndReason.PROCESS_EXITED
-                if status.due():
-                    live = self.existing_at_attach + self.probes.counters()["goroutines_created"] - self.tracker.ended
-                    status.update(f"goroutines live {live}  ended {self.tracker.ended}  "
-                                  f"exported {pipeline.stats.exported}  dropped {pipeline.stats.dropped + self.budget.sampled_out}")
-                yield
-            self.probes.drain()
-            end_ns = self.probes.exit_time() or time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-            for record in self.probes.remaining(end_ns, self._stop_reason):
-                self.tracker.on_end(record)
-            self._export_ended(pipeline)
-            final_metrics = self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None
-            losses = self.probes.counters()
-            losses.pop("goroutines_created")
-            elsewhere = self.probes.allocs_elsewhere()
-            app_counters = self.probes.app_counters()
+            yield from self._trace(pipeline, sender, start_ns)
+            end = self._finish(pipeline)
         finally:
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
             self.probes.close()
-        status.clear()
         stats = pipeline.close(opts.export.flush_timeout_s)
         if sender is not None:
-            sender.close(final_metrics, opts.export.flush_timeout_s)
+            sender.close(end.metrics, opts.export.flush_timeout_s)
+        self._report(stats, end)
+        return self.target.exit_status()
+
+    def _attach(self) -> None:
+        self.probes.attach()
+        log.info("attached %d probes to PID %d (%s, offsets from %s)", len(self.probes.probe_points),
+                 self.target.pid, self.binary.go_version, self.support.offsets_source)
+        log.info("application spans: %s", self.sdk.reason if self.options.probes.app_traces else "not followed (--app-traces off)")
+        if isinstance(self.target, AttachedTarget):
+            self._import_existing(self.probes.attached_ns)
+            self._enable_heap_sampling()  # the runtime has long initialised
+        self.target.start()
+
+    def _trace(self, pipeline: ExportPipeline, sender: MetricsSender | None, start_ns: int):
+        """Poll the kernel until the target exits or the agent is stopped; yields after each poll."""
+        opts = self.options
+        status = StatusLine(not opts.quiet)
+        scan_every_ns = int(opts.long_lived.scan_interval_s * 1e9)
+        metrics_every_ns = int(opts.metrics_interval_s * 1e9)
+        next_scan, next_metrics = start_ns + scan_every_ns, start_ns + metrics_every_ns
+        while self._stop_reason is None:
+            self._take(self.probes.poll(opts.poll_interval_ms), pipeline)
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+            if self._scan_now or (scan_every_ns and now >= next_scan):
+                self._scan(pipeline, now)
+                self._scan_now, next_scan = False, now + scan_every_ns
+            if self.metrics is not None and now >= next_metrics:
+                sender.send(self._metrics_snapshot(now, pipeline.stats))
+                next_metrics = now + metrics_every_ns
+            if self.target.has_exited():
+                self._stop_reason = self._stop_reason or EndReason.PROCESS_EXITED
+            if status.due():
+                ended = self._counts().ended
+                live = self.existing_at_attach + self.probes.counters()["goroutines_created"] - ended
+                status.update(f"goroutines live {live}  ended {ended}  "
+                              f"exported {pipeline.stats.exported}  dropped {pipeline.stats.dropped + self.budget.sampled_out}")
+            yield
+        status.clear()
+
+    def _finish(self, pipeline: ExportPipeline) -> "_End":
+        """The last records: what the ring buffer still holds, then every goroutine left in the kernel
+        map (alive now, or ended while the ring buffer was full)."""
+        self._take(self.probes.drain(), pipeline)
+        end_ns = self.probes.exit_time() or time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        left = self.probes.snapshot(end_ns, include_ended=True)
+        if len(left):
+            st = left["st"].copy()
+            alive = st["end_ns"] == 0
+            st["end_ns"][alive] = end_ns
+            left["st"] = st
+            reasons = np.where(alive, END_REASONS.index(self._stop_reason), END_REASONS.index(EndReason.EXITED))
+            pipeline.submit(self._span_flow(pipeline.sink).ended(left, reasons))
+        counters = self.probes.counters()
+        return _End(self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None,
+                    counters, self.probes.allocs_elsewhere(), self.probes.app_counters())
+
+    def _report(self, stats, end: "_End") -> None:
+        """The summary on stderr."""
+        opts = self.options
+        losses = dict(end.counters)
+        losses.pop("goroutines_created")
         losses = {"spans_not_exported": stats.dropped, "spans_sampled_out": self.budget.sampled_out, **losses}
         # Exits of goroutines that predate the attach are expected, not a loss.
         untraced_exits = losses.pop("exits_of_untraced_goroutines")
         print(self.summary.render(losses), file=sys.stderr)
         if opts.probes.allocs is not allocs.AllocMode.OFF:
             rate = f" at 1 per {self.profile_rate.rate} bytes" if self.profile_rate and self.profile_rate.rate > 1 else ""
-            print(allocs.render(opts.probes.allocs, self.alloc_totals, elsewhere, rate), file=sys.stderr)
-        if (app := self._app_summary(app_counters)) is not None:
+            print(allocs.render(opts.probes.allocs, self._counts().alloc_totals, end.allocs_elsewhere, rate), file=sys.stderr)
+        if (app := self._app_summary(end.app_counters)) is not None:
             print(app, file=sys.stderr)
         if self.existing_at_attach:
             print(f"({self.existing_at_attach} goroutines existed at attach: their spans start at the attach)", file=sys.stderr)
@@ -409,4 +417,12 @@ class Session:
             print(f"{stats.exported} spans written to {opts.export.output}", file=sys.stderr)
         elif opts.export.exporter == "otlp":
             print(f"{stats.exported} spans exported over OTLP ({opts.export.protocol})", file=sys.stderr)
-        return self.target.exit_status()
+
+
+@dataclass
+class _End:
+    """What the kernel side said last, read before the probes are closed."""
+    metrics: MetricsData | None
+    counters: dict[str, int]
+    allocs_elsewhere: list
+    app_counters: dict[str, int]

@@ -86,18 +86,19 @@ class OtlpSink:
         if fast and self._send is None:
             log.info("this OpenTelemetry SDK offers no way to send encoded spans; using its own (slower) encoder")
 
-    def prepare(self, spans: Sequence[GoroutineSpan]) -> list:
-        """What waits in the pipeline: each span's encoding (or the span, for the SDK's encoder)."""
-        return [self._encoder.span(s) for s in spans] if self._send is not None else list(spans)
+    @property
+    def encoder(self) -> SpanEncoder | None:
+        """The encoder whose bytes export() takes instead of GoroutineSpans (None: the SDK's encoder,
+        which takes GoroutineSpans)."""
+        return self._encoder if self._send is not None else None
 
     def export(self, spans: Sequence) -> bool:
-        """Export spans: GoroutineSpans, or what prepare() made of them."""
+        """Export spans: encoded by `encoder`, or GoroutineSpans when there is none."""
         if self._send is None:
             return self._exporter.export([to_readable(s, self._resource) for s in spans]) is SpanExportResult.SUCCESS
-        encoded = [s if isinstance(s, bytes) else self._encoder.span(s) for s in spans]
         # A batch is one request unless it encodes to more than 2 MiB; if a later part then fails,
         # the whole batch is retried and the first part's spans reach the collector twice (never lost).
-        return all(self._send(payload, count) for payload, count in self._encoder.pack(encoded))
+        return all(self._send(payload, count) for payload, count in self._encoder.pack(spans))
 
     def shutdown(self) -> None:
         self._exporter.shutdown()

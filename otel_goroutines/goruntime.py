@@ -74,6 +74,9 @@ class RuntimeSupport:
     allgs_address: int | None        # runtime.allgs ([]*g), to list goroutines at attach; None if stripped
     allocs: "AllocSupport | None" = None  # heap-allocation probes (--allocs)
     labels: "LabelSupport | None" = None  # runtime/pprof goroutine labels; None: the program cannot set any
+    # The casgstatus probe can also see creations and exits (the goid is set before the new g turns
+    # runnable from Go 1.24): with state events on, no lifecycle probes are needed.
+    states_cover_lifecycle: bool = False
 
     def bpf_defines(self) -> list[str]:
         return [f"-DOFF_{name.upper()}={value}" for name, value in sorted(self.offsets.items())]
@@ -97,6 +100,7 @@ def support_for(binary: GoBinary) -> RuntimeSupport:
         allgs_address=sym.address if (sym := binary.symbol("runtime.allgs")) else None,
         allocs=_alloc_support(binary, version),
         labels=_label_support(binary, version),
+        states_cover_lifecycle=version >= GoVersion(1, 24) and not _naive_placement(),
     )
 
 

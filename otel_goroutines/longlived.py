@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from .goruntime import G_LEAKED, G_WAITING
 from .records import GoroutineRecord
 from .spans import Checkpointed
@@ -37,6 +39,19 @@ class LongLived:
     checkpointed: dict[tuple[int, int], Checkpointed] = field(default_factory=dict)
     _flagged_waits: dict[tuple[int, int], int] = field(default_factory=dict)  # goroutine -> since_ns of the flagged wait
     leaks_flagged: int = 0
+
+    def candidates(self, create_ns: np.ndarray, since_ns: np.ndarray, status: np.ndarray, now_ns: int) -> np.ndarray:
+        """Which live goroutines due() may pick (a cheap superset, on arrays): old enough for a
+        checkpoint, marked leaked, or waiting past the leak threshold."""
+        checkpoint_ns = int(self.settings.checkpoint_after_s * 1e9)
+        leak_ns = int(self.settings.leak_after_s * 1e9)
+        now = np.int64(now_ns)
+        pick = status == G_LEAKED
+        if checkpoint_ns:
+            pick |= now - create_ns.astype(np.int64) >= checkpoint_ns
+        if leak_ns:
+            pick |= (status == G_WAITING) & (now - since_ns.astype(np.int64) >= leak_ns)
+        return pick
 
     def due(self, records: list[GoroutineRecord], now_ns: int, is_runtime: callable) -> list[Due]:
         """Among live goroutines, those whose checkpoint is due or that look leaked now."""
@@ -69,6 +84,10 @@ class LongLived:
         self.checkpointed[key] = Checkpointed(before.count + 1 if before else 1, now_ns, rec.state_ns,
                                               (rec.alloc_bytes, rec.alloc_count, rec.alloc_samples))
         return before
+
+    def goroutines(self) -> set[int]:
+        """Goroutines with checkpoints or a flagged leak: their final span needs what is noted here."""
+        return {goid for _, goid in self.checkpointed} | {goid for _, goid in self._flagged_waits}
 
     def finish(self, rec: GoroutineRecord) -> tuple[Checkpointed | None, bool]:
         """At the goroutine's end: its checkpoints so far, and whether it was flagged as a leak."""

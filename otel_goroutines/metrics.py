@@ -11,9 +11,10 @@ import json
 import logging
 import os
 import threading
-from bisect import bisect_left
 from collections import defaultdict
 from typing import Callable
+
+import numpy as np
 
 from google.protobuf.json_format import MessageToDict
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 CUMULATIVE = AggregationTemporality.CUMULATIVE
 MAX_FUNCTIONS = 50  # per-function series; the rest are summed under "other"
 LIFETIME_BOUNDS_S = (0.0001, 0.001, 0.01, 0.1, 1.0, 10.0, 60.0, 600.0, 3600.0)
+_LIFETIME_BOUNDS_NS = np.array([round(b * 1e9) for b in LIFETIME_BOUNDS_S], np.int64)
 
 
 class GoroutineMetrics:
@@ -41,12 +43,17 @@ class GoroutineMetrics:
         self._lifetime_sums: dict[str, float] = defaultdict(float)  # min/max are not tracked: None leaves them unset
         self.existing_at_attach = 0
 
-    def observe_end(self, name: str, lifetime_ns: int) -> None:
-        if name not in self._lifetimes and len(self._lifetimes) >= MAX_FUNCTIONS:
-            name = "other"
-        seconds = lifetime_ns / 1e9
-        self._lifetimes[name][bisect_left(LIFETIME_BOUNDS_S, seconds)] += 1
-        self._lifetime_sums[name] += seconds
+    def observe_ends(self, names: list[str], index: np.ndarray, lifetimes_ns: np.ndarray) -> None:
+        """Lifetimes of a batch of ended goroutines: names[index[i]] is row i's start function."""
+        buckets = np.searchsorted(_LIFETIME_BOUNDS_NS, lifetimes_ns, "left")
+        width = len(LIFETIME_BOUNDS_S) + 1
+        counts = np.bincount(index * width + buckets, minlength=len(names) * width).reshape(len(names), width)
+        sums = np.bincount(index, weights=lifetimes_ns / 1e9, minlength=len(names))
+        for name, row, total in zip(names, counts.tolist(), sums.tolist()):
+            if name not in self._lifetimes and len(self._lifetimes) >= MAX_FUNCTIONS:
+                name = "other"
+            self._lifetimes[name] = [a + b for a, b in zip(self._lifetimes[name], row)]
+            self._lifetime_sums[name] += total
 
     def collect(self, now_ns: int, start_counts: dict[int, tuple[int, int]], sched_histogram: list[int],
                 leaks: int, spans: dict[str, int]) -> MetricsData:

@@ -14,7 +14,6 @@ from collections import deque
 from dataclasses import dataclass
 
 from .exporters import SpanSink
-from .spans import GoroutineSpan
 
 log = logging.getLogger(__name__)
 
@@ -29,11 +28,11 @@ class ExportStats:
 class ExportPipeline:
     def __init__(self, sink: SpanSink, max_buffered: int = 200_000, batch_size: int = 1024,
                  max_backoff_s: float = 5.0):
-        self._sink = sink
+        self.sink = sink
         self._max_buffered = max_buffered
         self._batch_size = batch_size
         self._max_backoff_s = max_backoff_s
-        self._buffer: deque[GoroutineSpan] = deque()
+        self._buffer: deque = deque()  # GoroutineSpans or their encoded bytes
         self._cond = threading.Condition()
         self._closing = False
         self._deadline = float("inf")
@@ -44,11 +43,11 @@ class ExportPipeline:
         self._thread = threading.Thread(target=self._run, name="span-export", daemon=True)
         self._thread.start()
 
-    def submit(self, spans: list[GoroutineSpan]) -> None:
-        # A sink may turn spans into a compact form for the wait (OtlpSink: their encoded bytes, a
-        # tenth of the memory of the span objects while a burst waits for the collector).
-        prepare = getattr(self._sink, "prepare", None)
-        items = prepare(spans) if prepare is not None else spans
+    def submit(self, items: list) -> None:
+        """Spans in the form the sink takes: GoroutineSpans, or for a sink with an `encoder` their
+        encoded bytes (a tenth of the memory of the span objects while a burst waits for the collector)."""
+        if not items:
+            return
         with self._cond:
             self._buffer.extend(items)
             overflow = len(self._buffer) - self._max_buffered
@@ -74,7 +73,7 @@ class ExportPipeline:
             self._abandoned = True
             self.stats.dropped += len(self._buffer) + self._in_flight
             self._buffer.clear()
-        self._sink.shutdown()
+        self.sink.shutdown()
         return self.stats
 
     def _run(self) -> None:
@@ -88,7 +87,7 @@ class ExportPipeline:
                 batch = [self._buffer.popleft() for _ in range(min(self._batch_size, len(self._buffer)))]
                 self._in_flight = len(batch)
             try:
-                ok = self._sink.export(batch)
+                ok = self.sink.export(batch)
             except Exception as exc:  # a sink must not kill the agent; the batch is retried
                 log.warning("span export raised %s", exc)
                 ok = False

@@ -1,93 +1,110 @@
 """The eBPF side: compile bpf/goroutines.bpf.c with bcc, attach it to one process, read what it sends.
 
-Kernel events come out of here as GoroutineRecords (ended goroutines) and StateChanges; the
-rest of the agent never touches bcc.
+What the kernel sends comes out of here as numpy arrays of the layouts in bpf/records.h (the
+generated kernel_records): a KernelBatch per drain of the ring buffer, and the goroutine map read
+in batches. The ring buffer is read by libbpf (inside libbcc) into a compiled RecordSink: no
+Python runs per record. The rest of the agent never touches bcc.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import errno
 import io
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+
+import numpy as np
 
 from . import allocs
+from ._ringsink import RecordSink
 from .errors import AgentError
-from .goruntime import N_STATES, ProbePoint, RuntimeSupport
+from .goruntime import ProbePoint, RuntimeSupport
 from .gosdk import SdkSupport
+from .kernel_records import (END_EVENT_DTYPE, GKEY_DTYPE, GSTATE_DTYPE, LABEL_KEY_MAX, LABEL_VALUE_MAX, LABELS_EVENT_DTYPE,
+                             N_STATES, TRANSITION_EVENT_DTYPE, AppCounter, Counter, EventKind, GstateFlag, TraceReason)
 from .target_memory import ExistingGoroutine
-from .records import EndReason, GoroutineRecord, StateChange, TraceReason
 
-BPF_SOURCE = Path(__file__).resolve().parent.parent / "bpf" / "goroutines.bpf.c"
+BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
+BPF_SOURCE = BPF_DIR / "goroutines.bpf.c"
 
-EV_TRANSITION, EV_END, EV_PROCESS_EXIT, EV_RUNTIME_INITIALISED, EV_LABELS = 1, 2, 3, 4, 5
-APP_COUNTER_NAMES = ("app_spans_started", "app_spans_ended", "app_spans_forgotten_too_deep", "app_spans_not_followed_map_full",
-                     "app_spans_of_unknown_type", "goroutines_under_app_spans", "goroutines_with_labels",
-                     "labels_lost_ringbuf")
-COUNTER_NAMES = ("goroutines_untracked_map_full", "state_events_lost_ringbuf", "ends_deferred_ringbuf",
-                 "exits_of_untraced_goroutines", "target_memory_read_errors", "goroutines_created")
+# Names users see for the kernel's counters (summary, metrics), by enum counter / app_counter.
+COUNTER_NAMES = {Counter.C_MAP_FULL: "goroutines_untracked_map_full", Counter.C_EVENTS_LOST: "state_events_lost_ringbuf",
+                 Counter.C_END_DEFERRED: "ends_deferred_ringbuf", Counter.C_UNTRACKED_EXIT: "exits_of_untraced_goroutines",
+                 Counter.C_READ_ERROR: "target_memory_read_errors", Counter.C_CREATED: "goroutines_created"}
+APP_COUNTER_NAMES = {AppCounter.AC_SPANS_STARTED: "app_spans_started", AppCounter.AC_SPANS_ENDED: "app_spans_ended",
+                     AppCounter.AC_SPANS_DROPPED_DEEP: "app_spans_forgotten_too_deep",
+                     AppCounter.AC_STACKS_FULL: "app_spans_not_followed_map_full",
+                     AppCounter.AC_UNKNOWN_SPAN_TYPE: "app_spans_of_unknown_type",
+                     AppCounter.AC_GOROUTINES_JOINED: "goroutines_under_app_spans",
+                     AppCounter.AC_LABELS_SENT: "goroutines_with_labels", AppCounter.AC_LABELS_LOST: "labels_lost_ringbuf"}
+# Every ring-buffer record kind and its one size; the sink counts any other as malformed.
+RECORD_SIZES = {EventKind.EV_TRANSITION: TRANSITION_EVENT_DTYPE.itemsize, EventKind.EV_END: END_EVENT_DTYPE.itemsize,
+                EventKind.EV_LABELS: LABELS_EVENT_DTYPE.itemsize, EventKind.EV_PROCESS_EXIT: TRANSITION_EVENT_DTYPE.itemsize,
+                EventKind.EV_RUNTIME_INITIALISED: TRANSITION_EVENT_DTYPE.itemsize}
 
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
-FLAG_EXISTED_AT_ATTACH = 1
 _BPF_NOEXIST = 1
+_MAP_BATCH = 4096  # entries per BPF_MAP_LOOKUP_BATCH call
 
 
-class _GState(ct.Structure):
-    _fields_ = [("create_ns", ct.c_uint64), ("end_ns", ct.c_uint64), ("last_ns", ct.c_uint64),
-                ("parent_goid", ct.c_uint64), ("start_pc", ct.c_uint64), ("go_pc", ct.c_uint64),
-                ("state_ns", ct.c_uint64 * N_STATES), ("status", ct.c_uint32), ("transitions", ct.c_uint32),
-                ("events_sent", ct.c_uint32), ("events_left_out", ct.c_uint32),
-                ("parent_traced", ct.c_uint32), ("pad", ct.c_uint32), ("root_goid", ct.c_uint64),
-                ("parent_root_goid", ct.c_uint64),
-                ("children", ct.c_uint32), ("trace_reason", ct.c_uint32), ("flags", ct.c_uint32),
-                ("waitreason", ct.c_uint32),
-                ("alloc_bytes", ct.c_uint64), ("alloc_count", ct.c_uint64), ("alloc_samples", ct.c_uint64),
-                ("app_trace_id", ct.c_uint8 * 16), ("app_span_id", ct.c_uint8 * 8), ("app_flags", ct.c_uint32),
-                ("app_pad", ct.c_uint32)]
+@dataclass
+class KernelBatch:
+    """What one drain of the ring buffer gave."""
+    ends: np.ndarray         # END_EVENT_DTYPE: goroutines that exited, with their whole state
+    transitions: np.ndarray  # TRANSITION_EVENT_DTYPE: state changes, in the order they happened
+    labels: dict[int, dict[str, str]] = field(default_factory=dict)  # goid -> pprof labels, sent ahead of its end
+    process_exited: bool = False
+    runtime_initialised: bool = False
 
 
-class _GKey(ct.Structure):
-    _fields_ = [("tgid", ct.c_uint32), ("pad", ct.c_uint32), ("goid", ct.c_uint64)]
-
-
-class _Header(ct.Structure):
-    _fields_ = [("kind", ct.c_uint32), ("tgid", ct.c_uint32), ("goid", ct.c_uint64)]
-
-
-class _TransitionEvent(ct.Structure):
-    _fields_ = _Header._fields_ + [("ts", ct.c_uint64), ("from_state", ct.c_uint32), ("to_state", ct.c_uint32),
-                                   ("waitreason", ct.c_uint32), ("pad", ct.c_uint32)]
-
-
-class _EndEvent(ct.Structure):
-    _fields_ = _Header._fields_ + [("st", _GState)]
-
-
-_MAX_LABELS, _LABEL_KEY_MAX, _LABEL_VALUE_MAX = 8, 32, 64  # as in the BPF program
-
-
-class _Label(ct.Structure):
-    _fields_ = [("key_len", ct.c_uint16), ("value_len", ct.c_uint16), ("key", ct.c_uint8 * _LABEL_KEY_MAX),
-                ("value", ct.c_uint8 * _LABEL_VALUE_MAX)]
-
-
-class _LabelsEvent(ct.Structure):
-    _fields_ = _Header._fields_ + [("count", ct.c_uint32), ("total", ct.c_uint32), ("labels", _Label * _MAX_LABELS)]
-
-
-def _labels(ev: _LabelsEvent) -> dict[str, str]:
+def labels_of(ev: np.void) -> dict[str, str]:
     """A goroutine's pprof labels (the first 8); keys and values cut to the kernel's buffers end in "..."."""
     out = {}
-    for label in ev.labels[:min(ev.count, _MAX_LABELS)]:
-        key = bytes(label.key[:min(label.key_len, _LABEL_KEY_MAX)]).decode("utf-8", "replace")
-        value = bytes(label.value[:min(label.value_len, _LABEL_VALUE_MAX)]).decode("utf-8", "replace")
-        out[key + ("..." if label.key_len > _LABEL_KEY_MAX else "")] = value + ("..." if label.value_len > _LABEL_VALUE_MAX else "")
+    for label in ev["labels"][:min(int(ev["count"]), len(ev["labels"]))]:
+        key_len, value_len = int(label["key_len"]), int(label["value_len"])
+        key = label["key"][:min(key_len, LABEL_KEY_MAX)].tobytes().decode("utf-8", "replace")
+        value = label["value"][:min(value_len, LABEL_VALUE_MAX)].tobytes().decode("utf-8", "replace")
+        out[key + ("..." if key_len > LABEL_KEY_MAX else "")] = value + ("..." if value_len > LABEL_VALUE_MAX else "")
     return out
+
+
+def read_map(map_fd: int, key_dtype: np.dtype, value_dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Every entry of a BPF hash map, a few thousand per system call (BPF_MAP_LOOKUP_BATCH). bcc's
+    own batch reader shares one variable between the batch token and the count, and builds ctypes
+    objects per entry."""
+    from bcc.libbcc import lib
+
+    keys, values = np.empty(_MAP_BATCH, key_dtype), np.empty(_MAP_BATCH, value_dtype)
+    in_token, out_token, count = ct.c_uint32(), ct.c_uint32(), ct.c_uint32()
+    got_keys, got_values, first = [], [], True
+    while True:
+        count.value = len(keys)
+        res = lib.bpf_lookup_batch(map_fd, None if first else ct.byref(in_token), ct.byref(out_token),
+                                   keys.ctypes.data, values.ctypes.data, ct.byref(count))
+        err = ct.get_errno()
+        got_keys.append(keys[:count.value].copy())
+        got_values.append(values[:count.value].copy())
+        if res != 0 and err == errno.ENOSPC:  # one hash bucket holds more than a batch: retry with more room
+            keys, values = np.empty(2 * len(keys), key_dtype), np.empty(2 * len(values), value_dtype)
+            continue
+        if res != 0:
+            if err != errno.ENOENT:
+                raise OSError(err, f"BPF_MAP_LOOKUP_BATCH: {os.strerror(err)}")
+            break
+        in_token.value, first = out_token.value, False
+    return np.concatenate(got_keys), np.concatenate(got_values)
+
+
+def as_ends(tgid: np.ndarray, goid: np.ndarray, states: np.ndarray) -> np.ndarray:
+    """Map entries as end records (END_EVENT_DTYPE), the one shape the span flow reads."""
+    ends = np.zeros(len(goid), END_EVENT_DTYPE)
+    ends["kind"], ends["tgid"], ends["goid"], ends["st"] = EventKind.EV_END, tgid, goid, states
+    return ends
 
 
 @dataclass(frozen=True)
@@ -95,7 +112,7 @@ class ProbeSettings:
     states: bool = True            # probe casgstatus for state events and per-state times
     max_events: int = 64           # state events kept per goroutine; the rest are counted
     max_goroutines: int = 131072   # goroutines tracked at once
-    ringbuf_pages: int = 1024      # 4 MiB
+    ringbuf_pages: int = 2048      # 8 MiB
     trace_max_spans: int = 1000    # goroutines per trace before a new one starts
     spawner_children: int = 16     # a creator with more children than this is a spawner...
     spawner_age_s: float = 1.0     # ...and so is one older than this: their children start traces
@@ -132,25 +149,6 @@ def pid_namespace_defines(ns_path: str = "/proc/self/ns/pid") -> list[str]:
     return [f"-DAGENT_PIDNS_DEV={st.st_dev}ULL", f"-DAGENT_PIDNS_INO={st.st_ino}ULL"]
 
 
-def _record(goid: int, tgid: int, st: _GState, end_reason: EndReason) -> GoroutineRecord:
-    return GoroutineRecord(
-        pid=tgid, goid=goid, parent_goid=st.parent_goid, parent_traced=bool(st.parent_traced),
-        create_ns=st.create_ns, end_ns=st.end_ns, start_pc=st.start_pc, go_pc=st.go_pc,
-        state_ns=tuple(st.state_ns), transitions=st.transitions, events_left_out=st.events_left_out,
-        end_reason=end_reason, root_goid=st.root_goid, parent_root_goid=st.parent_root_goid, trace_reason=TraceReason(st.trace_reason),
-        existed_at_attach=bool(st.flags & FLAG_EXISTED_AT_ATTACH), status=st.status, wait_reason=st.waitreason,
-        since_ns=st.last_ns, alloc_bytes=st.alloc_bytes,
-        alloc_count=(st.alloc_count + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT, alloc_samples=st.alloc_samples,
-        app_trace_id=int.from_bytes(bytes(st.app_trace_id), "big"), app_span_id=int.from_bytes(bytes(st.app_span_id), "big"),
-        app_flags=st.app_flags)
-
-
-def _ended(rec: GoroutineRecord, now_ns: int, reason: EndReason) -> GoroutineRecord:
-    rec.end_ns = now_ns
-    rec.end_reason = reason
-    return rec
-
-
 class GoroutineProbes:
     """The probes of one traced process, from attach to close."""
 
@@ -159,11 +157,13 @@ class GoroutineProbes:
         self.support = support
         self.sdk = sdk if settings.app_traces else None  # the application's OpenTelemetry SDK, when followed
         self.labels = support.labels if settings.labels else None
-        self._labels_of: dict[tuple[int, int], dict[str, str]] = {}  # labels sent ahead of their goroutine's end
         self.exe_path = exe_path
         self.pid = pid
         self.settings = settings
-        self.probe_points: list[ProbePoint] = list(support.lifecycle_probes)
+        # With state events on, the casgstatus probe also sees creations and exits where the
+        # runtime allows it (Go 1.24+): one trap fewer per goroutine and per end.
+        self.states_cover_lifecycle = settings.states and support.states_cover_lifecycle
+        self.probe_points: list[ProbePoint] = [] if self.states_cover_lifecycle else list(support.lifecycle_probes)
         if settings.states:
             self.probe_points += support.state_probes
         if settings.allocs is allocs.AllocMode.EXACT:
@@ -173,14 +173,12 @@ class GoroutineProbes:
         if self.sdk is not None:
             self.probe_points += self.sdk.probes
         self._bpf = None
+        self._ring = None
+        self._sink = RecordSink({int(kind): size for kind, size in RECORD_SIZES.items()})
 
-    def attach(self, on_change: Callable[[int, int, StateChange], None], on_end: Callable[[GoroutineRecord], None],
-               on_process_exit: Callable[[int], None], on_runtime_initialised: Callable[[], None] = lambda: None) -> None:
-        try:
-            from bcc import BPF
-        except ImportError:
-            raise AgentError("the bcc Python module is missing; run `make setup` (Debian package python3-bpfcc)") from None
+    def _cflags(self) -> list[str]:
         cflags = self.support.bpf_defines() + [
+            f"-I{BPF_DIR}",
             f"-DMAX_EVENTS={self.settings.max_events if self.settings.states else 0}",
             f"-DMAX_GOROUTINES={self.settings.max_goroutines}",
             f"-DRINGBUF_PAGES={self.settings.ringbuf_pages}",
@@ -189,6 +187,8 @@ class GoroutineProbes:
             f"-DSPAWNER_AGE_NS={int(self.settings.spawner_age_s * 1e9)}ULL",
             "-w",
         ]
+        if self.states_cover_lifecycle:
+            cflags.append("-DSTATES_COVER_LIFECYCLE")
         cflags += pid_namespace_defines()
         if self.settings.allocs is not allocs.AllocMode.OFF:
             cflags += allocs.bpf_defines() + self.support.allocs.bpf_defines(self.settings.allocs is allocs.AllocMode.SAMPLED)
@@ -196,10 +196,18 @@ class GoroutineProbes:
             cflags += self.sdk.bpf_defines()
         if self.labels is not None:
             cflags += self.labels.bpf_defines()
+        return cflags
+
+    def attach(self) -> None:
+        try:
+            from bcc import BPF
+            from bcc.libbcc import _RINGBUF_CB_TYPE, lib
+        except ImportError:
+            raise AgentError("the bcc Python module is missing; run `make setup` (Debian package python3-bpfcc)") from None
         # bcc prints compiler chatter on stderr; keep it for the error message only.
         try:
             with _captured_stderr() as chatter:
-                self._bpf = BPF(text=BPF_SOURCE.read_text(), cflags=cflags)
+                self._bpf = BPF(text=BPF_SOURCE.read_text(), cflags=self._cflags())
         except Exception as exc:
             detail = chatter.getvalue().strip().splitlines()
             raise AgentError(f"could not compile the eBPF program ({exc}); {detail[-1] if detail else 'are kernel headers installed? run `make setup`'}") from None
@@ -208,6 +216,11 @@ class GoroutineProbes:
             weights = self._bpf["alloc_weights"]
             for i, hq in enumerate(allocs.weight_table()):
                 weights[ct.c_int(i)] = ct.c_uint32(hq)
+        self._sample_fn = _RINGBUF_CB_TYPE(self._sink.callback_address())  # kept: libbpf calls it
+        self._ring = lib.bpf_new_ringbuf(self._bpf["events"].map_fd, self._sample_fn, self._sink.context_address())
+        if not self._ring:
+            self.close()
+            raise AgentError("could not open the eBPF ring buffer")
         self.attached_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # from here on, goroutines are seen
         try:
             for point in self.probe_points:
@@ -216,84 +229,93 @@ class GoroutineProbes:
             self.close()
             raise AgentError(f"could not attach a uprobe to {self.exe_path} (PID {self.pid}): {exc}") from None
 
-        def handle(_ctx, data, _size):
-            header = ct.cast(data, ct.POINTER(_Header)).contents
-            if header.kind == EV_TRANSITION:
-                ev = ct.cast(data, ct.POINTER(_TransitionEvent)).contents
-                on_change(ev.tgid, ev.goid, StateChange(ev.ts, ev.from_state, ev.to_state, ev.waitreason))
-            elif header.kind == EV_END:
-                ev = ct.cast(data, ct.POINTER(_EndEvent)).contents
-                on_end(self._with_labels(_record(ev.goid, ev.tgid, ev.st, EndReason.EXITED)))
-            elif header.kind == EV_LABELS:
-                ev = ct.cast(data, ct.POINTER(_LabelsEvent)).contents
-                self._labels_of[(ev.tgid, ev.goid)] = _labels(ev)
-            elif header.kind == EV_PROCESS_EXIT:
-                on_process_exit(header.tgid)
-            elif header.kind == EV_RUNTIME_INITIALISED:
-                on_runtime_initialised()
+    def poll(self, timeout_ms: int) -> KernelBatch:
+        """Wait timeout_ms, or less if the ring buffer fills past half or the process ends, then take
+        everything the ring buffer holds. Records come without a wake-up: the wait is a timer, and
+        the consume after it is what reads them."""
+        from bcc.libbcc import lib
 
-        self._bpf["events"].open_ring_buffer(handle)
+        lib.bpf_poll_ringbuf(self._ring, timeout_ms)
+        return self.drain()
 
-    def poll(self, timeout_ms: int) -> None:
-        self._bpf.ring_buffer_poll(timeout_ms)
+    def drain(self) -> KernelBatch:
+        """Everything the ring buffer holds now."""
+        from bcc.libbcc import lib
 
-    def drain(self) -> None:
-        self._bpf.ring_buffer_consume()
+        lib.bpf_consume_ringbuf(self._ring)
+        take = lambda kind, dtype: np.frombuffer(self._sink.take(int(kind)), dtype)
+        labels = take(EventKind.EV_LABELS, LABELS_EVENT_DTYPE)
+        return KernelBatch(
+            ends=take(EventKind.EV_END, END_EVENT_DTYPE),
+            transitions=take(EventKind.EV_TRANSITION, TRANSITION_EVENT_DTYPE),
+            labels={int(ev["goid"]): labels_of(ev) for ev in labels},
+            process_exited=len(take(EventKind.EV_PROCESS_EXIT, TRANSITION_EVENT_DTYPE)) > 0,
+            runtime_initialised=len(take(EventKind.EV_RUNTIME_INITIALISED, TRANSITION_EVENT_DTYPE)) > 0,
+        )
 
-    def remaining(self, now_ns: int, reason: EndReason) -> list[GoroutineRecord]:
-        """Records still in the kernel map: goroutines alive now (ended at now_ns), and finished
-        goroutines whose end record found the ring buffer full (with their real end time)."""
-        return [self._with_labels(rec if rec.end_ns else _ended(rec, now_ns, reason))
-                for rec in self.snapshot(now_ns, include_ended=True)]
+    def _entries(self) -> np.ndarray:
+        """This process's goroutines in the kernel map, as end records (end_ns 0 while alive)."""
+        keys, states = read_map(self._bpf["goroutines"].map_fd, GKEY_DTYPE, GSTATE_DTYPE)
+        mine = keys["tgid"] == self.pid
+        return as_ends(keys["tgid"][mine], keys["goid"][mine], states[mine])
 
-    def _with_labels(self, rec: GoroutineRecord) -> GoroutineRecord:
-        rec.labels = self._labels_of.pop((rec.pid, rec.goid), rec.labels)
-        return rec
-
-    def snapshot(self, now_ns: int, include_ended: bool = False) -> list[GoroutineRecord]:
-        """The goroutines in the kernel map now, per-state times counted up to now_ns."""
-        records = []
-        for key, st in self._bpf["goroutines"].items():
-            if key.tgid != self.pid or (st.end_ns and not include_ended):
-                continue
-            if not st.end_ns:
-                st.state_ns[min(st.status, N_STATES - 1)] += max(0, now_ns - st.last_ns)
-            records.append(_record(key.goid, key.tgid, st, EndReason.EXITED))
-        return records
+    def snapshot(self, now_ns: int, include_ended: bool = False) -> np.ndarray:
+        """The goroutines in the kernel map now (END_EVENT_DTYPE), per-state times counted up to now_ns.
+        With include_ended, also finished goroutines whose end record found the ring buffer full."""
+        entries = self._entries()
+        st = entries["st"]
+        alive = st["end_ns"] == 0
+        rows = np.flatnonzero(alive)
+        status = np.minimum(st["status"][rows], N_STATES - 1)
+        st["state_ns"][rows, status] += np.maximum(np.int64(now_ns) - st["last_ns"][rows].astype(np.int64), 0).astype(np.uint64)
+        return entries if include_ended else entries[alive]
 
     def import_existing(self, goroutines: list[ExistingGoroutine], now_ns: int) -> int:
         """Put goroutines that predate the probes into the kernel map, as if created now, each
         starting a trace of its own. Goroutines the probes already saw are left alone."""
         from bcc.libbcc import lib  # bcc's Table has no insert-if-absent; the raw call takes flags
 
-        table = self._bpf["goroutines"]
+        fd = self._bpf["goroutines"].map_fd
+        key, st = np.zeros(1, GKEY_DTYPE), np.zeros(1, GSTATE_DTYPE)
         imported = 0
         for g in goroutines:
-            key = _GKey(self.pid, 0, g.goid)
-            st = _GState(create_ns=now_ns, last_ns=now_ns, parent_goid=g.parent_goid, start_pc=g.start_pc,
-                         go_pc=g.go_pc, status=g.status, root_goid=g.goid,
-                         trace_reason=TraceReason.UNTRACED_PARENT, flags=FLAG_EXISTED_AT_ATTACH, waitreason=g.wait_reason)
-            if lib.bpf_update_elem(table.map_fd, ct.byref(key), ct.byref(st), _BPF_NOEXIST) == 0:
+            key[0] = (self.pid, 0, g.goid)
+            st[0] = 0
+            for name, value in (("create_ns", now_ns), ("last_ns", now_ns), ("parent_goid", g.parent_goid),
+                                ("start_pc", g.start_pc), ("go_pc", g.go_pc), ("status", g.status), ("root_goid", g.goid),
+                                ("trace_reason", TraceReason.TR_UNTRACED_PARENT),
+                                ("flags", GstateFlag.FLAG_EXISTED_AT_ATTACH), ("waitreason", g.wait_reason)):
+                st[0][name] = value
+            if lib.bpf_update_elem(fd, key.ctypes.data, st.ctypes.data, _BPF_NOEXIST) == 0:
                 imported += 1
         return imported
 
+    def delete(self, goids: np.ndarray) -> None:
+        """Drop goroutines from the kernel map (ended ones whose records were taken from it)."""
+        from bcc.libbcc import lib
+
+        fd = self._bpf["goroutines"].map_fd
+        key = np.zeros(1, GKEY_DTYPE)
+        for goid in goids.tolist():
+            key[0] = (self.pid, 0, goid)
+            lib.bpf_delete_elem(fd, key.ctypes.data)
+
     def forget(self, goids: list[int]) -> None:
         """Drop imported goroutines that turned out to have exited during the import."""
-        table = self._bpf["goroutines"]
+        from bcc.libbcc import lib
+
+        fd = self._bpf["goroutines"].map_fd
+        key, st = np.zeros(1, GKEY_DTYPE), np.zeros(1, GSTATE_DTYPE)
         for goid in goids:
-            key = _GKey(self.pid, 0, goid)
-            st = table.get(key)
-            if st is not None and st.flags & FLAG_EXISTED_AT_ATTACH:
-                del table[key]
+            key[0] = (self.pid, 0, goid)
+            if lib.bpf_lookup_elem(fd, key.ctypes.data, st.ctypes.data) == 0 and \
+                    st[0]["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH:
+                lib.bpf_delete_elem(fd, key.ctypes.data)
 
     def schedule_latency_histogram(self) -> list[int]:
         """Counts of runnable-to-running waits by log2(ns) bucket (states detail only)."""
         table = self._bpf["sched_latency"]
         return [sum(table[ct.c_int(i)]) for i in range(len(table))]
-
-    def start_function_counts(self) -> dict[int, tuple[int, int]]:
-        """start pc -> (goroutines created, exited) since the probes were attached."""
-        return {k.value: (v.created, v.exited) for k, v in self._bpf["by_start_pc"].items()}
 
     def allocs_elsewhere(self) -> list[allocs.AllocTotals]:
         """Heap allocations no goroutine span holds, by owner (allocs.ELSEWHERE): system stack, untracked goroutines."""
@@ -315,20 +337,28 @@ class GoroutineProbes:
 
     def probe_ip(self) -> int | None:
         """The runtime address of the first creation-probe hit (for a PIE's load bias)."""
-        table = self._bpf["probe_ips"]
-        value = table.get(ct.c_uint32(self.pid))
-        return value.value if value is not None else None
+        value = self._bpf["probe_ip"][ct.c_int(0)].value
+        return value or None
 
     def counters(self) -> dict[str, int]:
+        """The kernel's counters, plus what the ring-buffer reader itself could not keep."""
         values = self._bpf["counters"]
-        return {name: sum(values[ct.c_int(i)]) for i, name in enumerate(COUNTER_NAMES)}
+        out = {name: sum(values[ct.c_int(i)]) for i, name in COUNTER_NAMES.items()}
+        out["records_malformed"] = self._sink.malformed
+        out["records_dropped_no_memory"] = self._sink.no_memory
+        return out
 
     def app_counters(self) -> dict[str, int]:
         """Application spans followed, goroutines put under them, pprof labels sent (and what was lost)."""
         values = self._bpf["app_counters"]
-        return {name: sum(values[ct.c_int(i)]) for i, name in enumerate(APP_COUNTER_NAMES)}
+        return {name: sum(values[ct.c_int(i)]) for i, name in APP_COUNTER_NAMES.items()}
 
     def close(self) -> None:
+        if self._ring:
+            from bcc.libbcc import lib
+
+            lib.bpf_free_ringbuf(self._ring)
+            self._ring = None
         if self._bpf is not None:
             with _captured_stderr():
                 self._bpf.cleanup()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from .spans import GoroutineSpan
 
 
@@ -30,18 +32,23 @@ class SpanBudget:
         """The spans to export; the others are counted in sampled_out."""
         if not self.spans_per_second:
             return spans
+        keep = self.select_mask(np.fromiter((self.interesting(s) for s in spans), bool, len(spans)))
+        return [span for span, kept in zip(spans, keep) if kept]
+
+    def select_mask(self, interesting: np.ndarray) -> np.ndarray:
+        """Which of a batch of spans to export, given which are interesting; the others are counted
+        in sampled_out. Interesting spans always go; the others while tokens last, in order."""
+        if not self.spans_per_second:
+            return np.ones(len(interesting), bool)
         now = time.monotonic()
         self._tokens = min(self.spans_per_second, self._tokens + (now - self._last) * self.spans_per_second)
         self._last = now
-        kept = []
-        for span in spans:
-            if self.interesting(span):
-                kept.append(span)
-                self._tokens -= 1
-            elif self._tokens >= 1:
-                kept.append(span)
-                self._tokens -= 1
-            else:
-                self.sampled_out += 1
+        # Each span kept takes a token; a boring one is kept while a token is left after those before it.
+        keep = interesting.copy()
+        boring = np.flatnonzero(~interesting)
+        taken_before = np.arange(len(boring)) + np.cumsum(interesting)[boring] - interesting[boring]
+        keep[boring] = self._tokens - taken_before >= 1
+        self._tokens -= int(keep.sum())
+        self.sampled_out += int(len(keep) - keep.sum())
         self._tokens = max(self._tokens, -self.spans_per_second)  # interesting bursts borrow at most a second
-        return kept
+        return keep

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from .allocs import AllocMode
-from .goruntime import STATE_NAMES
+from .goruntime import G_LEAKED, STATE_NAMES
 from .records import EndReason, GoroutineRecord, TraceReason
 
 _MASK64 = (1 << 64) - 1
@@ -119,6 +119,15 @@ class SpanBuilder:
         span.attributes["go.goroutine.checkpoint"] = index
         span.attributes["go.goroutine.partial"] = True
         return span
+
+    def mark_leak(self, span: GoroutineSpan, rec: GoroutineRecord, why: str, now_ns: int) -> None:
+        """A checkpoint span of a suspected leak: flagged, with the wait it is stuck in."""
+        span.attributes["go.goroutine.leak_suspected"] = True
+        span.events.append(SpanEvent("leak_suspected", now_ns + self.clock_offset_ns,
+                                     {"go.goroutine.wait_reason": self.wait_reason(rec.wait_reason),
+                                      "go.goroutine.blocked_ns": now_ns - rec.since_ns, "go.goroutine.leak.reason": why}))
+        if rec.status == G_LEAKED:
+            span.error = "goroutine leaked (detected by the Go runtime)"
 
     def _span(self, rec: GoroutineRecord, before: Checkpointed | None, end_ns: int) -> GoroutineSpan:
         name = self.function_name(rec.start_pc)

@@ -1,43 +1,18 @@
-"""Joins kernel events into complete GoroutineRecords, and keeps the counts for the summary."""
+"""The summary printed at the end: goroutines seen, by start function."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from .records import GoroutineRecord, StateChange
-
-
-class GoroutineTracker:
-    """State changes arrive before their goroutine's end record; hold them until it comes."""
-
-    def __init__(self):
-        self._changes: dict[tuple[int, int], list[StateChange]] = defaultdict(list)
-        self.ready: list[GoroutineRecord] = []
-        self.ended = 0
-
-    def on_change(self, pid: int, goid: int, change: StateChange) -> None:
-        self._changes[(pid, goid)].append(change)
-
-    def on_end(self, record: GoroutineRecord) -> None:
-        record.changes = self._changes.pop((record.pid, record.goid), [])
-        self.ready.append(record)
-        self.ended += 1
-
-    def take_changes(self, pid: int, goid: int) -> list[StateChange]:
-        """The state changes buffered for a live goroutine (for a checkpoint span)."""
-        return self._changes.pop((pid, goid), [])
-
-    def take(self) -> list[GoroutineRecord]:
-        ready, self.ready = self.ready, []
-        return ready
+import numpy as np
 
 
 @dataclass
 class FunctionStats:
     count: int = 0
     alive_at_end: int = 0
-    lifetimes_ns: list[int] = field(default_factory=list)
+    lifetimes_ns: list[np.ndarray] = field(default_factory=list)  # one array per batch: 8 bytes a goroutine
 
 
 class Summary:
@@ -46,11 +21,16 @@ class Summary:
     def __init__(self):
         self.by_function: dict[str, FunctionStats] = defaultdict(FunctionStats)
 
-    def add(self, name: str, lifetime_ns: int, alive_at_end: bool) -> None:
-        stats = self.by_function[name]
-        stats.count += 1
-        stats.alive_at_end += alive_at_end
-        stats.lifetimes_ns.append(lifetime_ns)
+    def add_batch(self, names: list[str], index: np.ndarray, lifetimes_ns: np.ndarray, alive_at_end: np.ndarray) -> None:
+        """Goroutines of a batch: names[index[i]] is row i's start function."""
+        order = np.argsort(index, kind="stable")
+        bounds = np.searchsorted(index[order], np.arange(len(names) + 1))
+        for i, name in enumerate(names):
+            rows = order[bounds[i]:bounds[i + 1]]
+            stats = self.by_function[name]
+            stats.count += len(rows)
+            stats.alive_at_end += int(alive_at_end[rows].sum())
+            stats.lifetimes_ns.append(lifetimes_ns[rows])
 
     @property
     def total(self) -> int:
@@ -63,9 +43,9 @@ class Summary:
             width = min(60, max(len(name) for name, _ in rows[:top]))
             lines.append(f"  {'start function':<{width}}  {'count':>7}  {'alive':>5}  {'median':>10}  {'max':>10}")
             for name, s in rows[:top]:
-                lt = sorted(s.lifetimes_ns)
+                lt = np.sort(np.concatenate(s.lifetimes_ns))
                 lines.append(f"  {name[:width]:<{width}}  {s.count:>7}  {s.alive_at_end:>5}  "
-                             f"{_duration(lt[len(lt) // 2]):>10}  {_duration(lt[-1]):>10}")
+                             f"{_duration(int(lt[len(lt) // 2])):>10}  {_duration(int(lt[-1])):>10}")
             if len(rows) > top:
                 lines.append(f"  ... and {len(rows) - top} more start functions")
         lost = {k: v for k, v in losses.items() if v}

@@ -1,4 +1,4 @@
-"""The command line both table generators share: write the table, or check the shipped one."""
+"""The command line the generators share: write the generated file, or check the shipped one."""
 
 from __future__ import annotations
 
@@ -13,11 +13,12 @@ def render(table: dict) -> str:
     return json.dumps(table, indent=1) + "\n"
 
 
-def main(description: str, table_path: Path, generate: Callable[[], dict], source: str, script: str) -> int:
+def main(description: str, table_path: Path, generate: Callable[[], object], source: str, script: str,
+         to_text: Callable[[object], str] = render) -> int:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--check", action="store_true", help="compare with the shipped table instead of writing it")
     args = parser.parse_args()
-    text = render(generate())
+    text = to_text(generate())
     if args.check:
         if table_path.is_file() and table_path.read_text() == text:
             print(f"{table_path} is up to date")

@@ -1,17 +1,19 @@
 """Goroutine spans in application traces, without a kernel: the SDK's build info and layouts, the span
 builder's placement in application traces, pprof labels as the kernel sends them."""
 
-import ctypes as ct
 import json
 import sys
 
 import pytest
 
 from helpers import ROOT, SDK_NEWEST, build_appservice, build_program
+import numpy as np
+
 from otel_goroutines import goruntime, gosdk
 from otel_goroutines.binary import buildinfo
 from otel_goroutines.binary.gobinary import GoBinary
-from otel_goroutines.probes import _GState, _LabelsEvent, _labels
+from otel_goroutines.kernel_records import LABELS_EVENT_DTYPE
+from otel_goroutines.probes import labels_of
 from otel_goroutines.records import GoroutineRecord, TraceReason
 from otel_goroutines.spans import APP_IN_TRACE, APP_LINKED, APP_SAMPLED, SpanBuilder, app_unsampled, span_id_for, trace_id_for
 
@@ -79,12 +81,6 @@ def test_no_sdk_and_no_pprof():
     assert goruntime.support_for(binary).labels is None
 
 
-def test_gstate_mirror_ends_with_the_application_fields():
-    names = [f[0] for f in _GState._fields_]
-    assert names[-4:] == ["app_trace_id", "app_span_id", "app_flags", "app_pad"]
-    assert ct.sizeof(_GState) % 8 == 0 and _GState.app_trace_id.offset % 8 == 0
-
-
 def builder():
     return SpanBuilder(salt=7, clock_offset_ns=0, function_name=lambda pc: "main.worker", creation_site=lambda pc: None,
                        wait_reason=str, states_traced=False)
@@ -130,11 +126,12 @@ def test_unsampled_application_trace():
 
 
 def test_labels_as_the_kernel_sends_them():
-    ev = _LabelsEvent(count=2, total=2)
-    for label, key, value in ((ev.labels[0], b"span_id", b"00f067aa0ba902b7"), (ev.labels[1], b"k" * 40, b"v" * 70)):
-        label.key_len, label.value_len = len(key), len(value)
-        ct.memmove(label.key, key, min(len(key), 32))
-        ct.memmove(label.value, value, min(len(value), 64))
-    assert _labels(ev) == {"span_id": "00f067aa0ba902b7", "k" * 32 + "...": "v" * 64 + "..."}
-    span = builder().build(record(labels=_labels(ev)))
+    ev = np.zeros(1, LABELS_EVENT_DTYPE)[0]
+    ev["count"] = ev["total"] = 2
+    for label, key, value in ((ev["labels"][0], b"span_id", b"00f067aa0ba902b7"), (ev["labels"][1], b"k" * 40, b"v" * 70)):
+        label["key_len"], label["value_len"] = len(key), len(value)
+        label["key"][:min(len(key), 32)] = np.frombuffer(key[:32], np.uint8)
+        label["value"][:min(len(value), 64)] = np.frombuffer(value[:64], np.uint8)
+    assert labels_of(ev) == {"span_id": "00f067aa0ba902b7", "k" * 32 + "...": "v" * 64 + "..."}
+    span = builder().build(record(labels=labels_of(ev)))
     assert span.attributes["go.goroutine.label.span_id"] == "00f067aa0ba902b7"

@@ -84,14 +84,12 @@ def test_requests_split_by_size_and_keep_every_span():
         assert req.resource_spans[0].resource == _sdk(spans[:1]).resource_spans[0].resource
 
 
-def test_otlp_sink_buffers_encoded_spans_and_sends_the_same_request():
+def test_otlp_sink_takes_spans_its_encoder_encoded():
     from otel_goroutines.exporters import OtlpSink
     sink = OtlpSink("http/protobuf", "http://127.0.0.1:9", RESOURCE)  # nothing is sent here
     sent = []
     sink._send = lambda payload, count: sent.append((payload, count)) or True
     spans = _spans()
-    prepared = sink.prepare(spans)
-    assert all(isinstance(p, bytes) for p in prepared)
-    assert sink.export(prepared) and sink.export(spans)
-    assert sent[0] == sent[1] == next(iter(SpanEncoder(RESOURCE, SCOPE).requests(spans)))
+    assert sink.export([sink.encoder.span(s) for s in spans])
+    assert sent == [next(iter(SpanEncoder(RESOURCE, SCOPE).requests(spans)))]
     sink.shutdown()

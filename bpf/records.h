@@ -1,0 +1,142 @@
+// What the kernel side tells user space: map keys and values, ring-buffer records, counters.
+// The one definition of these layouts. otel_goroutines/kernel_records.py is generated from this
+// file by scripts/gen_records.py (numpy dtypes, enums, counter names), and
+// tests/unit/test_kernel_records.py fails when the two drift or when gcc lays a struct out
+// differently from the generated dtype. Keep to the generator's subset: enums with explicit
+// values, `#define NAME number`, structs of u8/u16/u32/u64 fields, arrays of them or of
+// structs defined above; no padding the compiler would add (pad fields are explicit).
+#ifndef OTEL_GOROUTINES_RECORDS_H
+#define OTEL_GOROUTINES_RECORDS_H
+
+#define N_STATES 12       // runtime goroutine status values 0..11 (_Gidle .. _Gdeadextra)
+#define MAX_LABELS 8      // runtime/pprof labels sent per goroutine
+#define LABEL_KEY_MAX 32
+#define LABEL_VALUE_MAX 64
+
+// Ring-buffer record kinds: the first u32 of every record.
+enum event_kind {
+    EV_TRANSITION = 1,
+    EV_END = 2,
+    EV_PROCESS_EXIT = 3,
+    EV_RUNTIME_INITIALISED = 4,
+    EV_LABELS = 5,
+};
+
+// Why a goroutine starts a trace of its own instead of joining its creator's.
+enum trace_reason {
+    TR_JOINS_PARENT = 0,
+    TR_UNTRACED_PARENT = 1,  // the creator has no span (it predates the probes)
+    TR_SPAWNER = 2,          // the creator is a long-lived or prolific spawner
+    TR_TRACE_FULL = 3,       // the creator's trace reached its span cap
+    TR_APP_SPAN = 4,         // created under an application span: in that trace, its child
+};
+
+// gstate.flags
+enum gstate_flag {
+    FLAG_EXISTED_AT_ATTACH = 1,
+};
+
+// gstate.app_flags
+enum app_flag {
+    APP_IN_TRACE = 1,  // in the application's trace app_trace_id
+    APP_LINKED = 2,    // starts a trace of its own, linked to its creator's place in app_trace_id
+    APP_SAMPLED = 4,   // the application sampled that trace
+};
+
+// Per-CPU counters of what could not be delivered (and goroutines created, for the live count).
+enum counter {
+    C_MAP_FULL = 0,        // goroutine not tracked: the map was full (its span is lost, counted)
+    C_EVENTS_LOST = 1,     // transition events the ring buffer had no room for
+    C_END_DEFERRED = 2,    // end records left in the map for user space to collect (ring buffer full)
+    C_UNTRACKED_EXIT = 3,  // exits of goroutines created before the probes were attached
+    C_READ_ERROR = 4,      // target memory that could not be read
+    C_CREATED = 5,         // goroutines created (not a loss; for the live count)
+    N_COUNTERS = 6,
+};
+
+enum app_counter {
+    AC_SPANS_STARTED = 0,       // application spans seen starting
+    AC_SPANS_ENDED = 1,         // ...and ending (on any goroutine)
+    AC_SPANS_DROPPED_DEEP = 2,  // oldest active span forgotten: too many active on one goroutine
+    AC_STACKS_FULL = 3,         // span not followed: the per-goroutine map was full
+    AC_UNKNOWN_SPAN_TYPE = 4,   // Start returned neither a *recordingSpan nor a nonRecordingSpan
+    AC_GOROUTINES_JOINED = 5,   // goroutines created under an application span
+    AC_LABELS_SENT = 6,         // ended goroutines whose pprof labels were sent
+    AC_LABELS_LOST = 7,         // ...not sent: the ring buffer was full
+    N_APP_COUNTERS = 8,
+};
+
+struct gkey {
+    u32 tgid;
+    u32 pad;
+    u64 goid;
+};
+
+// One goroutine, from creation to exit: the `goroutines` map value, and the body of its end record.
+struct gstate {
+    u64 create_ns;
+    u64 end_ns;            // 0 while the goroutine lives
+    u64 last_ns;           // time of the last state change
+    u64 parent_goid;
+    u64 start_pc;
+    u64 go_pc;
+    u64 state_ns[N_STATES];
+    u32 status;
+    u32 transitions;
+    u32 events_sent;
+    u32 events_left_out;
+    u32 parent_traced;
+    u32 pad;
+    u64 root_goid;         // the goroutine whose trace this one is in (itself when it starts one)
+    u64 parent_root_goid;  // the creator's trace, for the link when this one starts its own
+    u32 children;          // goroutines it created
+    u32 trace_reason;      // enum trace_reason
+    u32 flags;             // enum gstate_flag
+    u32 waitreason;        // of the current wait, when status is waiting
+    u64 alloc_bytes;       // heap bytes it allocated (--allocs; sampled: an estimate)
+    u64 alloc_count;       // heap allocations, in 1/ALLOC_COUNT_UNIT (sampled: an estimate)
+    u64 alloc_samples;     // heap-profile samples the estimate rests on (sampled)
+    u8 app_trace_id[16];   // the application's trace (OpenTelemetry SDK) it is in, or links to
+    u8 app_span_id[8];     // its parent, the application span active on its creator; 0: its creator's span
+    u32 app_flags;         // enum app_flag
+    u32 app_pad;
+};
+
+// EV_TRANSITION (also EV_PROCESS_EXIT and EV_RUNTIME_INITIALISED, with goid 0).
+struct transition_event {
+    u32 kind;
+    u32 tgid;
+    u64 goid;
+    u64 ts;
+    u32 from;
+    u32 to;
+    u32 waitreason;
+    u32 pad;
+};
+
+// EV_END: a goroutine ended; its whole state.
+struct end_event {
+    u32 kind;
+    u32 tgid;
+    u64 goid;
+    struct gstate st;
+};
+
+struct label {
+    u16 key_len;    // the full lengths; the bytes kept are truncated to the buffers
+    u16 value_len;
+    u8 key[LABEL_KEY_MAX];
+    u8 value[LABEL_VALUE_MAX];
+};
+
+// EV_LABELS: the runtime/pprof labels of a goroutine, sent just before its end record.
+struct labels_event {
+    u32 kind;
+    u32 tgid;
+    u64 goid;
+    u32 count;      // labels sent
+    u32 total;      // labels the goroutine had
+    struct label labels[MAX_LABELS];
+};
+
+#endif

@@ -1,0 +1,248 @@
+"""The span flow: kernel records in, spans, summary and per-function counts out.
+
+Pure: no kernel, no I/O, so unit tests drive it with recorded or generated records. It works on
+whole batches (numpy arrays of bpf/records.h layouts): state changes wait for their goroutine's
+end, then each batch of ended goroutines becomes spans. The common goroutine (no checkpoint, no
+labels, no application trace, no leak) is encoded straight from the arrays by fastspans; the
+few others go through SpanBuilder, the reference the fast path is tested against.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from . import allocs
+from .fastspans import BatchSpanEncoder, Changes
+from .kernel_records import TRANSITION_EVENT_DTYPE, GstateFlag
+from .kernel_records import TraceReason as KernelTraceReason
+from .longlived import LongLived
+from .metrics import GoroutineMetrics
+from .records import EndReason, GoroutineRecord, StateChange, TraceReason
+from .sampling import SpanBudget
+from .spans import GoroutineSpan, SpanBuilder, app_unsampled
+from .tracker import Summary
+
+END_REASONS = tuple(EndReason)  # end_reason codes of a batch: index into this
+_EXITED = END_REASONS.index(EndReason.EXITED)
+_WAITING = 4
+
+
+def record_of(row: np.void, end_reason: EndReason, changes: list[StateChange], labels: dict) -> GoroutineRecord:
+    """One end record (END_EVENT_DTYPE) as a GoroutineRecord, for the reference path."""
+    st = row["st"]
+    return GoroutineRecord(
+        pid=int(row["tgid"]), goid=int(row["goid"]), parent_goid=int(st["parent_goid"]),
+        parent_traced=bool(st["parent_traced"]), create_ns=int(st["create_ns"]), end_ns=int(st["end_ns"]),
+        start_pc=int(st["start_pc"]), go_pc=int(st["go_pc"]), state_ns=tuple(int(v) for v in st["state_ns"]),
+        transitions=int(st["transitions"]), events_left_out=int(st["events_left_out"]), end_reason=end_reason,
+        root_goid=int(st["root_goid"]), parent_root_goid=int(st["parent_root_goid"]),
+        trace_reason=TraceReason(int(st["trace_reason"])),
+        existed_at_attach=bool(st["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH), status=int(st["status"]),
+        wait_reason=int(st["waitreason"]), since_ns=int(st["last_ns"]), alloc_bytes=int(st["alloc_bytes"]),
+        alloc_count=(int(st["alloc_count"]) + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT,
+        alloc_samples=int(st["alloc_samples"]), app_trace_id=int.from_bytes(st["app_trace_id"].tobytes(), "big"),
+        app_span_id=int.from_bytes(st["app_span_id"].tobytes(), "big"), app_flags=int(st["app_flags"]),
+        labels=labels, changes=changes)
+
+
+@dataclass
+class FlowCounts:
+    """Totals for the summary and metrics."""
+    ended: int = 0
+    app_unsampled: int = 0  # spans not exported: in an application trace the application did not sample
+    alloc_totals: allocs.AllocTotals = field(default_factory=allocs.AllocTotals)
+    exited_by_start_pc: dict[int, int] = field(default_factory=dict)   # goroutines that exited
+    created_by_start_pc: dict[int, int] = field(default_factory=dict)  # ...that were created since tracing began, and ended
+
+
+class SpanFlow:
+    """Turns batches of ended goroutines into spans (encoded bytes when `encode` is given, else
+    GoroutineSpan objects for sinks that want them), keeping the summary and counts."""
+
+    def __init__(self, builder: SpanBuilder, long_lived: LongLived, budget: SpanBudget, summary: Summary,
+                 encode: Callable[[GoroutineSpan], bytes] | None, batch_encoder: BatchSpanEncoder | None,
+                 metrics: GoroutineMetrics | None = None, follow_app_sampling: bool = True):
+        self.builder = builder
+        self.long_lived = long_lived
+        self.budget = budget
+        self.summary = summary
+        self.metrics = metrics
+        self._encode = encode
+        self._batch_encoder = batch_encoder if encode is not None else None
+        self._follow_app_sampling = follow_app_sampling
+        self._pending = np.empty(0, TRANSITION_EVENT_DTYPE)  # state changes of goroutines still alive
+        self._labels: dict[int, dict[str, str]] = {}
+        self.imported: set[int] = set()  # goroutines that existed at attach
+        self.counts = FlowCounts()
+
+    # --- state changes ----------------------------------------------------------------------
+    def changes(self, transitions: np.ndarray, labels: dict[int, dict[str, str]]) -> None:
+        """Hold state changes and labels until their goroutine ends (they always come first)."""
+        if len(transitions):
+            self._pending = np.concatenate((self._pending, transitions)) if len(self._pending) else transitions
+        self._labels.update(labels)
+
+    def take_changes(self, goid: int) -> list[StateChange]:
+        """The state changes held for a live goroutine (for a checkpoint span), and forget them."""
+        mine = self._pending["goid"] == goid
+        taken, self._pending = self._pending[mine], self._pending[~mine]
+        return _state_changes(taken)
+
+    def _claim_changes(self, goids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The held changes of goroutines goids (sorted), grouped by goroutine: (changes, CSR offsets)."""
+        pending = self._pending
+        if not len(pending):
+            return pending, np.zeros(len(goids) + 1, np.int64)
+        mine = np.isin(pending["goid"], goids)
+        claimed, self._pending = pending[mine], pending[~mine]
+        claimed = claimed[np.argsort(claimed["goid"], kind="stable")]  # stable: each goroutine's in time order
+        first = np.searchsorted(claimed["goid"], goids, "left")
+        last = np.searchsorted(claimed["goid"], goids, "right")
+        return claimed, np.concatenate(([0], np.cumsum(last - first))).astype(np.int64)
+
+    # --- ends ---------------------------------------------------------------------------------
+    def ended(self, ends: np.ndarray, end_reason: np.ndarray | None = None) -> list:
+        """Spans of a batch of ended goroutines (END_EVENT_DTYPE rows); end_reason: a code per row
+        (index into END_REASONS), or None for all exited."""
+        if not len(ends):
+            return []
+        order = np.argsort(ends["goid"], kind="stable")
+        ends = self._adopted(ends[order])
+        reasons = np.full(len(ends), _EXITED, np.uint8) if end_reason is None else np.asarray(end_reason, np.uint8)[order]
+        changes, offsets = self._claim_changes(ends["goid"])
+        self._count(ends, reasons)
+        slow = self._needs_reference(ends)
+        spans = self._reference(ends[slow], reasons[slow], changes, offsets, np.flatnonzero(slow))
+        fast = ~slow
+        fast[fast] = self.budget.select_mask(self._interesting(ends["st"][fast], reasons[fast]))
+        if fast.any():
+            spans += self._fast(ends[fast], reasons[fast], *_select(changes, offsets, fast))
+        return spans
+
+    def _adopted(self, ends: np.ndarray) -> np.ndarray:
+        """A goroutine created by an imported one while the import ran (after the probes were in place)
+        was recorded as the child of an untraced parent: make it what it would have been, the child of
+        a goroutine that existed at attach, a spawner (own trace, linked)."""
+        if not self.imported:
+            return ends
+        st = ends["st"]
+        adopt = (st["trace_reason"] == KernelTraceReason.TR_UNTRACED_PARENT) & \
+            np.isin(st["parent_goid"], np.fromiter(self.imported, np.uint64)) & \
+            (st["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH == 0)
+        if not adopt.any():
+            return ends
+        ends = ends.copy()
+        st = ends["st"]
+        st["trace_reason"][adopt] = KernelTraceReason.TR_SPAWNER
+        st["parent_traced"][adopt] = 1
+        st["parent_root_goid"][adopt] = st["parent_goid"][adopt]
+        return ends
+
+    def _needs_reference(self, ends: np.ndarray) -> np.ndarray:
+        """Rows the fast path does not cover: application traces, labels, checkpoints, leak flags."""
+        if self._batch_encoder is None:
+            return np.ones(len(ends), bool)
+        slow = ends["st"]["app_flags"] != 0
+        special = self._labels.keys() | self.long_lived.goroutines()
+        if special:
+            slow |= np.isin(ends["goid"], np.fromiter(special, np.uint64))
+        return slow
+
+    def _count(self, ends: np.ndarray, reasons: np.ndarray) -> None:
+        """Summary, metrics and totals of every ended goroutine, exported or not."""
+        st = ends["st"]
+        pcs, inverse = np.unique(st["start_pc"], return_inverse=True)
+        names = [self.builder.function_name(int(pc)) for pc in pcs]
+        lifetimes = (st["end_ns"].astype(np.int64) - st["create_ns"].astype(np.int64))
+        alive = reasons != _EXITED
+        self.summary.add_batch(names, inverse, lifetimes, alive)
+        if self.metrics is not None:
+            self.metrics.observe_ends(names, inverse, lifetimes)
+        new = st["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH == 0
+        _add_counts(self.counts.exited_by_start_pc, pcs, np.bincount(inverse, weights=~alive, minlength=len(pcs)))
+        _add_counts(self.counts.created_by_start_pc, pcs, np.bincount(inverse, weights=new, minlength=len(pcs)))
+        t = self.counts.alloc_totals
+        count = int(((st["alloc_count"] + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT).sum())
+        self.counts.alloc_totals = allocs.AllocTotals(t.bytes + int(st["alloc_bytes"].sum()), t.count + count,
+                                                      t.samples + int(st["alloc_samples"].sum()))
+        self.counts.ended += len(ends)
+
+    def _fast(self, ends: np.ndarray, reasons: np.ndarray, changes: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+        st = ends["st"]
+        cols = {name: st[name] for name in st.dtype.names}
+        cols["tgid"], cols["goid"] = ends["tgid"], ends["goid"]
+        cols["alloc_count"] = (st["alloc_count"] + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT
+        return self._batch_encoder.encode(cols, reasons, Changes(offsets, changes["ts"], changes["from"], changes["to"],
+                                                                 changes["waitreason"]))
+
+    def _interesting(self, st: np.ndarray, reasons: np.ndarray) -> np.ndarray:
+        """SpanBudget.interesting, on arrays (the fast path's rows have no checkpoint, leak or error)."""
+        budget = self.budget
+        lifetime = st["end_ns"].astype(np.int64) - st["create_ns"].astype(np.int64)
+        return (reasons != _EXITED) | (lifetime >= budget.keep_longer_than_s * 1e9) | \
+            (self.builder.states_traced & (st["state_ns"][:, _WAITING] >= budget.keep_waiting_longer_than_s * 1e9))
+
+    def _reference(self, ends: np.ndarray, reasons: np.ndarray, changes: np.ndarray, offsets: np.ndarray,
+                   rows: np.ndarray) -> list:
+        spans = []
+        for row, reason, i in zip(ends, reasons.tolist(), rows.tolist()):
+            goid = int(row["goid"])
+            rec = record_of(row, END_REASONS[reason], _state_changes(changes[offsets[i]:offsets[i + 1]]),
+                            self._labels.pop(goid, {}))
+            before, leak_flagged = self.long_lived.finish(rec)
+            span = self.builder.build(rec, before)
+            if leak_flagged:
+                span.attributes["go.goroutine.leak_suspected"] = True
+            if self._follow_app_sampling and app_unsampled(rec):
+                self.counts.app_unsampled += 1
+                continue
+            spans.append(span)
+        return self.prepared(self.budget.select(spans))
+
+    # --- goroutines still alive -----------------------------------------------------------------
+    def checkpoints(self, live: np.ndarray, now_ns: int) -> list:
+        """Checkpoint spans of live goroutines (END_EVENT_DTYPE rows, end_ns 0) that are due one or
+        look leaked now."""
+        live = self._adopted(live)
+        candidates = live[self.long_lived.candidates(live["st"]["create_ns"], live["st"]["last_ns"],
+                                                     live["st"]["status"], now_ns)]
+        records = [record_of(row, EndReason.EXITED, [], {}) for row in candidates]
+        is_runtime = lambda pc: self.builder.function_name(pc).startswith("runtime.")
+        spans = []
+        for due in self.long_lived.due(records, now_ns, is_runtime):
+            rec = due.record
+            rec.changes = self.take_changes(rec.goid)
+            before = self.long_lived.record_checkpoint(rec, now_ns)
+            span = self.builder.checkpoint(rec, before, now_ns)
+            if due.leak:
+                self.builder.mark_leak(span, rec, due.leak, now_ns)
+            if self._follow_app_sampling and app_unsampled(rec):
+                self.counts.app_unsampled += 1
+                continue
+            spans.append(span)
+        return self.prepared(self.budget.select(spans))
+
+    def prepared(self, spans: list[GoroutineSpan]) -> list:
+        """What the sink takes: encoded bytes, or the span objects."""
+        return [self._encode(s) for s in spans] if self._encode is not None else spans
+
+
+def _add_counts(by_pc: dict[int, int], pcs: np.ndarray, counts: np.ndarray) -> None:
+    for pc, n in zip(pcs.tolist(), counts.tolist()):
+        if n:
+            by_pc[pc] = by_pc.get(pc, 0) + int(n)
+
+
+def _state_changes(rows: np.ndarray) -> list[StateChange]:
+    return [StateChange(ts, f, t, w) for ts, f, t, w in
+            zip(rows["ts"].tolist(), rows["from"].tolist(), rows["to"].tolist(), rows["waitreason"].tolist())]
+
+
+def _select(changes: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The changes of the selected rows (a mask) and their CSR offsets."""
+    counts = np.diff(offsets)
+    chosen = np.repeat(rows, counts)
+    return changes[chosen], np.concatenate(([0], np.cumsum(counts[rows]))).astype(np.int64)
