@@ -8,8 +8,9 @@ say() { echo "setup: $*"; }
 
 # --- system packages -----------------------------------------------------------------
 # python3-bpfcc/libbpfcc: bcc (not on PyPI); linux-headers: bcc compiles C at run time;
-# golang-go: Debian's Go 1.19, one cell of the version matrix; bpftrace: the benchmark's baseline.
-packages=(python3-bpfcc libbpfcc linux-headers-amd64 python3-venv golang-go bpftrace make)
+# golang-go: Debian's Go 1.19, one cell of the version matrix; bpftrace: the benchmark's baseline;
+# gcc, python3-dev: pip builds the span encoder's C extension (otel_goroutines/_spanenc.c).
+packages=(python3-bpfcc libbpfcc linux-headers-amd64 python3-venv golang-go bpftrace make gcc python3-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -58,7 +59,8 @@ ln -sfn /usr/lib/python3/dist-packages/bcc .venv/bcc-only/bcc
 site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 echo "$PWD/.venv/bcc-only" > "$site/bcc-only.pth"
 
-stamp=.venv/.installed-$(sha256sum pyproject.toml | cut -c1-16)
+# The stamp covers the C extension too: a changed _spanenc.c is rebuilt by the next setup.
+stamp=.venv/.installed-$(cat pyproject.toml setup.py otel_goroutines/_spanenc.c | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   say "installing the package into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
