@@ -9,7 +9,7 @@ say() { echo "setup: $*"; }
 # --- system packages -----------------------------------------------------------------
 # python3-bpfcc/libbpfcc: bcc (not on PyPI); linux-headers: bcc compiles C at run time;
 # golang-go: Debian's Go 1.19, one cell of the version matrix; bpftrace: the benchmark's baseline;
-# gcc, python3-dev: the package's compiled parts (otel_goroutines/*.c).
+# gcc, python3-dev: pip builds the package's compiled parts (otel_goroutines/*.c, setup.py).
 packages=(python3-bpfcc libbpfcc linux-headers-amd64 python3-venv golang-go bpftrace make gcc python3-dev)
 missing=()
 for p in "${packages[@]}"; do
@@ -60,7 +60,7 @@ site=$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purel
 echo "$PWD/.venv/bcc-only" > "$site/bcc-only.pth"
 
 # Reinstall (and so recompile) when the package's metadata or a compiled part changes.
-stamp=.venv/.installed-$(cat pyproject.toml otel_goroutines/*.c | sha256sum | cut -c1-16)
+stamp=.venv/.installed-$(cat pyproject.toml setup.py otel_goroutines/*.c | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ]; then
   say "installing the package into .venv"
   .venv/bin/python -m pip install -q --upgrade pip >/dev/null
