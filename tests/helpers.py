@@ -30,6 +30,14 @@ def go_toolchain() -> str:
     return subprocess.run([str(ROOT / "scripts" / "go-toolchain.sh")], check=True, capture_output=True, text=True).stdout.strip()
 
 
+def go_release(minor: str) -> str:
+    """The `go` command of Go MINOR ("1.26"), from scripts/go_toolchains.py (installed once, cached):
+    raises, never returns None, when it cannot be had."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import go_toolchains
+    return str(go_toolchains.toolchain(minor))
+
+
 def build_program(name: str, go: str | None = None, flags: tuple[str, ...] = (), cgo: bool = False) -> Path:
     """Build tests/programs/NAME once per (its source, toolchain, flags, cgo); later runs reuse the binary."""
     go = go or go_toolchain()
