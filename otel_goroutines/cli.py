@@ -98,6 +98,11 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
         exporter = "otlp" if (endpoint or traces_endpoint) else "file"
+    ctx = click.get_current_context(silent=True)
+    if ctx is not None and ctx.get_parameter_source("endpoint") is click.core.ParameterSource.ENVIRONMENT:
+        # From OTEL_EXPORTER_OTLP_ENDPOINT: left to the SDK's exporters, which read it with the
+        # signal-specific variables (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, ..._METRICS_ENDPOINT) first.
+        endpoint = None
     if exporter == "file" and not output:
         output = DEFAULT_OUTPUT
     protocol = protocol or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"

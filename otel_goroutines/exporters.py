@@ -77,7 +77,7 @@ class OtlpSink:
             self._send = _grpc_sender(self._exporter) if fast else None
         elif protocol == "http/protobuf":
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-            if endpoint and not os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+            if endpoint:
                 endpoint = endpoint.rstrip("/") + "/v1/traces"  # --endpoint is the base URL, as OTEL_EXPORTER_OTLP_ENDPOINT
             self._exporter = OTLPSpanExporter(endpoint=endpoint, timeout=timeout_s)
             self._send = _http_sender(self._exporter) if fast else None

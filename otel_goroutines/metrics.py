@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections import defaultdict
 from typing import Callable
@@ -115,7 +114,7 @@ class MetricsSender:
                 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
             else:
                 from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-                if endpoint and not os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"):
+                if endpoint:  # --endpoint: a base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is
                     endpoint = endpoint.rstrip("/") + "/v1/metrics"
             otlp = OTLPMetricExporter(endpoint=endpoint, timeout=5)
             self._write = lambda data: otlp.export(data) is MetricExportResult.SUCCESS

@@ -30,8 +30,17 @@ def go_toolchain() -> str:
     return subprocess.run([str(ROOT / "scripts" / "go-toolchain.sh")], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def build_program(name: str, go: str | None = None, flags: tuple[str, ...] = (), cgo: bool = False) -> Path:
-    """Build tests/programs/NAME once per (its source, toolchain, flags, cgo); later runs reuse the binary."""
+def go_release(minor: str) -> str:
+    """The `go` command of Go MINOR ("1.26"), from scripts/go_toolchains.py (installed once, cached):
+    raises, never returns None, when it cannot be had."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import go_toolchains
+    return str(go_toolchains.toolchain(minor))
+
+
+def build_program(name: str, go: str | None = None, flags: tuple[str, ...] = (), cgo: bool = False,
+                  goarch: str = "amd64") -> Path:
+    """Build tests/programs/NAME once per (its source, toolchain, flags, cgo, GOARCH); later runs reuse the binary."""
     go = go or go_toolchain()
     digest = hashlib.sha256()
     sources = [*PROGRAMS.glob("go.*"), *(PROGRAMS / name).rglob("*"), *(PROGRAMS / "internal").rglob("*")]
@@ -39,10 +48,12 @@ def build_program(name: str, go: str | None = None, flags: tuple[str, ...] = (),
         if path.is_file():
             digest.update(path.relative_to(PROGRAMS).as_posix().encode() + path.read_bytes())
     digest.update(go.encode() + "\0".join(flags).encode() + (b"\0cgo" if cgo else b""))
+    if goarch != "amd64":
+        digest.update(b"\0GOARCH=" + goarch.encode())
     out = CACHE / f"{name}-{digest.hexdigest()[:16]}"
     if not out.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod", CGO_ENABLED="1" if cgo else "0")
+        env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod", CGO_ENABLED="1" if cgo else "0", GOARCH=goarch)
         tmp = out.with_suffix(".tmp")
         subprocess.run([go, "build", *flags, "-o", str(tmp), f"./{name}"], cwd=PROGRAMS, env=env, check=True)
         tmp.rename(out)
@@ -130,10 +141,12 @@ def spans_from_otlp_json(path: Path) -> list[Span]:
 
 class OtlpHttpReceiver:
     """A minimal OTLP/HTTP protobuf trace receiver: what the real collector forwards to.
-    With keep_spans=False it only counts them (for the benchmark's hundreds of thousands)."""
+    With keep_spans=False it only counts them (for the benchmark's hundreds of thousands).
+    trace_requests: (path, headers with lower-case names) of each trace export received."""
 
     def __init__(self, keep_spans: bool = True):
         self.spans: list[Span] = []
+        self.trace_requests: list[tuple[str, dict[str, str]]] = []
         self.span_count = 0
         self.metrics: list[ExportMetricsServiceRequest] = []
         self.requests = 0
@@ -152,6 +165,7 @@ class OtlpHttpReceiver:
                         receiver.span_count += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
                         if keep_spans:
                             receiver.spans += spans_from_request(req)
+                            receiver.trace_requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
                         receiver.requests += 1
                 elif self.path.endswith("/v1/metrics"):
                     req = ExportMetricsServiceRequest()
@@ -193,6 +207,7 @@ class OtlpHttpReceiver:
     def clear(self) -> None:
         self.spans = []
         self.metrics = []
+        self.trace_requests = []
 
     def metric_points(self, name: str) -> list:
         """Data points of the newest export that carries metric NAME."""

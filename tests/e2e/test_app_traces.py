@@ -74,13 +74,13 @@ def _wait_for_file(path: Path, timeout: float = 15.0) -> str:
     return path.read_text()
 
 
-def _trace(variant: str, rotel, receiver, tmp: Path) -> Traced:
+def _trace(variant: str, rotel, receiver, tmp: Path, extra: tuple[str, ...] = ()) -> Traced:
     sdk, go_minor, flags, how = VARIANTS[variant]
     binary = build_appservice(sdk, str(go_toolchains.toolchain(go_minor)) if go_minor else None, flags)
     ready, manifest_path = tmp / "port", tmp / "manifest.json"
     env = dict(os.environ, OTEL_EXPORTER_OTLP_ENDPOINT=rotel.endpoint("http/protobuf"), OTEL_SERVICE_NAME=f"appservice-{variant}",
                OTEL_EXPORTER_OTLP_PROTOCOL="http/protobuf")
-    agent_args = ["--endpoint", rotel.endpoint("http/protobuf"), "--protocol", "http/protobuf", "-q", "--metrics-interval", "0"]
+    agent_args = ["--endpoint", rotel.endpoint("http/protobuf"), "--protocol", "http/protobuf", "-q", "--metrics-interval", "0", *extra]
     receiver.clear()
     service = None
     if how == "run":
@@ -114,7 +114,8 @@ def _trace(variant: str, rotel, receiver, tmp: Path) -> Traced:
         _, err = agent.communicate(timeout=60)
     assert agent.returncode == 0, err
     manifest = json.loads(manifest_path.read_text())
-    expected = {g["goid"] for rid, r in manifest["requests"].items() if sent[rid][1] for g in r["goroutines"]}
+    follows_app = "--app-traces" not in extra  # off: every request's goroutines are exported, sampled or not
+    expected = {g["goid"] for rid, r in manifest["requests"].items() if sent[rid][1] or not follows_app for g in r["goroutines"]}
     server_spans = {r["server_span"] for rid, r in manifest["requests"].items() if sent[rid][1]}
     spans = receiver.wait_for(lambda got: expected <= {s.attributes.get("go.goroutine.id") for s in got
                                                         if s.resource.get("process.pid") == pid}
@@ -212,6 +213,41 @@ def test_pprof_labels_become_span_attributes(traced):
         assert by_func["main.labelled"]["go.goroutine.label.request.id"] == rid
         assert by_func["main.labelled"]["go.goroutine.label.stage"] == "labelled"
         assert not any(k.startswith("go.goroutine.label.") for k in by_func["main.query"])
+
+
+@pytest.fixture(scope="module")
+def traced_without(rotel, receiver, tmp_path_factory):
+    """The newest SDK's service traced with both features off."""
+    return _trace("newest", rotel, receiver, tmp_path_factory.mktemp("without"), ("--app-traces", "off", "--no-pprof-labels"))
+
+
+def test_app_traces_off_keeps_goroutines_in_their_own_traces(traced_without):
+    spans, app = traced_without.goroutine_spans(), traced_without.app_spans()
+    app_traces = {s.trace_id for s in app.values()}
+    assert {rid for rid, (_, sampled) in traced_without.sent.items() if sampled} == \
+        {rid for rid, r in traced_without.manifest["requests"].items() if r["sampled"]}  # the service sampled as told
+    for rid, request in traced_without.manifest["requests"].items():
+        assert len(request["goroutines"]) == 10
+        for g in request["goroutines"]:
+            span = spans[g["goid"]]  # exported, whatever the application sampled
+            assert span.name == g["func"]
+            assert span.trace_id not in app_traces and span.trace_id != traced_without.sent[rid][0], (rid, g)
+            assert span.attributes.get("go.goroutine.trace_reason") != "application_span"
+            # Its parent is its creator's span, as without the SDK.
+            creator = spans.get(span.attributes["go.goroutine.parent_id"])
+            assert span.parent_span_id in ("", creator.span_id if creator else "")
+    assert "goroutine spans not exported" not in traced_without.agent_stderr
+    assert "application spans (" not in traced_without.agent_stderr
+
+
+def test_no_pprof_labels_gives_no_label_attributes(traced_without):
+    spans = traced_without.goroutine_spans()
+    assert len(spans) > 10 * len(traced_without.manifest["requests"])
+    labelled = [s for s in spans.values() if any(k.startswith("go.goroutine.label.") for k in s.attributes)]
+    assert labelled == []
+    # The goroutines that carry labels by default (test_pprof_labels_become_span_attributes) are there.
+    funcs = {s.name for s in spans.values()}
+    assert {"main.audit", "main.sub", "main.labelled"} <= funcs
 
 
 def test_inspect_reports_the_sdk_and_correlation(traced):

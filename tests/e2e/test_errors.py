@@ -1,12 +1,14 @@
 """Bad input gives one clear line and a non-zero status, never a traceback."""
 
+import json
+import re
 import shutil
 import subprocess
 import time
 
 import pytest
 
-from helpers import AGENT, by_goid, free_port, run_agent
+from helpers import AGENT, build_program, by_goid, free_port, go_release, run_agent
 
 pytestmark = pytest.mark.ebpf
 
@@ -72,4 +74,32 @@ def test_collector_down_keeps_tracing_and_counts_the_loss(programs, tmp_path):
     assert time.monotonic() - started < 30
     assert "Traceback" not in run.stderr
     assert "span export failed" in run.stderr
-    assert "spans_not_exported=" in run.stderr  # the summary counts what could not be sent
+    # The summary counts every span that could not be sent: here all of them, one per goroutine seen
+    # (the program's own, runtime.main and the runtime's), and none went out.
+    seen = int(re.search(r"^goroutines seen: (\d+)$", run.stderr, re.M)[1])
+    manifest = json.loads((tmp_path / "m.json").read_text())
+    assert seen >= len(manifest["goroutines"]) + 1
+    assert re.search(r"^dropped or degraded: .*\bspans_not_exported=(\d+)\b", run.stderr, re.M)[1] == str(seen)
+    assert re.search(r"^(\d+) spans exported over OTLP \(grpc\)$", run.stderr, re.M)[1] == "0"
+
+
+def test_binary_for_another_architecture_is_refused(tmp_path):
+    arm64 = build_program("tree", goarch="arm64")  # a real Go binary, cross-built
+    _one_line_error(run_agent(["inspect", str(arm64)]), "is built for EM_AARCH64; only amd64 (x86-64) is supported")
+    _one_line_error(run_agent(["run", "--", str(arm64), str(tmp_path / "m.json")]), "only amd64 (x86-64) is supported")
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_go_older_than_supported_is_refused(tmp_path):
+    # Go 1.16 cannot be installed here: a Go 1.19 build whose version strings (.go.buildinfo and
+    # runtime.buildVersion, same length) say go1.16 instead.
+    go119 = build_program("tree", go=go_release("1.19"))
+    data = go119.read_bytes()
+    version = re.search(rb"go1\.19(\.\d+)?", data)[0]
+    old = tmp_path / "tree-go1.16"
+    old.write_bytes(data.replace(version, version.replace(b"go1.19", b"go1.16")))
+    old.chmod(0o755)
+    wanted = f"was built with {version.decode().replace('go1.19', 'go1.16')}; Go 1.17 or later is required"
+    _one_line_error(run_agent(["inspect", str(old)]), wanted)
+    _one_line_error(run_agent(["run", "--", str(old), str(tmp_path / "m.json")]), wanted)
+    assert not (tmp_path / "m.json").exists()  # refused before the program ran

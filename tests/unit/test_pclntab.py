@@ -1,7 +1,8 @@
 """Tests for otel_goroutines.binary.pclntab on real Go binaries and on damaged/synthetic tables.
 
-Real binaries are built once per session with the toolchains on this machine (Go 1.26 -> table
-format "1.20", Debian's Go 1.19 -> "1.18") and checked against `go tool nm` / `go tool objdump`.
+Real binaries are built once per session with the project's toolchains (scripts/go_toolchains.py, which
+`make setup` provides: Go 1.26 -> table format "1.20", Debian's Go 1.19 -> "1.18") and checked against
+`go tool nm` / `go tool objdump`. A missing toolchain fails these tests; it never skips them.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import time
 import pytest
 from elftools.elf.elffile import ELFFile
 
+from helpers import go_release
 from otel_goroutines.binary.pclntab import Func, FuncTable, PclntabError, _candidates, _symbols
 
-TOOLCHAINS = {"go1.26": "/usr/local/go/bin/go", "go1.19": "/usr/lib/go-1.19/bin/go"}
+TOOLCHAINS = {"go1.26": "1.26", "go1.19": "1.19"}  # name -> Go minor release (scripts/go_toolchains.py)
 EXPECTED_FORMAT = {"go1.26": "1.20", "go1.19": "1.18"}
 MODES = {"default": [], "stripped": ["-ldflags=-s -w"], "pie": ["-buildmode=pie"]}
 
@@ -95,11 +97,9 @@ def go_build(tmp_path_factory):
     def build(toolchain: str, mode: str, cgo: bool = False) -> str:
         key = (toolchain, mode, cgo)
         if key not in cache:
-            go = TOOLCHAINS[toolchain]
-            if not os.access(go, os.X_OK):
-                pytest.skip(f"{go} not installed")
+            go = go_release(TOOLCHAINS[toolchain])
             if cgo and not shutil.which("gcc"):
-                pytest.skip("gcc not installed (needed for cgo)")
+                pytest.fail("gcc not installed (needed for cgo; make setup's linux-headers-amd64 brings it)")
             src = root / ("src-cgo" if cgo else "src")
             if not src.exists():
                 src.mkdir()
@@ -122,9 +122,7 @@ def go_build(tmp_path_factory):
 def _go_tool(*args: str) -> str:
     # Always Go 1.26's nm/objdump: Go 1.19's objdump prints no lines for its own PIE builds (it only
     # looks for a .gopclntab section, which those lack).
-    go = TOOLCHAINS["go1.26"]
-    if not os.access(go, os.X_OK):
-        pytest.skip(f"{go} not installed")
+    go = go_release(TOOLCHAINS["go1.26"])
     return subprocess.run([go, "tool", *args], env=dict(os.environ, GOTOOLCHAIN="local"), check=True,
                           capture_output=True, text=True, timeout=120).stdout
 
@@ -357,9 +355,8 @@ def test_cgo_stripped_binary_text_start_from_moduledata(go_build):
 
 
 def test_from_elf_on_non_go_elf():
-    path = shutil.which("true")
-    if path is None:
-        pytest.skip("no /bin/true")
+    path = shutil.which("true")  # coreutils: always there
+    assert path is not None
     with pytest.raises(PclntabError, match="no Go function table"):
         load(os.path.realpath(path))
 
@@ -388,9 +385,7 @@ def test_from_elf_with_truncated_file(go_build):
 
 
 def test_from_elf_is_fast_on_the_go_command():
-    path = TOOLCHAINS["go1.26"]
-    if not os.path.exists(path):
-        pytest.skip("no Go 1.26 toolchain")
+    path = os.path.realpath(go_release(TOOLCHAINS["go1.26"]))
     with open(path, "rb") as f:
         start = time.perf_counter()
         tab = FuncTable.from_elf(ELFFile(f))
