@@ -5,7 +5,8 @@
 //
 // Goroutines are spawned in batches (the spawner waits for each batch), so no more than -batch
 // are alive at once. -rate paces them instead: every millisecond, as many as are due by then
-// (so a late wake-up is made up at the next one, and the average rate holds), for -duration.
+// (so a late wake-up is made up at the next one, and the average rate holds): rate x -duration
+// in all, so a program slowed below the rate by tracing runs longer (rate_achieved says so).
 // -hold waits for a line on stdin before starting (for `attach`), -trace turns Go's own
 // runtime/trace on for the measured part. Prints one JSON line.
 package main
