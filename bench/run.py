@@ -8,7 +8,13 @@ round (the machine is shared: only ratios and medians of the same run are compar
 2. server: a net/http service under a loopback load generator: throughput, p50/p99 latency;
 3. the agent: goroutines per second accounted for end to end, spans per second over OTLP
    (wire encoder vs the SDK's), CPU, peak RSS, and time from start to probes attached for a
-   ~20 MB binary.
+   ~20 MB binary (`--only agent`; the attach time alone: `--only attach`);
+4-7. issue 11's rows, with the target alone on CPU 0 (GOMAXPROCS=1) and the agent on CPU 1:
+   `pinned` (ns per goroutine against the bare-trap floor: empty BPF handlers at the agent's own
+   probe addresses), `steady` (agent CPU per goroutine after the attach, over OTLP gRPC, HTTP and
+   the file exporter), `rss` (peak RSS when 100,000 goroutines end at once), `rate` (100,000
+   goroutines/s for 10 s at defaults: every loss counter, spans received vs created, steady RSS);
+   then a Goals table against the issue's goals.
 
 Writes bench/RESULTS.md, bench/results.json and bench/overhead.png (matplotlib, installed into
 the venv here, not a dependency of the agent). `--smoke` runs a few-second subset into a
@@ -18,6 +24,7 @@ temporary folder (tests/e2e/test_bench_smoke.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import json
@@ -25,6 +32,7 @@ import os
 import platform
 import random
 import re
+import select
 import resource as _rusage
 import shutil
 import signal
@@ -48,6 +56,8 @@ CACHE = ROOT / ".cache" / "bench"
 AGENT = str(ROOT / ".venv" / "bin" / "otel-goroutines")
 PLACEMENT_ENV = "OTEL_GOROUTINES_PROBE_PLACEMENT"  # goruntime.PROBE_PLACEMENT_ENV
 BIGBIN_FUNCTIONS = 7000  # generated functions that bring bigbin to about 20 MB
+PINNED_PARTS = {"pinned", "steady", "rss", "rate"}  # issue 11's rows, target and agent each on a CPU of its own
+ALL_PARTS = "pinned,steady,rss,rate,churn,server,agent,attach"
 
 
 def log(msg: str) -> None:
@@ -98,8 +108,12 @@ class Mode:
     label: str
     kind: str                      # none | agent | trace | bpftrace | bare (empty handlers at the agent's probe
                                    # addresses) | paused (agent attached, then SIGSTOPped: churn only)
-    agent_args: tuple[str, ...] = ()
+    agent_args: tuple[str, ...] = ()  # bare: the agent options whose probe set to use
     env: tuple[tuple[str, str], ...] = ()
+    handlers: str = ""             # bare: only the points run by these BPF handlers (comma-separated)
+
+    def bare_command(self) -> list[str]:
+        return [sys.executable, __file__, "--bare-probes", " ".join(self.agent_args), "--bare-handlers", self.handlers]
 
 
 def agent_supports(option: str) -> bool:
@@ -132,8 +146,9 @@ def all_modes(smoke: bool) -> tuple[list[Mode], list[str]]:
     modes += [
         Mode("paused_lifecycle", "agent --detail lifecycle, its user space paused (kernel side only)", "paused",
              ("--detail", "lifecycle", *off)),
-        Mode("bare_lifecycle", "empty handlers at lifecycle probe addresses (trap cost only)", "bare", ("lifecycle",)),
-        Mode("bare_entry_lifecycle", "empty handlers at the same functions' first instructions", "bare", ("lifecycle",),
+        Mode("bare_lifecycle", "empty handlers at lifecycle probe addresses (trap cost only)", "bare", ("--detail", "lifecycle", *off)),
+        Mode("bare_defaults", "empty handlers at the default probe set's addresses (trap cost only)", "bare", ()),
+        Mode("bare_entry_lifecycle", "empty handlers at the same functions' first instructions", "bare", ("--detail", "lifecycle", *off),
              ((PLACEMENT_ENV, "entry"),)),
     ]
     if smoke:
@@ -151,7 +166,7 @@ def wrap(mode: Mode, argv: list[str], prog_path: Path, rotel: Rotel, trace_file:
     if mode.kind == "trace":
         return [*argv, "-trace", str(trace_file)], env
     if mode.kind == "bare":
-        return [sys.executable, __file__, "--bare-probes", mode.agent_args[0], "--", *argv], env
+        return [*mode.bare_command(), "--", *argv], env
     if mode.kind == "bpftrace":
         script = trace_file.with_suffix(".bt")
         script.write_text((BENCH / "seed.bt").read_text().replace("BIN", str(prog_path)))
@@ -171,6 +186,14 @@ def _json_line(text: str, key: str) -> dict:
 def agent_losses(stderr: str) -> str:
     found = re.search(r"dropped or degraded: (.*)", stderr)
     return found[1].strip() if found else ""
+
+
+def loss_counters(stderr: str) -> dict[str, int] | None:
+    """The summary's loss counters ({} for 'nothing dropped'; None: no summary, the agent died).
+    Any name=number item counts, so new counters and reordering need no change here."""
+    if (found := re.search(r"dropped or degraded: (.*)", stderr)) is not None:
+        return {k: int(v) for k, v in re.findall(r"([\w.-]+)=(\d+)", found[1])}
+    return {} if re.search(r"^nothing dropped\s*$", stderr, re.M) else None
 
 
 def run_churn_paused(mode: Mode, bins, rotel, n: int) -> tuple[float, str]:
@@ -251,28 +274,75 @@ def run_server(mode: Mode, bins, rotel, duration: float, conc: int, tmp: Path) -
 
 
 # --- 3. the agent ------------------------------------------------------------------------------
-class AgentProcess:
-    """The agent in a child process, its stderr read line by line (for the moment it attached),
-    its own CPU time and peak RSS from wait4."""
+EXPORTED = re.compile(r"(\d+) spans (?:exported over OTLP|written to)")  # the agent's last summary line
 
-    def __init__(self, args: list[str], env: dict | None = None):
+
+def proc_cpu_s(pid: int) -> float | None:
+    """utime + stime of a process, all its threads, from /proc/PID/stat (None once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_status_mb(pid: int, field: str) -> float | None:
+    """A VmRSS/VmHWM line of /proc/PID/status in MB (None once the process is gone or a zombie)."""
+    try:
+        found = re.search(rf"^{field}:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text(), re.M)
+    except OSError:
+        return None
+    return int(found[1]) / 1024 if found else None
+
+
+def on_cpu(cpu: int | None):
+    """A preexec_fn that pins the child before it execs (taskset would exec twice, and an
+    `attach` racing it could read taskset's /proc/PID/exe)."""
+    return None if cpu is None else (lambda: os.sched_setaffinity(0, {cpu}))
+
+
+class AgentProcess:
+    """The agent in a child process, its stderr read line by line (for the moment it attached:
+    then its CPU time and RSS so far are read, to leave start-up out), its own CPU time and peak
+    RSS from wait4; its RSS sampled every rss_every seconds if given. cmd: another tracer that
+    logs the same 'INFO: attached' line (the bench's bare probes)."""
+
+    def __init__(self, args: list[str], env: dict | None = None, cpu: int | None = None, rss_every: float = 0,
+                 cmd: tuple[str, ...] = (AGENT, "-v")):
         self.started = time.monotonic()
         self.attached_at: float | None = None
+        self.cpu_at_attach: float | None = None
+        self.cpu_at_end: float | None = None
+        self.rss_at_attach: float | None = None
+        self.rss_samples: list[tuple[float, float]] = []  # (monotonic time, VmRSS MB)
         self.lines: list[str] = []
         self._attached = threading.Event()
-        self.proc = subprocess.Popen([AGENT, "-v", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True, env=env)
+        self._ended = threading.Event()
+        self.proc = subprocess.Popen([*cmd, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env, preexec_fn=on_cpu(cpu))
         threading.Thread(target=self._read, daemon=True).start()
         self.stdout = ""
         threading.Thread(target=self._read_stdout, daemon=True).start()
+        if rss_every:
+            threading.Thread(target=self._sample_rss, args=(rss_every,), daemon=True).start()
 
     def _read(self):
         for line in self.proc.stderr:
             if self.attached_at is None and "INFO: attached" in line:
                 self.attached_at = time.monotonic()
+                self.cpu_at_attach = proc_cpu_s(self.proc.pid)
+                self.rss_at_attach = proc_status_mb(self.proc.pid, "VmRSS")
                 self._attached.set()
+            elif EXPORTED.search(line):  # its last line: every span is out; interpreter teardown left out
+                self.cpu_at_end = proc_cpu_s(self.proc.pid)
             self.lines.append(line.rstrip("\n"))
         self._attached.set()
+
+    def _sample_rss(self, every: float):
+        # Not proc.poll(): that would reap the agent before wait() can read its rusage.
+        while not self._ended.wait(every):
+            if (mb := proc_status_mb(self.proc.pid, "VmRSS")) is not None:
+                self.rss_samples.append((time.monotonic(), mb))
 
     def _read_stdout(self):
         self.stdout = self.proc.stdout.read()
@@ -294,16 +364,24 @@ class AgentProcess:
                 pid, status, usage = os.wait4(self.proc.pid, 0)
                 break
             time.sleep(0.02)
+        self._ended.set()
         self.proc.returncode = os.waitstatus_to_exitcode(status)
         ended = time.monotonic()
         time.sleep(0.1)  # let the reader threads finish
         text = "\n".join(self.lines)
         seen = re.search(r"goroutines seen: (\d+)", text)
-        exported = re.search(r"(\d+) spans exported over OTLP", text)
+        exported = EXPORTED.search(text)
         dropped = re.search(r"dropped or degraded: (.*)", text)
-        return {"ended": ended, "cpu_s": usage.ru_utime + usage.ru_stime, "maxrss_mb": usage.ru_maxrss / 1024,
+        cpu = usage.ru_utime + usage.ru_stime
+        return {"ended": ended, "cpu_s": cpu, "maxrss_mb": usage.ru_maxrss / 1024,
                 "seen": int(seen[1]) if seen else None, "exported": int(exported[1]) if exported else None,
-                "losses": dropped[1] if dropped else "", "returncode": self.proc.returncode}
+                "losses": dropped[1] if dropped else "", "loss_counters": loss_counters(text),
+                "returncode": self.proc.returncode, "stdout": self.stdout, "rss_samples": self.rss_samples,
+                # From the 'attached' line to the last span out (else to its exit, from wait4: the same
+                # counters), as /proc/PID/stat has them: what it spent tracing, start-up and teardown left out.
+                "cpu_after_attach_s": (self.cpu_at_end or cpu) - self.cpu_at_attach if self.cpu_at_attach is not None else None,
+                "cpu_teardown_s": cpu - self.cpu_at_end if self.cpu_at_end is not None else None,
+                "rss_at_attach_mb": self.rss_at_attach}
 
 
 def measure_attach(bins, rotel, repeats: int) -> dict:
@@ -338,31 +416,194 @@ print(json.dumps({"imports_s": t1 - t0, "binary_analysis_s": t2 - t1, "rss_after
 def measure_end_to_end(bins, rotel, receiver, detail_args: tuple[str, ...], n: int) -> dict:
     """attach to a held churn program, release it, and time until the agent has accounted for and
     exported every goroutine (the agent exits once the program has and its spans are flushed)."""
-    prog = subprocess.Popen([str(bins["churn"]), "-n", str(n), "-warmup", "0", "-hold"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
     before = receiver.span_count
-    agent = AgentProcess(["attach", "--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc", "-q",
-                          "--flush-timeout", "60", *detail_args, str(prog.pid)])
-    try:
-        agent.wait_attached(120)
-        time.sleep(0.2)
-        released = time.monotonic()
-        prog.stdin.write("go\n")
-        prog.stdin.flush()
-        out, _ = prog.communicate(timeout=300)
-        program_done = time.monotonic()
-        res = agent.wait(600)
-    finally:
-        if prog.poll() is None:
-            prog.kill()
+    churn, res = held_churn(bins, None, ["-n", str(n), "-warmup", "0"], lambda pid: AgentProcess(
+        ["attach", *exporter_args("grpc", rotel, Path()), "-q", "--flush-timeout", "60", *detail_args, str(pid)]))
     received = receiver.wait_for_count(before + (res["exported"] or 0), 30) - before
-    churn = _json_line(out, "ns_per_goroutine")
-    elapsed = res["ended"] - released
+    elapsed = res["ended"] - churn["released"]
     return {"detail": " ".join(detail_args), "goroutines_created": churn["n"], "seen": res["seen"], "exported": res["exported"],
-            "received_by_collector": received, "losses": res["losses"], "program_s": program_done - released,
+            "received_by_collector": received, "losses": res["losses"], "program_s": churn["finished"] - churn["released"],
             "agent_s": elapsed, "lifecycles_per_s": (res["seen"] or 0) / elapsed, "agent_cpu_s": res["cpu_s"],
             "cpu_us_per_goroutine": res["cpu_s"] / max(1, res["seen"] or 1) * 1e6, "maxrss_mb": res["maxrss_mb"],
             "lifecycles_per_cpu_s": (res["seen"] or 0) / max(res["cpu_s"], 1e-9)}
+
+
+# --- 4-7. pinned: the target alone on one CPU (GOMAXPROCS=1), the agent on the other -------------
+PINNED_LIFECYCLE = ("--detail", "lifecycle", "--allocs", "off")
+DETAILS = {"lifecycle": PINNED_LIFECYCLE, "defaults": ()}
+EXPORTERS = ("grpc", "http/protobuf", "file")
+
+
+@dataclass(frozen=True)
+class Pinning:
+    target: int
+    agent: int
+
+    @staticmethod
+    def choose() -> "Pinning":
+        cpus = sorted(os.sched_getaffinity(0))
+        return Pinning(cpus[0], cpus[-1])  # one CPU: both on it (the figures then say less)
+
+
+@contextlib.contextmanager
+def helpers_on(cpu: int, pids: list[int]):
+    """Our own helpers (this process's threads, among them the span receiver, and rotel) on the
+    agent's CPU while the pinned sections run, so that the target's CPU has only the target (and
+    whatever else the shared machine runs). Threads started later inherit it."""
+    def pin(cpus):
+        for pid in pids:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), cpus)
+    everything = os.sched_getaffinity(0)
+    pin({cpu})
+    try:
+        yield
+    finally:
+        pin(everything)
+
+
+def held_churn(bins, pin: Pinning | None, churn_args: list[str], tracer=None) -> tuple[dict, dict | None]:
+    """churn (pinned: on the target's CPU, GOMAXPROCS=1), held until tracer(pid) (an AgentProcess)
+    has attached; churn's JSON line (plus when it was released and finished) and the tracer's result."""
+    env = dict(os.environ, **({"GOMAXPROCS": "1"} if pin else {}))
+    prog = subprocess.Popen([str(bins["churn"]), "-hold", *churn_args], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env=env, preexec_fn=on_cpu(pin.target if pin else None))
+    agent = None
+    try:
+        if tracer is not None:
+            agent = tracer(prog.pid)
+            agent.wait_attached(120)
+        released = time.monotonic()
+        prog.stdin.write("go\n")
+        prog.stdin.flush()
+        out, _ = prog.communicate(timeout=900)
+        finished = time.monotonic()
+    finally:
+        if prog.poll() is None:
+            prog.kill()
+    res = agent.wait(900) if agent is not None else None
+    return dict(_json_line(out, "ns_per_goroutine"), released=released, finished=finished), res
+
+
+def exporter_args(exporter: str, rotel, tmp: Path) -> list[str]:
+    if exporter == "file":
+        return ["--exporter", "file", "-o", str(tmp / "spans.jsonl")]
+    return ["--endpoint", rotel.endpoint(exporter), "--protocol", exporter]
+
+
+def agent_tracer(pin: Pinning, args: list[str], rss_every: float = 0):
+    return lambda pid: AgentProcess(["attach", *args, str(pid)], cpu=pin.agent, rss_every=rss_every)
+
+
+def bare_tracer(pin: Pinning, mode: Mode, count: bool = False):
+    return lambda pid: AgentProcess(["--pid", str(pid), *(["--bare-count"] if count else [])], cpu=pin.agent,
+                                    cmd=tuple(mode.bare_command()))
+
+
+def pinned_modes(smoke: bool) -> list[Mode]:
+    modes = [Mode("none", "untraced", "none"),
+             Mode("lifecycle", "agent --detail lifecycle --allocs off", "agent", PINNED_LIFECYCLE),
+             Mode("defaults", "agent, defaults (states, --allocs sampled)", "agent"),
+             Mode("bare_lifecycle", "floor: empty handlers at the agent's lifecycle probe addresses", "bare", PINNED_LIFECYCLE),
+             Mode("bare_defaults", "floor: empty handlers at the agent's default probe addresses", "bare"),
+             Mode("bare_casgstatus", "empty handlers at casgstatus alone (one trap a state change)", "bare",
+                  handlers="on_casgstatus")]
+    return [m for m in modes if m.key in ("none", "lifecycle", "bare_lifecycle")] if smoke else modes
+
+
+def run_pinned(mode: Mode, bins, rotel, pin: Pinning, n: int) -> tuple[float, dict | None]:
+    # --flush-timeout 1: only the target's time counts here, not whether the agent caught up.
+    tracer = {"none": lambda: None, "bare": lambda: bare_tracer(pin, mode),
+              "agent": lambda: agent_tracer(pin, [*exporter_args("grpc", rotel, Path()), "-q", "--flush-timeout", "1",
+                                                  *mode.agent_args])}[mode.kind]()
+    churn, res = held_churn(bins, pin, ["-n", str(n)], tracer)
+    return churn["ns_per_goroutine"], res
+
+
+def count_probe_hits(bins, pin: Pinning, n: int) -> dict:
+    """One untimed run with counting handlers at the default probe set: hits per goroutine, by point."""
+    churn, res = held_churn(bins, pin, ["-n", str(n), "-warmup", "0"], bare_tracer(pin, Mode("count", "", "bare"), count=True))
+    found = json.loads(res["stdout"].strip().splitlines()[-1])
+    return {point: hits / churn["n"] for point, hits in zip(found["points"], found["hits"])}
+
+
+def measure_pinned(bins, rotel, pin: Pinning, n: int, rounds: int, rng: random.Random, smoke: bool) -> dict:
+    modes = pinned_modes(smoke)
+    out = {"n": n, "modes": {m.key: m.label for m in modes}, "ns_per_goroutine": {m.key: [] for m in modes},
+           "losses": {}, "probe_hits_per_goroutine": count_probe_hits(bins, pin, n)}
+    for r in range(rounds):
+        for mode in rng.sample(modes, len(modes)):
+            ns, res = run_pinned(mode, bins, rotel, pin, n)
+            out["ns_per_goroutine"][mode.key].append(ns)
+            if res and res["loss_counters"]:
+                out["losses"].setdefault(mode.key, []).append(res["loss_counters"])
+            log(f"pinned churn round {r + 1}/{rounds} {mode.key}: {ns:,.0f} ns/goroutine")
+    return out
+
+
+def run_agent_on_churn(bins, rotel, receiver, pin: Pinning, tmp: Path, detail: str, exporter: str,
+                       churn_args: list[str], rss_every: float = 0) -> dict:
+    """The agent attached (pinned) to a held churn, until it has exported its last span and exited."""
+    before = receiver.span_count
+    args = [*exporter_args(exporter, rotel, tmp), "-q", "--flush-timeout", "120", *DETAILS[detail]]
+    churn, res = held_churn(bins, pin, churn_args, agent_tracer(pin, args, rss_every))
+    for path in tmp.glob("spans.jsonl*"):  # the file exporter's spans and metrics
+        path.unlink()
+    received = None if exporter == "file" else receiver.wait_for_count(before + (res["exported"] or 0), 30) - before
+    seen, cpu = res["seen"] or churn["n"], res["cpu_after_attach_s"] or float("nan")
+    return {"detail": detail, "exporter": exporter, "created": churn["n"], "rate_achieved": churn["rate_achieved"],
+            "received": received, "us_per_goroutine": cpu / seen * 1e6, "per_core_s": seen / cpu,
+            "churn": churn, **{k: v for k, v in res.items() if k not in ("stdout", "ended") and v != []}}
+
+
+def measure_runs(configs: list[tuple[str, str]], run, rounds: int, rng: random.Random, name: str) -> dict:
+    """run(detail, exporter) for each config in each round, in a random order; runs by config."""
+    runs: dict[str, list] = {f"{d} {e}": [] for d, e in configs}
+    for r in range(rounds):
+        for detail, exporter in rng.sample(configs, len(configs)):
+            res = run(detail, exporter)
+            runs[f"{detail} {exporter}"].append(res)
+            log(f"{name} round {r + 1}/{rounds} {detail} {exporter}: {res['us_per_goroutine']:.1f} us/goroutine of agent CPU, "
+                f"peak RSS {res['maxrss_mb']:.0f} MB, losses {res['loss_counters']}")
+    return runs
+
+
+def steady_rss(res: dict, seconds: float) -> float:
+    """Median VmRSS over the second half of a paced run."""
+    end = res["churn"]["finished"]
+    samples = [mb for t, mb in res.pop("rss_samples", []) if end - seconds / 2 <= t <= end]
+    return median(samples)
+
+
+def measure_rate(bins, rotel, receiver, pin: Pinning, tmp: Path, rate: int, seconds: float) -> dict:
+    churn_args = ["-rate", str(rate), "-duration", f"{seconds}s", "-warmup", "0"]
+    res = run_agent_on_churn(bins, rotel, receiver, pin, tmp, "defaults", "grpc", churn_args, rss_every=0.2)
+    res["steady_rss_mb"] = steady_rss(res, seconds)
+    res.update(rate=rate, seconds=seconds)
+    log(f"sustained {rate:,}/s for {seconds} s: {res['rate_achieved']:,.0f}/s achieved, {res['received']:,} received of "
+        f"{res['created']:,} created, losses {res['loss_counters']}, steady RSS {res['steady_rss_mb']:.0f} MB")
+    return res
+
+
+def measure_pinned_sections(parts: set[str], args, bins, rotel, receiver, tmp: Path, rng: random.Random) -> dict:
+    pin = Pinning.choose()
+    out: dict = {"pinning": {"target_cpu": pin.target, "agent_cpu": pin.agent, "target_gomaxprocs": 1}}
+    run = lambda churn_args: lambda d, e: run_agent_on_churn(bins, rotel, receiver, pin, tmp, d, e, churn_args)  # noqa: E731
+    configs = [(d, e) for d in DETAILS for e in EXPORTERS]
+    with helpers_on(pin.agent, [os.getpid(), rotel._proc.pid]):  # Rotel keeps its process private; only its PID is read
+        if "pinned" in parts:
+            out["pinned"] = measure_pinned(bins, rotel, pin, args.pinned_n, args.rounds, rng, args.smoke)
+        if "steady" in parts:
+            out["steady"] = {"n": args.steady_n, "runs": measure_runs(
+                [("lifecycle", "file")] if args.smoke else configs, run(["-n", str(args.steady_n), "-warmup", "0"]), args.rounds, rng, "steady")}
+        if "rss" in parts:
+            burst = ["-n", str(args.burst_n), "-batch", str(args.burst_n), "-warmup", "0"]  # all alive, then all end
+            out["rss"] = {"n": args.burst_n, "runs": measure_runs(
+                [("defaults", "grpc")] if args.smoke else [("lifecycle", "grpc"), ("defaults", "grpc")], run(burst), args.rounds, rng, "burst")}
+        if "rate" in parts:
+            out["rate"] = measure_rate(bins, rotel, receiver, pin, tmp, args.rate, args.rate_seconds)
+    return out
 
 
 def measure_export(rotel, receiver, encoder: str, protocol: str, kind: str, n: int) -> dict:
@@ -424,18 +665,47 @@ def export_worker(protocol: str, endpoint: str, kind: str, n: int) -> None:
                       "maxrss_mb": _rusage.getrusage(_rusage.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def bare_probes(detail: str, argv: list[str]) -> int:
-    """Run argv with an empty BPF handler at each address the agent would probe (lifecycle: creation
-    and exit; PROBE_PLACEMENT from the environment): what the traps alone cost."""
-    from bcc import BPF
-    from otel_goroutines import goruntime
+def bare_points(exe: str, agent_args: str, handlers: str):
+    """The addresses the agent itself would probe under these options: its own option parsing and
+    probe set (GoroutineProbes), so that the floor follows the agent when its probes change.
+    `handlers` (comma-separated BPF handler names) keeps only those points."""
+    from otel_goroutines import cli, goruntime
     from otel_goroutines.binary.gobinary import GoBinary
-    support = goruntime.support_for(GoBinary(argv[0]))
-    points = list(support.lifecycle_probes) + (list(support.state_probes) if detail == "states" else [])
-    bpf = BPF(text="int hit(void *ctx) { return 0; }")
-    for point in points:
-        bpf.attach_uprobe(name=argv[0], addr=point.address, fn_name="hit")
-    code = subprocess.run(argv).returncode
+    from otel_goroutines.probes import GoroutineProbes
+    params = cli.run.make_context("run", [*agent_args.split(), "--", exe]).params
+    options = cli._options(**{k: v for k, v in params.items() if k != "program"})
+    points = GoroutineProbes(goruntime.support_for(GoBinary(exe)), exe, 0, options.probes).probe_points
+    return [p for p in points if not handlers or p.handler in handlers.split(",")]
+
+
+def _bare_bpf(points, count: bool):
+    """Empty handlers, or (count) handlers that only count their hits, one array slot a point."""
+    from bcc import BPF
+    if not count:
+        return BPF(text="int hit0(void *ctx) { return 0; }"), ["hit0"] * len(points)
+    text = f"BPF_ARRAY(hits, u64, {max(1, len(points))});\n" + "".join(
+        f"int hit{i}(void *ctx) {{ int k = {i}; u64 *v = hits.lookup(&k); if (v) __sync_fetch_and_add(v, 1); return 0; }}\n"
+        for i in range(len(points)))
+    return BPF(text=text), [f"hit{i}" for i in range(len(points))]
+
+
+def bare_probes(agent_args: str, handlers: str, count: bool, argv: list[str], pid: int | None) -> int:
+    """Empty BPF handlers at the addresses the agent would probe (PROBE_PLACEMENT from the
+    environment): what the traps alone cost. Either runs argv, or (pid) stays attached to that
+    process until it exits, then prints its probe points (and hits, when counting) as JSON."""
+    exe = argv[0] if argv else os.readlink(f"/proc/{pid}/exe")
+    points = bare_points(exe, agent_args, handlers)
+    bpf, fns = _bare_bpf(points, count)
+    for point, fn in zip(points, fns):
+        bpf.attach_uprobe(name=exe, addr=point.address, fn_name=fn, pid=pid or -1)
+    if argv:
+        code = subprocess.run(argv).returncode
+    else:
+        log("INFO: attached empty handlers")  # the line AgentProcess waits for
+        select.select([os.pidfd_open(pid)], [], [])
+        code = 0
+        hits = [int(bpf["hits"][i].value) for i in range(len(points))] if count else []
+        print(json.dumps({"points": [f"{p.handler}@{p.function}" for p in points], "hits": hits}), flush=True)
     bpf.cleanup()
     return code
 
@@ -451,7 +721,8 @@ def machine() -> dict:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+    nproc = subprocess.run(["nproc"], capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "nproc": nproc, "kernel": platform.release(), "python": platform.python_version(),
             "load_at_start": os.getloadavg()}
 
 
@@ -463,16 +734,24 @@ def main() -> int:
     ap.add_argument("--server-seconds", type=float, default=4.0)
     ap.add_argument("--server-conns", type=int, default=8)
     ap.add_argument("--out", type=Path, default=BENCH)
-    ap.add_argument("--only", default="churn,server,agent")
+    ap.add_argument("--only", default=ALL_PARTS, help=f"comma-separated sections (default: all: {ALL_PARTS})")
+    ap.add_argument("--pinned-n", type=int, default=100_000, help="goroutines per pinned churn run (pinned)")
+    ap.add_argument("--steady-n", type=int, default=100_000, help="goroutines per steady-state agent CPU run (steady)")
+    ap.add_argument("--burst-n", type=int, default=100_000, help="goroutines alive at once, then ending, for peak RSS (rss)")
+    ap.add_argument("--rate", type=int, default=100_000, help="goroutines per second in the sustained-rate run (rate)")
+    ap.add_argument("--rate-seconds", type=float, default=10.0, help="length of the sustained-rate run (rate)")
     ap.add_argument("--export-n", type=int, default=150_000, help="spans per export-path run (SDK encoder: a fifth)")
     ap.add_argument("--e2e-n", type=int, default=100_000, help="goroutines in each end-to-end agent run")
     ap.add_argument("--export-worker", nargs=4, help=argparse.SUPPRESS)
-    ap.add_argument("--bare-probes", help=argparse.SUPPRESS)
+    ap.add_argument("--bare-probes", help=argparse.SUPPRESS)  # agent options, as one string ("" for defaults)
+    ap.add_argument("--bare-handlers", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--bare-count", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--render", action="store_true", help="only rewrite RESULTS.md and the plot from OUT/results.json")
     ap.add_argument("program", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.bare_probes:
-        return bare_probes(args.bare_probes, args.program)
+    if args.bare_probes is not None:
+        return bare_probes(args.bare_probes, args.bare_handlers, args.bare_count, args.program, args.pid)
     if args.render:
         results = json.loads((args.out / "results.json").read_text())
         (args.out / "RESULTS.md").write_text(render(results))
@@ -484,14 +763,20 @@ def main() -> int:
         return 0
     if args.smoke:
         args.rounds, args.churn_n, args.server_seconds = 1, 10_000, 0.5
+        args.pinned_n, args.steady_n, args.burst_n, args.rate, args.rate_seconds = 5_000, 2_000, 2_000, 5_000, 0.5
         if args.out == BENCH:
             args.out = Path(tempfile.mkdtemp(prefix="bench-smoke-"))
     parts = set(args.only.split(","))
+    if unknown := parts - set(ALL_PARTS.split(",")):
+        ap.error(f"--only: no section {', '.join(sorted(unknown))} (sections: {ALL_PARTS})")
+    if args.smoke and args.only == ALL_PARTS:
+        parts.discard("attach")  # bigbin's build and three attaches are not a few seconds
+    want_attach = "attach" in parts or ("agent" in parts and not args.smoke)
     args.out.mkdir(parents=True, exist_ok=True)
 
     go = go_toolchain()
     go_version = subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True, env=dict(os.environ, GOTOOLCHAIN="local")).stdout.strip()
-    names = ("churn", "server", "loadgen") + (() if args.smoke else ("bigbin",))
+    names = ("churn", "server", "loadgen") + ("bigbin",) * want_attach
     bins = build_programs(go, names)
     modes, todo = all_modes(args.smoke)
     if not shutil.which("bpftrace"):
@@ -505,6 +790,8 @@ def main() -> int:
     rotel = Rotel(receiver.port, tmp / "rotel.log")
     rng = random.Random(5)
     try:
+        if parts & PINNED_PARTS:
+            results.update(measure_pinned_sections(parts, args, bins, rotel, receiver, tmp, rng))
         if "churn" in parts:
             results["churn"] = {"n": args.churn_n, "ns_per_goroutine": {m.key: [] for m in modes}}
             for r in range(args.rounds):
@@ -547,8 +834,9 @@ def main() -> int:
                     agent["end_to_end"].append(res)
                     log(f"end to end {res['detail'] or 'defaults'}: {res['lifecycles_per_s']:,.0f} goroutines/s, "
                         f"{res['received_by_collector']} received, losses: {res['losses'] or 'none'}, rss {res['maxrss_mb']:.0f} MB")
-                agent["attach"] = measure_attach(bins, rotel, 3)
-                log(f"attach: {agent['attach']['median_s']:.2f} s for {agent['attach']['binary_mb']:.1f} MB; {agent['attach']['phases']}")
+        if want_attach:
+            attach = results.setdefault("agent", {})["attach"] = measure_attach(bins, rotel, 3)
+            log(f"attach: {attach['median_s']:.2f} s for {attach['binary_mb']:.1f} MB; {attach['phases']}")
     finally:
         rotel.close()
         receiver.close()
@@ -569,9 +857,9 @@ TARGETS = {
 }
 
 
-def churn_summary(results) -> dict[str, dict]:
+def churn_summary(results, section: str = "churn") -> dict[str, dict]:
     """Per mode: median ns/goroutine, median of the per-round differences from untraced, ratio."""
-    ns = results["churn"]["ns_per_goroutine"]
+    ns = results[section]["ns_per_goroutine"]
     base = ns["none"]
     out = {}
     for key, values in ns.items():
@@ -599,8 +887,8 @@ def render(results) -> str:
     m = results["machine"]
     lines = ["# Benchmark results", "",
              f"Generated by `make bench` (`bench/run.py`{' --smoke' if results['smoke'] else ''}) on {results['date']}.", "",
-             f"- machine: {m['cpu']}, {m['cores']} cores, Linux {m['kernel']}, shared with other work "
-             f"(load average {m['load_at_start'][0]:.1f} at start, {results['load_at_end'][0]:.1f} at end)",
+             f"- machine: {m['cpu']}, {m['cores']} cores (nproc {m.get('nproc', '?')}), Linux {m['kernel']}, shared with other work "
+             f"(load average {_loads(m['load_at_start'])} at start, {_loads(results['load_at_end'])} at end: 1, 5, 15 min)",
              f"- Go {results['go']} (targets built with it), Python {m['python']}",
              f"- modes interleaved in random order in each of {results['rounds']} rounds; medians; ratios are to the "
              "untraced run (for churn, the median of each round's difference from that round's untraced run)", ""]
@@ -670,7 +958,7 @@ def render(results) -> str:
                       f"(runs: {', '.join(f'{s:.2f}' for s in a['seconds'])}); peak RSS {a['maxrss_mb']:.0f} MB.",
                       "Phases (in a fresh interpreter): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in a["phases"].items()
                                                                        if isinstance(v, float)) + "; the rest is the BPF compile (bcc/clang) and attach.", ""]
-    lines += targets_table(results)
+    lines += pinned_report(results) + goals_table(results) + targets_table(results)
     return "\n".join(lines) + "\n"
 
 
@@ -717,6 +1005,172 @@ def targets_table(results) -> list[str]:
         [f"| {t} | {v} | {'yes' if ok else '**no**'} |" for t, v, ok in rows] + [""]
 
 
+# --- report: 4-7, issue 11's rows ----------------------------------------------------------------
+GOALS = {"lifecycle_floor_ratio": 1.3, "bpf_ns_per_hit": 150, "cpu_us": {"lifecycle": 3.0, "defaults": 5.0}, "file_factor": 2.0,
+         "peak_rss_mb": 150, "steady_rss_mb": 100, "server_lifecycle": 0.90, "server_defaults": 0.85, "attach_s": 1.0}
+
+
+NOT_RUN = {"pinned": "target: ns added per goroutine, lifecycle and defaults", "steady": "agent CPU per goroutine, steady state",
+           "rss": "agent peak RSS in a burst", "rate": "sustained rate; agent steady RSS", "server": "bench server throughput",
+           "attach": "attach time"}
+
+
+def _loads(loads) -> str:
+    return " / ".join(f"{x:.1f}" for x in loads)
+
+
+def _losses_text(counters: dict | None) -> str:
+    return "no summary (agent failed?)" if counters is None else ", ".join(f"{k}={v:,}" for k, v in counters.items()) or "none"
+
+
+def steady_summary(runs: dict[str, list]) -> dict[str, dict]:
+    """Per config: medians over the rounds; every round's losses."""
+    return {key: {"us_per_goroutine": median([r["us_per_goroutine"] for r in rs]),
+                  "per_core_s": median([r["per_core_s"] for r in rs]), "maxrss_mb": median([r["maxrss_mb"] for r in rs]),
+                  "max_maxrss_mb": max(r["maxrss_mb"] for r in rs), "rss_at_attach_mb": median([r["rss_at_attach_mb"] or 0 for r in rs]),
+                  "created": rs[0]["created"], "seen": median([r["seen"] or 0 for r in rs]),
+                  "received": [r["received"] for r in rs], "losses": [_losses_text(r["loss_counters"]) for r in rs], "runs": len(rs)}
+            for key, rs in runs.items() if rs}
+
+
+def floor_ratios(results) -> dict[str, float]:
+    s = churn_summary(results, "pinned")
+    return {k: s[k]["added_ns"] / s[f"bare_{k}"]["added_ns"] for k in ("lifecycle", "defaults")
+            if k in s and f"bare_{k}" in s and s[f"bare_{k}"]["added_ns"] > 0}
+
+
+def pinned_report(results) -> list[str]:
+    if not any(k in results for k in PINNED_PARTS):
+        return []
+    p = results["pinning"]
+    lines = [f"## Issue 11's rows: target on CPU {p['target_cpu']} (GOMAXPROCS=1), agent on CPU {p['agent_cpu']}", "",
+             "Pinned with sched_setaffinity (as `taskset -c`); this bench's own span receiver and rotel share the agent's CPU. "
+             "OTLP goes to rotel, which forwards to a receiver that only counts.", ""]
+    for part in ("pinned", "steady", "rss", "rate"):
+        if part in results:
+            lines += globals()[f"_report_{part}"](results) + [""]
+    return lines
+
+
+def _report_pinned(results) -> list[str]:
+    pn, cs, ratios = results["pinned"], churn_summary(results, "pinned"), floor_ratios(results)
+    lines = [f"### 4. Pinned churn ({pn['n']:,} short goroutines a run; modes interleaved, {results['rounds']} rounds, medians)", "",
+             "| mode | ns per goroutine | added ns per goroutine | ratio to its floor | runs |", "|---|---:|---:|---:|---:|"]
+    for key, s in cs.items():
+        ratio = f"{ratios[key]:.2f}x" if key in ratios else ""
+        lines.append(f"| {pn['modes'][key]} | {s['median_ns']:,.0f} | {s['added_ns']:,.0f} | {ratio} | {s['runs']} |")
+    hits = ", ".join(f"{k} {v:.2f}" for k, v in pn["probe_hits_per_goroutine"].items())
+    lines += ["", f"Probe hits per goroutine at the default probe set (counted in a separate, untimed run): {hits}.",
+              "The floors are empty BPF handlers at the addresses the agent's own code chooses for those options."]
+    for key, runs in pn["losses"].items():
+        lines.append(f"- {pn['modes'][key]}, losses (`--flush-timeout 1`: the agent is not waited for): "
+                     + "; ".join(_losses_text(r) for r in runs))
+    return lines
+
+
+def _report_steady(results) -> list[str]:
+    st = results["steady"]
+    lines = [f"### 5. Agent CPU per goroutine, steady state ({st['n']:,} goroutines a run, the agent attached first)", "",
+             "Agent CPU (user + system, all threads) from its 'attached' log line to its last span out, over the goroutines it saw.", "",
+             "| detail, exporter | agent CPU us per goroutine | goroutines per agent core-second | seen | received by collector | losses | peak RSS MB | runs |",
+             "|---|---:|---:|---:|---|---|---:|---:|"]
+    for key, s in steady_summary(st["runs"]).items():
+        received = ", ".join("file" if r is None else f"{r:,}" for r in s["received"])
+        lines.append(f"| {key} | {s['us_per_goroutine']:.1f} | {s['per_core_s']:,.0f} | {s['seen']:,.0f} | {received} | "
+                     f"{'; '.join(sorted(set(s['losses'])))} | {s['maxrss_mb']:.0f} | {s['runs']} |")
+    return lines
+
+
+def _report_rss(results) -> list[str]:
+    rs = results["rss"]
+    lines = [f"### 6. Agent memory: {rs['n']:,} goroutines alive at once, then all ending (one batch)", "",
+             "| detail, exporter | peak RSS MB (VmHWM; median / max) | RSS after attach MB | losses | runs |", "|---|---:|---:|---|---:|"]
+    for key, s in steady_summary(rs["runs"]).items():
+        lines.append(f"| {key} | {s['maxrss_mb']:.0f} / {s['max_maxrss_mb']:.0f} | {s['rss_at_attach_mb']:.0f} | "
+                     f"{'; '.join(sorted(set(s['losses'])))} | {s['runs']} |")
+    return lines
+
+
+def _report_rate(results) -> list[str]:
+    r = results["rate"]
+    return [f"### 7. Sustained rate: {r['rate']:,} goroutines/s for {r['seconds']:g} s, defaults, OTLP/gRPC", "",
+            f"- achieved by the target: {r['rate_achieved']:,.0f} goroutines/s ({r['created']:,} created)",
+            f"- seen by the agent {r['seen'] or 0:,}, exported {r['exported'] or 0:,}, received by the collector {r['received']:,}",
+            f"- losses (every counter of the agent's summary): {_losses_text(r['loss_counters'])}",
+            f"- agent CPU {r['us_per_goroutine']:.1f} us per goroutine; RSS steady {r['steady_rss_mb']:.0f} MB "
+            f"(median over the second half), peak {r['maxrss_mb']:.0f} MB"]
+
+
+def goals_table(results) -> list[str]:
+    rows = [row for part in ("pinned", "steady", "rss", "rate", "server", "attach") for row in _goal_rows(part, results)]
+    return ["## Goals (issue 11)", "", "| what | goal | measured | |", "|---|---|---|---|"] + [
+        f"| {what} | {goal} | {measured} | {'not measured' if ok is None else 'met' if ok else '**missed**'} |"
+        for what, goal, measured, ok in rows] + [""]
+
+
+def _goal_rows(part: str, results) -> list[tuple]:
+    if part == "attach" and "attach" in results.get("agent", {}):
+        a = results["agent"]["attach"]
+        return [(f"attach, {a['binary_mb']:.0f} MB binary", "under 1 s", f"{a['median_s']:.2f} s", a["median_s"] < GOALS["attach_s"])]
+    if part not in results or part == "attach":
+        return [(NOT_RUN[part], "", f"not measured in this run (`--only {part}`)", None)]
+    return globals()[f"_goals_{part}"](results)
+
+
+def _goals_pinned(results) -> list[tuple]:
+    cs, ratios, hits = churn_summary(results, "pinned"), floor_ratios(results), results["pinned"]["probe_hits_per_goroutine"]
+    rows = []
+    if "lifecycle" in ratios:
+        rows.append(("target: ns added per goroutine, `--detail lifecycle`", "at most 1.3x the bare-trap floor",
+                     f"{cs['lifecycle']['added_ns']:,.0f} = {ratios['lifecycle']:.2f}x the floor ({cs['bare_lifecycle']['added_ns']:,.0f})",
+                     ratios["lifecycle"] <= GOALS["lifecycle_floor_ratio"]))
+    if "defaults" in cs and "bare_casgstatus" in cs:
+        state_hits = sum(v for k, v in hits.items() if k.startswith("on_casgstatus@"))
+        own = {k: v for k, v in hits.items() if not k.startswith("on_casgstatus@") and v >= 0.5}
+        limit = cs["bare_casgstatus"]["added_ns"] + GOALS["bpf_ns_per_hit"] * sum(hits.values())
+        rows.append(("target: ns added per goroutine, defaults",
+                     "one trap per state change + 150 ns of BPF work a hit; no trap of their own for creation and exit",
+                     f"{cs['defaults']['added_ns']:,.0f} against {limit:,.0f} (casgstatus traps alone {cs['bare_casgstatus']['added_ns']:,.0f} "
+                     f"for {state_hits:.1f} hits + 150 ns x {sum(hits.values()):.1f} hits); other points hit per goroutine: "
+                     f"{', '.join(f'{k} {v:.1f}' for k, v in own.items()) or 'none'}",
+                     cs["defaults"]["added_ns"] <= limit and not own))
+    return rows
+
+
+def _goals_steady(results) -> list[tuple]:
+    rows = []
+    for key, s in steady_summary(results["steady"]["runs"]).items():
+        detail, exporter = key.split(" ", 1)
+        goal = GOALS["cpu_us"][detail] * (GOALS["file_factor"] if exporter == "file" else 1)
+        rows.append((f"agent CPU per goroutine, steady state, {detail}, {exporter}", f"at most {goal:g} us",
+                     f"{s['us_per_goroutine']:.1f} us ({s['per_core_s']:,.0f} goroutines per core-second)", s["us_per_goroutine"] <= goal))
+    return rows
+
+
+def _goals_rss(results) -> list[tuple]:
+    worst = max(steady_summary(results["rss"]["runs"]).items(), key=lambda kv: kv[1]["maxrss_mb"])
+    return [(f"agent peak RSS, {results['rss']['n']:,} goroutines ending in a burst", "at most 150 MB",
+             f"{worst[1]['maxrss_mb']:.0f} MB ({worst[0]})", worst[1]["maxrss_mb"] <= GOALS["peak_rss_mb"])]
+
+
+def _goals_rate(results) -> list[tuple]:
+    r = results["rate"]
+    ok = r["loss_counters"] == {} and (r["received"] or 0) >= r["created"] and r["rate_achieved"] >= 0.95 * r["rate"]
+    return [(f"bursts: {r['rate']:,} goroutines/s for {r['seconds']:g} s at defaults", "zero losses of any kind",
+             f"{r['rate_achieved']:,.0f}/s achieved, {r['received']:,} received of {r['created']:,} created, losses: "
+             f"{_losses_text(r['loss_counters'])}", ok),
+            ("agent steady RSS (during the sustained run)", "at most 100 MB", f"{r['steady_rss_mb']:.0f} MB",
+             r["steady_rss_mb"] <= GOALS["steady_rss_mb"])]
+
+
+def _goals_server(results) -> list[tuple]:
+    ss = server_summary(results)
+    return [(f"bench server throughput, {key}", f"at least {GOALS[goal] * 100:.0f}% of untraced",
+             f"{ss[key]['rps_ratio'] * 100:.0f}% ({ss[key]['rps']:,.0f} req/s; untraced {ss['none']['rps']:,.0f})",
+             ss[key]["rps_ratio"] >= GOALS[goal])
+            for key, goal in (("lifecycle", "server_lifecycle"), ("allocs_sampled", "server_defaults")) if key in ss]
+
+
 def plot(results, path: Path) -> None:
     try:
         import matplotlib
@@ -726,42 +1180,65 @@ def plot(results, path: Path) -> None:
         import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = results["modes"]
-    panels = [p for p in ("churn", "server") if p in results]
+    panels = [p for p in ("pinned", "steady", "churn", "server") if p in results]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(8 * len(panels), 5.2),
-                             gridspec_kw={"width_ratios": [1.25, 1][:len(panels)]})
-    axes = [axes] if len(panels) == 1 else list(axes)
-    for ax, panel in zip(axes, panels):
-        if panel == "churn":
-            s = churn_summary(results)
-            keys = [k for k in s if k != "none"]
-            vals = [max(0.0, s[k]["added_ns"]) / 1000 for k in keys]
-            ax.barh([labels[k] for k in keys], vals, color=["#c44" if "entry" in k or "bpftrace" in k else "#48a" for k in keys])
-            ax.axvline(TARGETS["lifecycle_ns"] / 1000, color="k", ls="--", lw=1, label="1.5 us target (lifecycle)")
-            ax.set_xscale("log")
-            ax.set_xlabel(f"microseconds added per goroutine (log scale; untraced: {s['none']['median_ns']:.0f} ns)")
-            ax.set_title("Goroutine churn: cost per goroutine")
-            for i, v in enumerate(vals):
-                ax.text(v, i, f" {v:.2f}", va="center", fontsize=8)
-            ax.legend(loc="lower right", fontsize=8)
-        else:
-            s = server_summary(results)
-            keys = [k for k in s if k != "none"]
-            vals = [s[k]["rps_ratio"] * 100 for k in keys]
-            ax.barh([labels[k] for k in keys], vals, color=["#c44" if "entry" in k or "bpftrace" in k else "#4a8" for k in keys])
-            ax.axvline(97, color="k", ls="--", lw=1, label="97% target (defaults)")
-            ax.set_xlim(0, 105)
-            ax.set_xlabel("throughput, % of the untraced server")
-            ax.set_title("HTTP server under load")
-            for i, v in enumerate(vals):
-                ax.text(v, i, f" {v:.1f}%", va="center", fontsize=8)
-            ax.legend(loc="lower right", fontsize=8)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(13, 4.2 * len(panels)), squeeze=False)
+    for ax, panel in zip(axes[:, 0], panels):
+        globals()[f"_plot_{panel}"](ax, results)
         ax.invert_yaxis()
     fig.suptitle(f"otel-goroutines overhead per mode ({results['date'][:10]}, {results['machine']['cores']} cores, {results['go']})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+
+def _bars(ax, names: list[str], vals: list[float], colors, fmt: str, goal: float | None, goal_label: str, xlabel: str, title: str):
+    ax.barh(names, vals, color=colors)
+    if goal is not None:
+        ax.axvline(goal, color="k", ls="--", lw=1, label=goal_label)
+        ax.legend(loc="lower right", fontsize=8)
+    for i, v in enumerate(vals):
+        ax.text(v, i, " " + fmt.format(v), va="center", fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+
+
+def _plot_churn(ax, results):
+    s, labels = churn_summary(results), results["modes"]
+    keys = [k for k in s if k != "none"]
+    _bars(ax, [labels[k] for k in keys], [max(0.0, s[k]["added_ns"]) / 1000 for k in keys],
+          ["#c44" if "entry" in k or "bpftrace" in k else "#48a" for k in keys], "{:.2f}", TARGETS["lifecycle_ns"] / 1000,
+          "1.5 us target (lifecycle)", f"microseconds added per goroutine (log scale; untraced: {s['none']['median_ns']:.0f} ns)",
+          "Goroutine churn: cost per goroutine")
+    ax.set_xscale("log")
+
+
+def _plot_server(ax, results):
+    s, labels = server_summary(results), results["modes"]
+    keys = [k for k in s if k != "none"]
+    _bars(ax, [labels[k] for k in keys], [s[k]["rps_ratio"] * 100 for k in keys],
+          ["#c44" if "entry" in k or "bpftrace" in k else "#4a8" for k in keys], "{:.1f}%", GOALS["server_lifecycle"] * 100,
+          "90% goal (lifecycle; defaults: 85%)", "throughput, % of the untraced server", "HTTP server under load")
+    ax.set_xlim(0, 105)
+
+
+def _plot_pinned(ax, results):
+    s, labels = churn_summary(results, "pinned"), results["pinned"]["modes"]
+    keys = [k for k in s if k != "none"]
+    floor = s.get("bare_lifecycle", {}).get("added_ns")
+    _bars(ax, [labels[k] for k in keys], [max(0.0, s[k]["added_ns"]) for k in keys],
+          ["#999" if k.startswith("bare") else "#48a" for k in keys], "{:,.0f}",
+          floor * GOALS["lifecycle_floor_ratio"] if floor else None, "lifecycle goal: 1.3x its floor",
+          f"ns added per goroutine (target pinned, GOMAXPROCS=1; untraced {s['none']['median_ns']:.0f} ns)",
+          "Pinned churn: the target's cost against the bare-trap floor")
+
+
+def _plot_steady(ax, results):
+    s = steady_summary(results["steady"]["runs"])
+    _bars(ax, list(s), [v["us_per_goroutine"] for v in s.values()], "#a84", "{:.1f}", None, "",
+          "agent CPU us per goroutine, after the attach (goals: lifecycle 3, defaults 5; file 2x)",
+          "Agent CPU per goroutine, steady state")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,13 @@ def test_bench_smoke_runs_and_reports(tmp_path):
     assert all(r["requests"] > 0 and r["errors"] == 0 for runs in results["server"]["runs"].values() for r in runs)
     for export in results["agent"]["export"]:
         assert export["received_by_collector"] == export["spans"] == export["exported"], export
+    pinned = results["pinned"]["ns_per_goroutine"]
+    assert pinned["none"] and pinned["lifecycle"] and pinned["bare_lifecycle"]
+    for run in results["steady"]["runs"]["lifecycle file"] + results["rss"]["runs"]["defaults grpc"] + [results["rate"]]:
+        assert run["loss_counters"] is not None and run["cpu_after_attach_s"] > 0 and run["maxrss_mb"] > 0, run
+    assert results["rate"]["received"] >= results["rate"]["created"] > 0
     report = (tmp_path / "RESULTS.md").read_text()
-    for heading in ("## 1. Goroutine churn", "## 2. HTTP server under load", "## 3. The agent", "## Targets"):
+    for heading in ("## 1. Goroutine churn", "## 2. HTTP server under load", "## 3. The agent", "## Targets",
+                    "### 4. Pinned churn", "### 5. Agent CPU per goroutine", "### 6. Agent memory", "### 7. Sustained rate",
+                    "## Goals (issue 11)"):
         assert heading in report
