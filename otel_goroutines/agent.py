@@ -395,11 +395,11 @@ class Session:
         """The summary on stderr."""
         opts = self.options
         losses = dict(end.counters)
-        losses.pop("goroutines_created")
+        created = losses.pop("goroutines_created")
         losses = {"spans_not_exported": stats.dropped, "spans_sampled_out": self.budget.sampled_out, **losses}
         # Exits of goroutines that predate the attach are expected, not a loss.
         untraced_exits = losses.pop("exits_of_untraced_goroutines")
-        print(self.summary.render(losses), file=sys.stderr)
+        print(self.summary.render(losses, created), file=sys.stderr)
         if opts.probes.allocs is not allocs.AllocMode.OFF:
             rate = f" at 1 per {self.profile_rate.rate} bytes" if self.profile_rate and self.profile_rate.rate > 1 else ""
             print(allocs.render(opts.probes.allocs, self._counts().alloc_totals, end.allocs_elsewhere, rate), file=sys.stderr)

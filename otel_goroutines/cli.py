@@ -85,6 +85,9 @@ def _tracing_options(func):
                           "(counted, not exported) or ignore it (exported, in that trace)."),
         click.option("--pprof-labels/--no-pprof-labels", default=True, show_default=True,
                      help="runtime/pprof goroutine labels (read when a goroutine ends) as go.goroutine.label.<key> attributes."),
+        click.option("--ring-buffer-mib", type=click.IntRange(1, 1024), default=8, show_default=True,
+                     help="Kernel ring buffer for the probes' records, a power of two. Records wait there until the agent "
+                          "reads them (every 100 ms, or at once when half full); what does not fit is counted, never silent."),
         click.option("--quiet", "-q", is_flag=True, help="No live status line."),
     ]
     for option in reversed(options):
@@ -94,7 +97,7 @@ def _tracing_options(func):
 
 def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, trace_max_spans, spawner_children, spawner_age,
              checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet,
-             app_traces="auto", app_unsampled="follow", pprof_labels=True) -> AgentOptions:
+             app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8) -> AgentOptions:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
         exporter = "otlp" if (endpoint or traces_endpoint) else "file"
@@ -108,11 +111,13 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
     protocol = protocol or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
     if protocol not in ("grpc", "http/protobuf"):
         raise AgentError(f"OTLP protocol {protocol!r} is not supported; use grpc or http/protobuf")
+    if ring_buffer_mib & (ring_buffer_mib - 1):
+        raise AgentError(f"--ring-buffer-mib {ring_buffer_mib} is not a power of two (the kernel requires one), e.g. 8 or 16")
     return AgentOptions(
         export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout),
         probes=ProbeSettings(states=detail == "states", allocs=AllocMode(allocs), max_events=max_events, trace_max_spans=trace_max_spans,
                              spawner_children=spawner_children, spawner_age_s=spawner_age,
-                             app_traces=app_traces == "auto", labels=pprof_labels),
+                             app_traces=app_traces == "auto", labels=pprof_labels, ringbuf_pages=ring_buffer_mib * 256),
         long_lived=LongLivedSettings(checkpoint_after_s=checkpoint_after, leak_after_s=leak_after),
         spans_per_second=max_spans_per_second,
         metrics_interval_s=metrics_interval,

@@ -26,7 +26,7 @@ class ExportStats:
 
 
 class ExportPipeline:
-    def __init__(self, sink: SpanSink, max_buffered: int = 200_000, batch_size: int = 1024,
+    def __init__(self, sink: SpanSink, max_buffered: int = 200_000, batch_size: int = 8192,
                  max_backoff_s: float = 5.0):
         self.sink = sink
         self._max_buffered = max_buffered

@@ -36,8 +36,10 @@ class Summary:
     def total(self) -> int:
         return sum(s.count for s in self.by_function.values())
 
-    def render(self, losses: dict[str, int], top: int = 15) -> str:
+    def render(self, losses: dict[str, int], created: int | None = None, top: int = 15) -> str:
         lines = [f"goroutines seen: {self.total}"]
+        if created is not None:  # by the kernel's count: seen = created + existing at attach - losses
+            lines.append(f"goroutines created while traced: {created}")
         rows = sorted(self.by_function.items(), key=lambda kv: -kv[1].count)
         if rows:
             width = min(60, max(len(name) for name, _ in rows[:top]))
