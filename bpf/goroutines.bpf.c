@@ -722,7 +722,7 @@ int on_runtime_initialised(struct pt_regs *ctx) {
     ev->kind = EV_RUNTIME_INITIALISED;
     ev->tgid = bpf_get_current_pid_tgid() >> 32;
     ev->ts = bpf_ktime_get_ns();
-    events.ringbuf_submit(ev, 0);
+    events.ringbuf_submit(ev, BPF_RB_FORCE_WAKEUP);  // the agent turns heap sampling on now, not at its next drain
     return 0;
 }
 #endif

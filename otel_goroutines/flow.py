@@ -55,7 +55,7 @@ class FlowCounts:
     app_unsampled: int = 0  # spans not exported: in an application trace the application did not sample
     alloc_totals: allocs.AllocTotals = field(default_factory=allocs.AllocTotals)
     exited_by_start_pc: dict[int, int] = field(default_factory=dict)   # goroutines that exited
-    created_by_start_pc: dict[int, int] = field(default_factory=dict)  # ...that were created since tracing began, and ended
+    created_by_start_pc: dict[int, int] = field(default_factory=dict)  # ...that were also created since tracing began
 
 
 class SpanFlow:
@@ -163,7 +163,8 @@ class SpanFlow:
             self.metrics.observe_ends(names, inverse, lifetimes)
         new = st["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH == 0
         _add_counts(self.counts.exited_by_start_pc, pcs, np.bincount(inverse, weights=~alive, minlength=len(pcs)))
-        _add_counts(self.counts.created_by_start_pc, pcs, np.bincount(inverse, weights=new, minlength=len(pcs)))
+        # (Goroutines still alive are created too: the caller counts those in the kernel map.)
+        _add_counts(self.counts.created_by_start_pc, pcs, np.bincount(inverse, weights=new & ~alive, minlength=len(pcs)))
         t = self.counts.alloc_totals
         count = int(((st["alloc_count"] + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT).sum())
         self.counts.alloc_totals = allocs.AllocTotals(t.bytes + int(st["alloc_bytes"].sum()), t.count + count,

@@ -211,6 +211,7 @@ class GoroutineProbes:
         except Exception as exc:
             detail = chatter.getvalue().strip().splitlines()
             raise AgentError(f"could not compile the eBPF program ({exc}); {detail[-1] if detail else 'are kernel headers installed? run `make setup`'}") from None
+        release_compiler_memory()
         self._bpf["traced"][ct.c_uint32(self.pid)] = ct.c_uint64(0)
         if self.settings.allocs is allocs.AllocMode.SAMPLED:
             weights = self._bpf["alloc_weights"]
@@ -363,6 +364,28 @@ class GoroutineProbes:
             with _captured_stderr():
                 self._bpf.cleanup()
             self._bpf = None
+
+
+_MADV_PAGEOUT = 21
+_COMPILER_LIBRARIES = ("libLLVM", "libclang")
+
+
+def release_compiler_memory() -> None:
+    """bcc compiles with clang and LLVM inside the agent: ~80 MB of their code is paged in for a
+    compile that is over once the program is loaded, and ~30 MB of freed heap stays with the
+    process. Give both back (the next compile, in `watch`, pages the code in again)."""
+    libc = ct.CDLL(None, use_errno=True)
+    libc.malloc_trim(0)
+    libc.madvise.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int]
+    try:
+        with open("/proc/self/maps") as maps:
+            regions = [line.split() for line in maps]
+    except OSError:
+        return
+    for fields in regions:
+        if len(fields) >= 6 and any(lib in fields[5] for lib in _COMPILER_LIBRARIES):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            libc.madvise(start, end - start, _MADV_PAGEOUT)  # best effort: a refusal only leaves them resident
 
 
 @contextlib.contextmanager
