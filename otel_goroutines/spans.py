@@ -89,8 +89,13 @@ class SpanBuilder:
     allocs: AllocMode = AllocMode.OFF
 
     def build(self, rec: GoroutineRecord, before: Checkpointed | None = None) -> GoroutineSpan:
-        """The goroutine's span, from its creation (or its last checkpoint) to its end."""
-        span = self._span(rec, before, rec.end_ns)
+        """The goroutine's span, over its whole life: its children never start before it, even when
+        checkpoint spans went out while it lived. Then its events are those since the last
+        checkpoint (the earlier ones are in the checkpoints), and it links to that checkpoint."""
+        span = self._span(rec, None, rec.end_ns)
+        if before:
+            span.attributes["go.goroutine.checkpoints"] = before.count
+            span.links.append(self._previous_checkpoint(rec, before))
         span.trace_id = trace_id_for(self.salt, rec.root_goid)
         span.span_id = span_id_for(self.salt, rec.goid)
         if rec.trace_reason is TraceReason.JOINS_PARENT:
@@ -130,6 +135,7 @@ class SpanBuilder:
             span.error = "goroutine leaked (detected by the Go runtime)"
 
     def _span(self, rec: GoroutineRecord, before: Checkpointed | None, end_ns: int) -> GoroutineSpan:
+        """The part of rec's life after `before` (a checkpoint), or all of it."""
         name = self.function_name(rec.start_pc)
         attrs = {
             "go.goroutine.id": rec.goid,
@@ -167,14 +173,13 @@ class SpanBuilder:
             if change.to_state == _WAITING:
                 ev_attrs["go.goroutine.wait_reason"] = self.wait_reason(change.wait_reason)
             events.append(SpanEvent(STATE_NAMES.get(change.to_state, str(change.to_state)), change.time_ns + offset, ev_attrs))
-        links = []
-        start_ns = rec.create_ns
-        if before:
-            start_ns = before.until_ns
-            attrs["go.goroutine.checkpoints"] = before.count
-            links.append(SpanLink(trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid),
-                                  checkpoint_span_id(self.salt, rec.goid, before.count), {"go.goroutine.link": "previous_checkpoint"}))
+        links = [self._previous_checkpoint(rec, before)] if before else []
+        start_ns = before.until_ns if before else rec.create_ns
         return GoroutineSpan(0, 0, None, name, start_ns + offset, end_ns + offset, attrs, events, links)
+
+    def _previous_checkpoint(self, rec: GoroutineRecord, before: Checkpointed) -> SpanLink:
+        return SpanLink(trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid), checkpoint_span_id(self.salt, rec.goid, before.count),
+                        {"go.goroutine.link": "previous_checkpoint"})
 
 
 def _place_in_app_trace(span: GoroutineSpan, rec: GoroutineRecord, creator_span_id: int) -> None:

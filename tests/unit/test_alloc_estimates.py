@@ -130,5 +130,8 @@ def test_checkpoint_spans_count_what_was_allocated_since_the_last_one():
     from otel_goroutines.spans import Checkpointed
     before = Checkpointed(count=1, until_ns=5_000, state_ns=(0,) * 12, allocs=(1 << 20, 100, 2))
     rec = _record(alloc_bytes=3 << 20, alloc_count=300, alloc_samples=6)
-    attrs = _builder(allocs.AllocMode.SAMPLED).build(rec, before).attributes
+    b = _builder(allocs.AllocMode.SAMPLED)
+    attrs = b.checkpoint(rec, before, 9_000).attributes
     assert (attrs["go.goroutine.alloc.bytes"], attrs["go.goroutine.alloc.count"], attrs["go.goroutine.alloc.samples"]) == (2 << 20, 200, 4)
+    final = b.build(rec, before).attributes  # the final span covers the whole life
+    assert (final["go.goroutine.alloc.bytes"], final["go.goroutine.alloc.count"], final["go.goroutine.alloc.samples"]) == (3 << 20, 300, 6)

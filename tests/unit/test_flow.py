@@ -150,4 +150,4 @@ def test_checkpoints_of_live_goroutines_then_the_final_span_links_them():
     final = ends([7], created=0, lifetime=3 * 10**9)
     [span] = decoded(f.ended(final))  # reference path: it has a checkpoint
     assert checkpoint.span_id in [link.span_id for link in span.links]
-    assert span.start_time_unix_nano == checkpoint.end_time_unix_nano
+    assert span.start_time_unix_nano == checkpoint.start_time_unix_nano  # both from the creation: the whole life

@@ -62,10 +62,11 @@ def test_checkpoints_chain_and_split_the_totals():
     assert first.attributes["go.goroutine.waiting_ns"] == 300
     before = Checkpointed(1, 5_000, (0, 100, 200, 0, 300) + (0,) * 7)
     final = b.build(record(), before)
-    assert (final.start_ns - OFFSET, final.end_ns - OFFSET) == (5_000, 11_000)
+    # The final span covers the whole life (its children never start before it), with whole-life totals.
+    assert (final.start_ns - OFFSET, final.end_ns - OFFSET) == (1_000, 11_000)
     assert final.span_id == span_id_for(7, 5)  # the goroutine's own span id stays for its children
     assert final.attributes["go.goroutine.checkpoints"] == 1
-    assert final.attributes["go.goroutine.waiting_ns"] == 5_000 - 300 and final.attributes["go.goroutine.running_ns"] == 3_000 - 200
+    assert final.attributes["go.goroutine.waiting_ns"] == 5_000 and final.attributes["go.goroutine.running_ns"] == 3_000
     assert [(l.trace_id, l.span_id) for l in final.links] == [(first.trace_id, first.span_id)]
     assert first.trace_id != final.trace_id  # checkpoints live in the goroutine's own history trace
 
