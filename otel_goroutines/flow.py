@@ -28,6 +28,7 @@ from .tracker import Summary
 END_REASONS = tuple(EndReason)  # end_reason codes of a batch: index into this
 _EXITED = END_REASONS.index(EndReason.EXITED)
 _WAITING = 4
+_AGE_EVERY = 10  # batches (about a second) between moves of held changes from _young to _old
 
 
 def record_of(row: np.void, end_reason: EndReason, changes: list[StateChange], labels: dict) -> GoroutineRecord:
@@ -73,32 +74,40 @@ class SpanFlow:
         self._encode = encode
         self._batch_encoder = batch_encoder if encode is not None else None
         self._follow_app_sampling = follow_app_sampling
-        self._pending = np.empty(0, TRANSITION_EVENT_DTYPE)  # state changes of goroutines still alive
+        self._young = self._old = np.empty(0, TRANSITION_EVENT_DTYPE)  # state changes of goroutines still alive
+        self._batches = 0
         self._labels: dict[int, dict[str, str]] = {}
         self.imported: set[int] = set()  # goroutines that existed at attach
         self.counts = FlowCounts()
 
     # --- state changes ----------------------------------------------------------------------
+    # Changes wait for their goroutine's end. Most goroutines end within a batch or two, so recent
+    # changes (`_young`) are searched as they are; those of long-lived goroutines move, about once a
+    # second, to `_old`, kept sorted by goroutine: a batch finds its few there by binary search
+    # instead of scanning them all (10,000 idle goroutines hold up to 640,000 changes).
     def changes(self, transitions: np.ndarray, labels: dict[int, dict[str, str]]) -> None:
         """Hold state changes and labels until their goroutine ends (they always come first)."""
         if len(transitions):
-            self._pending = np.concatenate((self._pending, transitions)) if len(self._pending) else transitions
+            self._young = np.concatenate((self._young, transitions)) if len(self._young) else transitions
         self._labels.update(labels)
+        self._batches += 1
+        if self._batches % _AGE_EVERY == 0 and len(self._young):
+            merged = np.concatenate((self._old, self._young))
+            self._old, self._young = merged[np.argsort(merged["goid"], kind="stable")], self._young[:0]
 
     def take_changes(self, goid: int) -> list[StateChange]:
         """The state changes held for a live goroutine (for a checkpoint span), and forget them."""
-        mine = self._pending["goid"] == goid
-        taken, self._pending = self._pending[mine], self._pending[~mine]
-        return _state_changes(taken)
+        return _state_changes(self._claim_changes(np.array([goid], np.uint64))[0])
 
     def _claim_changes(self, goids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The held changes of goroutines goids (sorted), grouped by goroutine: (changes, CSR offsets)."""
-        pending = self._pending
-        if not len(pending):
-            return pending, np.zeros(len(goids) + 1, np.int64)
-        mine = np.isin(pending["goid"], goids)
-        claimed, self._pending = pending[mine], pending[~mine]
-        claimed = claimed[np.argsort(claimed["goid"], kind="stable")]  # stable: each goroutine's in time order
+        old = self._old
+        at = np.searchsorted(old["goid"], goids)
+        held = goids[(at < len(old)) & (old["goid"][np.minimum(at, len(old) - 1)] == goids)] if len(old) else goids[:0]
+        from_old, self._old = _split(old, held)
+        from_young, self._young = _split(self._young, goids)
+        claimed = np.concatenate((from_old, from_young))  # older first: each goroutine's stay in time order
+        claimed = claimed[np.argsort(claimed["goid"], kind="stable")]
         first = np.searchsorted(claimed["goid"], goids, "left")
         last = np.searchsorted(claimed["goid"], goids, "right")
         return claimed, np.concatenate(([0], np.cumsum(last - first))).astype(np.int64)
@@ -240,6 +249,14 @@ def _add_counts(by_pc: dict[int, int], pcs: np.ndarray, counts: np.ndarray) -> N
 def _state_changes(rows: np.ndarray) -> list[StateChange]:
     return [StateChange(ts, f, t, w) for ts, f, t, w in
             zip(rows["ts"].tolist(), rows["from"].tolist(), rows["to"].tolist(), rows["waitreason"].tolist())]
+
+
+def _split(changes: np.ndarray, goids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the changes of goroutines goids, the others)."""
+    if not len(changes) or not len(goids):
+        return changes[:0], changes
+    mine = np.isin(changes["goid"], goids)
+    return changes[mine], changes[~mine]
 
 
 def _select(changes: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

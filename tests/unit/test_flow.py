@@ -74,13 +74,26 @@ def test_changes_from_earlier_batches_join_their_goroutine_and_fast_equals_refer
         f.changes(changes(6, [1_200, 1_300]), {})
         f.changes(changes(5, [1_400], states=((2, 4),)), {})  # a later batch: it waits
         outputs.append(f.ended(ends([6, 5, 9])))
-        assert f.take_changes(5) == [] and len(f._pending) == 0  # every change went to its span
+        assert f.take_changes(5) == [] and len(f._young) == len(f._old) == 0  # every change went to its span
     fast, reference = outputs
     assert sorted(fast) == sorted(reference)  # order is free, content is not
     spans = {s.attributes[0].value.int_value: s for s in decoded(fast)}
     assert [e.name for e in spans[5].events] == ["running", "waiting", "exited"]
     assert [e.time_unix_nano - 10**18 for e in spans[5].events] == [1_100, 1_400, 6_000]
     assert [e.name for e in spans[9].events] == ["exited"]
+
+
+def test_changes_of_long_lived_goroutines_are_found_after_they_age():
+    f = flow()
+    f.changes(changes(5, [1_100, 1_200]), {})
+    f.changes(changes(8, [1_150]), {})
+    for _ in range(20):  # batches go by: the held changes move to the sorted store
+        f.changes(np.empty(0, TRANSITION_EVENT_DTYPE), {})
+    assert len(f._old) == 3 and len(f._young) == 0
+    f.changes(changes(5, [1_300], states=((4, 1),)), {})  # a newer one, still young
+    [span] = decoded(f.ended(ends([5], lifetime=10_000)))
+    assert [e.time_unix_nano - 10**18 for e in span.events] == [1_100, 1_200, 1_300, 11_000]
+    assert [c.time_ns for c in f.take_changes(8)] == [1_150] and len(f._old) == 0
 
 
 def test_special_goroutines_take_the_reference_path_and_keep_their_labels():
