@@ -27,7 +27,7 @@ from .longlived import LongLived, LongLivedSettings
 from .metrics import GoroutineMetrics, MetricsData, MetricsSender
 from .pipeline import ExportPipeline
 from .probes import GoroutineProbes, KernelBatch, ProbeSettings
-from .records import EndReason
+from .records import EndReason, take
 from .sampling import SpanBudget
 from .spans import SpanBuilder
 from .target import FORWARDED_SIGNALS, AttachedTarget, LaunchedTarget, Target
@@ -210,9 +210,9 @@ class Session:
         flow = self._span_flow(pipeline.sink)
         ended = entries["st"]["end_ns"] != 0
         if ended.any():
-            pipeline.submit(flow.ended(entries[ended]))
+            pipeline.submit(flow.ended(take(entries, ended)))
             self.probes.delete(entries["goid"][ended])
-        pipeline.submit(flow.checkpoints(entries[~ended], now_ns))
+        pipeline.submit(flow.checkpoints(take(entries, ~ended), now_ns))
 
     def _app_summary(self, counters: dict[str, int]) -> str | None:
         """What the application's spans and pprof labels gave, for the summary at the end."""

@@ -20,7 +20,7 @@ from .kernel_records import TRANSITION_EVENT_DTYPE, GstateFlag
 from .kernel_records import TraceReason as KernelTraceReason
 from .longlived import LongLived
 from .metrics import GoroutineMetrics
-from .records import EndReason, GoroutineRecord, StateChange, TraceReason
+from .records import EndReason, GoroutineRecord, StateChange, TraceReason, take
 from .sampling import SpanBudget
 from .spans import GoroutineSpan, SpanBuilder, app_unsampled
 from .tracker import Summary
@@ -93,7 +93,7 @@ class SpanFlow:
         self._batches += 1
         if self._batches % _AGE_EVERY == 0 and len(self._young):
             merged = np.concatenate((self._old, self._young))
-            self._old, self._young = merged[np.argsort(merged["goid"], kind="stable")], self._young[:0]
+            self._old, self._young = take(merged, np.argsort(merged["goid"], kind="stable")), self._young[:0]
 
     def take_changes(self, goid: int) -> list[StateChange]:
         """The state changes held for a live goroutine (for a checkpoint span), and forget them."""
@@ -107,7 +107,7 @@ class SpanFlow:
         from_old, self._old = _split(old, held)
         from_young, self._young = _split(self._young, goids)
         claimed = np.concatenate((from_old, from_young))  # older first: each goroutine's stay in time order
-        claimed = claimed[np.argsort(claimed["goid"], kind="stable")]
+        claimed = take(claimed, np.argsort(claimed["goid"], kind="stable"))
         first = np.searchsorted(claimed["goid"], goids, "left")
         last = np.searchsorted(claimed["goid"], goids, "right")
         return claimed, np.concatenate(([0], np.cumsum(last - first))).astype(np.int64)
@@ -119,16 +119,16 @@ class SpanFlow:
         if not len(ends):
             return []
         order = np.argsort(ends["goid"], kind="stable")
-        ends = self._adopted(ends[order])
+        ends = self._adopted(take(ends, order))
         reasons = np.full(len(ends), _EXITED, np.uint8) if end_reason is None else np.asarray(end_reason, np.uint8)[order]
         changes, offsets = self._claim_changes(ends["goid"])
         self._count(ends, reasons)
         slow = self._needs_reference(ends)
-        spans = self._reference(ends[slow], reasons[slow], changes, offsets, np.flatnonzero(slow))
+        spans = self._reference(take(ends, slow), reasons[slow], changes, offsets, np.flatnonzero(slow))
         fast = ~slow
-        fast[fast] = self.budget.select_mask(self._interesting(ends["st"][fast], reasons[fast]))
+        fast[fast] = self.budget.select_mask(self._interesting(ends["st"], reasons)[fast])
         if fast.any():
-            spans += self._fast(ends[fast], reasons[fast], *_select(changes, offsets, fast))
+            spans += self._fast(take(ends, fast), reasons[fast], *_select(changes, offsets, fast))
         return spans
 
     def _adopted(self, ends: np.ndarray) -> np.ndarray:
@@ -217,8 +217,8 @@ class SpanFlow:
         """Checkpoint spans of live goroutines (END_EVENT_DTYPE rows, end_ns 0) that are due one or
         look leaked now."""
         live = self._adopted(live)
-        candidates = live[self.long_lived.candidates(live["st"]["create_ns"], live["st"]["last_ns"],
-                                                     live["st"]["status"], now_ns)]
+        candidates = take(live, self.long_lived.candidates(live["st"]["create_ns"], live["st"]["last_ns"],
+                                                           live["st"]["status"], now_ns))
         records = [record_of(row, EndReason.EXITED, [], {}) for row in candidates]
         is_runtime = lambda pc: self.builder.function_name(pc).startswith("runtime.")
         spans = []
@@ -256,11 +256,11 @@ def _split(changes: np.ndarray, goids: np.ndarray) -> tuple[np.ndarray, np.ndarr
     if not len(changes) or not len(goids):
         return changes[:0], changes
     mine = np.isin(changes["goid"], goids)
-    return changes[mine], changes[~mine]
+    return take(changes, mine), take(changes, ~mine)
 
 
 def _select(changes: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The changes of the selected rows (a mask) and their CSR offsets."""
     counts = np.diff(offsets)
     chosen = np.repeat(rows, counts)
-    return changes[chosen], np.concatenate(([0], np.cumsum(counts[rows]))).astype(np.int64)
+    return take(changes, chosen), np.concatenate(([0], np.cumsum(counts[rows]))).astype(np.int64)

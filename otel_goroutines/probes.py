@@ -27,6 +27,7 @@ from .goruntime import ProbePoint, RuntimeSupport
 from .gosdk import SdkSupport
 from .kernel_records import (END_EVENT_DTYPE, GKEY_DTYPE, GSTATE_DTYPE, LABEL_KEY_MAX, LABEL_VALUE_MAX, LABELS_EVENT_DTYPE,
                              N_STATES, TRANSITION_EVENT_DTYPE, AppCounter, Counter, EventKind, GstateFlag, TraceReason)
+from .records import take
 from .target_memory import ExistingGoroutine
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
@@ -258,7 +259,7 @@ class GoroutineProbes:
         """This process's goroutines in the kernel map, as end records (end_ns 0 while alive)."""
         keys, states = read_map(self._bpf["goroutines"].map_fd, GKEY_DTYPE, GSTATE_DTYPE)
         mine = keys["tgid"] == self.pid
-        return as_ends(keys["tgid"][mine], keys["goid"][mine], states[mine])
+        return as_ends(keys["tgid"][mine], keys["goid"][mine], take(states, mine))
 
     def snapshot(self, now_ns: int, include_ended: bool = False) -> np.ndarray:
         """The goroutines in the kernel map now (END_EVENT_DTYPE), per-state times counted up to now_ns.
@@ -269,7 +270,7 @@ class GoroutineProbes:
         rows = np.flatnonzero(alive)
         status = np.minimum(st["status"][rows], N_STATES - 1)
         st["state_ns"][rows, status] += np.maximum(np.int64(now_ns) - st["last_ns"][rows].astype(np.int64), 0).astype(np.uint64)
-        return entries if include_ended else entries[alive]
+        return entries if include_ended else take(entries, alive)
 
     def import_existing(self, goroutines: list[ExistingGoroutine], now_ns: int) -> int:
         """Put goroutines that predate the probes into the kernel map, as if created now, each

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+import numpy as np
+
 
 class EndReason(str, Enum):
     EXITED = "exited"                  # the goroutine returned or called runtime.Goexit
@@ -62,3 +64,10 @@ class GoroutineRecord:
     @property
     def lifetime_ns(self) -> int:
         return self.end_ns - self.create_ns
+
+
+def take(records: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """records[index] for arrays of kernel records (kernel_records dtypes): indexed as opaque
+    fixed-size items, a plain copy, where numpy copies a nested structured dtype field by field
+    (11x slower: 0.7 us a record)."""
+    return records.view(np.dtype((np.void, records.dtype.itemsize)))[index].view(records.dtype)
