@@ -162,8 +162,14 @@ def test_watch_finds_a_restarted_service_in_other_namespaces(programs, rotel, re
         parented = [t for t in tocks if t.attributes["go.goroutine.parent_id"] in by_goid]
         assert len(parented) >= len(tocks) - 2
         for tock in parented:
-            parent = by_span[(tock.trace_id, tock.parent_span_id)]
-            assert parent.name == "main.tick"
+            tick = by_goid[tock.attributes["go.goroutine.parent_id"]]
+            assert tick.name == "main.tick"
+            if tick.attributes.get("go.goroutine.existed_at_attach"):
+                # A tick alive at the attach is a spawner by rule: its tock starts a trace, linked to it.
+                assert tock.attributes["go.goroutine.trace_reason"] == "spawner"
+                assert [l[:2] for l in tock.links] == [(tick.trace_id, tick.span_id)]
+            else:
+                assert by_span[(tock.trace_id, tock.parent_span_id)] is tick
         # It exited by itself: what was still alive then ended with the process.
         assert dispatcher.attributes["go.goroutine.end_reason"] in ("exited", "process_exited")
         assert {s.attributes["go.goroutine.end_reason"] for s in mine} <= {"exited", "process_exited"}
