@@ -2,22 +2,18 @@
 
 OTLP goes through the OpenTelemetry SDK's own OTLP exporters (endpoint, headers, TLS and
 retry follow the standard OTEL_EXPORTER_OTLP_* variables), fed protobuf bytes that otlp_wire
-writes directly from GoroutineSpans (the SDK's ReadableSpan path is several times slower). The file sink
-writes what the OpenTelemetry Collector's file exporter writes: one JSON
+and fastspans write directly (the SDK's ReadableSpan path is several times slower). The file sink
+takes the same bytes and writes what the OpenTelemetry Collector's file exporter writes: one JSON
 ExportTraceServiceRequest per line.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
 import os
 import sys
 from typing import IO, Protocol, Sequence
 
-from google.protobuf.json_format import MessageToDict
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
@@ -26,6 +22,7 @@ from opentelemetry.trace import Link, SpanContext, SpanKind, TraceFlags
 from opentelemetry.trace.status import Status, StatusCode
 
 from . import __version__
+from ._otlpjson import transcode
 from .errors import AgentError
 from .otlp_wire import SpanEncoder
 from .spans import GoroutineSpan
@@ -146,30 +143,26 @@ def _http_sender(exporter):
     return lambda payload, count: client.export(payload).success
 
 
-def otlp_json(spans: Sequence[GoroutineSpan], resource: Resource) -> str:
-    """One ExportTraceServiceRequest as OTLP/JSON (ids in hex, enums as integers)."""
-    message = MessageToDict(encode_spans([to_readable(s, resource) for s in spans]), use_integers_for_enums=True)
-    for resource_spans in message.get("resourceSpans", ()):
-        for scope_spans in resource_spans.get("scopeSpans", ()):
-            for span in scope_spans.get("spans", ()):
-                for item in (span, *span.get("links", ())):
-                    for key in ("traceId", "spanId", "parentSpanId"):
-                        if key in item:
-                            item[key] = base64.b64decode(item[key]).hex()
-    return json.dumps(message, separators=(",", ":"))
-
-
 class FileSink:
+    """What the Collector's file exporter writes: one JSON ExportTraceServiceRequest per line. Takes
+    spans encoded by `encoder` as OtlpSink does (so the agent's fast path serves it too), packs them
+    into requests and transcodes each request's protobuf bytes to OTLP/JSON in C (_otlpjson)."""
+
     def __init__(self, path: str, resource: Resource):
-        self._resource = resource
+        self._encoder = SpanEncoder(resource, SCOPE)
         try:
-            self._file: IO[str] = open(path, "w", encoding="utf-8")
+            self._file: IO[bytes] = open(path, "wb")
         except OSError as exc:
             raise AgentError(f"cannot write {path}: {exc.strerror}") from None
         self.path = path
 
-    def export(self, spans: Sequence[GoroutineSpan]) -> bool:
-        self._file.write(otlp_json(spans, self._resource) + "\n")
+    @property
+    def encoder(self) -> SpanEncoder:
+        """The encoder whose span bytes export() takes."""
+        return self._encoder
+
+    def export(self, spans: Sequence[bytes]) -> bool:
+        self._file.write(b"".join(transcode(request) + b"\n" for request, _ in self._encoder.pack(spans)))
         self._file.flush()
         return True
 

@@ -108,7 +108,7 @@ class SpanEncoder:
         self._scope = _field(b"\x0a", scope_body)           # ScopeSpans.scope
         self._resource_schema = _field(b"\x1a", resource.schema_url.encode()) if resource.schema_url else b""
         self._scope_schema = _field(b"\x1a", scope.schema_url.encode()) if scope is not None and scope.schema_url else b""
-        self._attr_cache: dict[tuple[str, object], bytes] = {}
+        self._attr_caches: dict[bytes, dict[tuple[str, object], bytes]] = {}  # by tag: span, event, link
         self._key_cache: dict[str, bytes] = {}
         self._event_cache: dict[tuple, bytes] = {}
 
@@ -116,7 +116,9 @@ class SpanEncoder:
     def _attributes(self, attributes: Mapping, tag: bytes) -> list[bytes]:
         """Each attribute as a KeyValue field with the given tag. Integers (most values: ids,
         times) are written on a cached key prefix; other values are cached whole."""
-        cache = self._attr_cache
+        cache = self._attr_caches.get(tag)
+        if cache is None:  # an encoding cached with its field's tag serves that field only
+            cache = self._attr_caches[tag] = {}
         keys = self._key_cache
         out = []
         for item in attributes.items():

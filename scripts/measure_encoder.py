@@ -3,6 +3,9 @@
 (SpanBuilder.build then SpanEncoder.span, one record at a time) against the batch encoder
 (fastspans.BatchSpanEncoder over numpy columns), on a churn-like batch: lifecycle rows, and rows
 with state totals and 4 state changes each. Records and columns are made before the clock starts.
+Then the file exporter's OTLP/JSON lines from the same spans: the SDK path it used to take
+(ReadableSpans, encode_spans, MessageToDict, json.dumps: tests/unit/test_otlp_json.py's reference)
+against packing the encoded spans into requests and transcoding them (_otlpjson), as FileSink does.
 
     .venv/bin/python scripts/measure_encoder.py [ROWS]
 """
@@ -11,10 +14,12 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 from opentelemetry.sdk.resources import Resource
 
+from otel_goroutines._otlpjson import transcode
 from otel_goroutines.exporters import SCOPE
 from otel_goroutines.fastspans import BatchSpanEncoder, Changes
 from otel_goroutines.goruntime import N_STATES
@@ -22,6 +27,7 @@ from otel_goroutines.otlp_wire import SpanEncoder
 from otel_goroutines.records import EndReason, GoroutineRecord, StateChange, TraceReason
 from otel_goroutines.spans import SpanBuilder
 
+TESTS = Path(__file__).resolve().parent.parent / "tests"
 PCS = [0x4A0000 + 0x40 * i for i in range(40)]  # 40 goroutine functions and 40 go statements
 OFFSET = 1_795_640_284_041_076_235
 
@@ -89,6 +95,21 @@ def measure(n: int, states: bool) -> tuple[float, float, float]:
     return reference, first, warm
 
 
+def measure_json(n: int, states: bool) -> tuple[float, float]:
+    """us per span of an OTLP/JSON line: the SDK path from GoroutineSpans, then pack + transcode."""
+    sys.path[:0] = [str(TESTS), str(TESTS / "unit")]
+    from test_otlp_json import sdk_json  # the reference the transcoder is tested against
+    cols, _, changes = churn(n, 4 if states else 0)
+    b, resource = builder(states), Resource({"service.name": "bench"})
+    spans = [b.build(r) for r in records(cols, changes)]
+    encoder = SpanEncoder(resource, SCOPE)
+    encoded = [encoder.span(s) for s in spans]
+    batches = [slice(i, i + 8192) for i in range(0, n, 8192)]  # the export pipeline's batches
+    sdk = per_span_us(lambda: [sdk_json(spans[s], resource) for s in batches], n, 1)
+    fast = per_span_us(lambda: [transcode(r) for s in batches for r, _ in encoder.pack(encoded[s])], n, 3)
+    return sdk, fast
+
+
 def main() -> None:
     n = int(sys.argv[1]) if len(sys.argv) > 1 else 100_000
     print(f"{n:,} spans, CPU us per span (process time; batch: first call, then best of 3)")
@@ -96,6 +117,12 @@ def main() -> None:
     for label, states in (("lifecycle", False), ("states, 4 changes each", True)):
         reference, first, warm = measure(n, states)
         print(f"{label:<28}{reference:>10.2f}{first:>11.2f}{warm:>8.2f}")
+    json_n = min(n, 20_000)
+    print(f"\n{json_n:,} spans as OTLP/JSON file lines, CPU us per span (transcoder: best of 3)")
+    print(f"{'rows':<28}{'SDK JSON':>10}{'pack+transcode':>16}")
+    for label, states in (("lifecycle", False), ("states, 4 changes each", True)):
+        sdk, fast = measure_json(json_n, states)
+        print(f"{label:<28}{sdk:>10.2f}{fast:>16.2f}")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ import time
 from opentelemetry.sdk.resources import Resource
 
 from helpers import spans_from_otlp_json
-from otel_goroutines.exporters import otlp_json
+from otel_goroutines.exporters import FileSink
 from otel_goroutines.pipeline import ExportPipeline
 from otel_goroutines.spans import GoroutineSpan, SpanEvent
 
@@ -19,13 +19,14 @@ def span(goid, parent=None):
 
 
 def test_otlp_json_round_trip(tmp_path):
-    text = otlp_json([span(1), span(2, parent=0x1001)], Resource({"service.name": "svc"}))
-    raw = json.loads(text)["resourceSpans"][0]["scopeSpans"][0]["spans"][1]
+    path = tmp_path / "s.jsonl"
+    sink = FileSink(str(path), Resource({"service.name": "svc"}))
+    assert sink.export([sink.encoder.span(s) for s in (span(1), span(2, parent=0x1001))])
+    sink.shutdown()
+    raw = json.loads(path.read_text())["resourceSpans"][0]["scopeSpans"][0]["spans"][1]
     assert raw["traceId"] == "0123456789abcdef0123456789abcdef"  # OTLP/JSON: hex ids, not base64
     assert raw["parentSpanId"] == "0000000000001001"
     assert raw["kind"] == 1  # enums as integers
-    path = tmp_path / "s.jsonl"
-    path.write_text(text + "\n")
     back = spans_from_otlp_json(path)
     assert [(s.span_id, s.parent_span_id, s.attributes["go.goroutine.id"]) for s in back] == [
         ("0000000000001001", "", 1), ("0000000000001002", "0000000000001001", 2)]

@@ -62,6 +62,15 @@ def test_same_bytes_as_the_sdk_serialization():
     assert payload == _sdk(spans).SerializeToString()
 
 
+def test_an_attribute_shared_by_a_span_its_events_and_links():
+    # Encodings are cached with their field's tag: a span attribute's must not serve an event's.
+    shared = {"go.goroutine.state.previous": "running", "flag": True}
+    span = GoroutineSpan(0x1, 0x2, None, "f", 1, 2, dict(shared), [SpanEvent("waiting", 1, dict(shared))],
+                         [SpanLink(0x1, 0x3, dict(shared))])
+    [fast] = _fast([span, span])
+    assert fast == _sdk([span, span])
+
+
 def test_caches_do_not_leak_between_spans():
     # The same encoder twice, spans sharing attribute values and event bodies with different times.
     spans = _spans()
