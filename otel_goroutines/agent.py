@@ -17,8 +17,9 @@ from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from . import __version__, allocs, goruntime, gosdk, target_memory
 from .binary.gobinary import GoBinary
 from .binary.symbolize import Symbolizer
+from .deadline import Deadline
 from .errors import AgentError
-from .exporters import ConsoleSink, FileSink, OtlpSink, SpanSink
+from .exporters import ConsoleSink, FileSink, OtlpSink, SpanSink, open_output
 from .longlived import LongLived, LongLivedSettings
 from .metrics import GoroutineMetrics, MetricsData, MetricsSender
 from .pipeline import ExportPipeline
@@ -81,13 +82,13 @@ def build_resource(binary: GoBinary, target: Target) -> Resource:
     return base.merge(OTELResourceDetector().detect())
 
 
-def make_sink(settings: ExportSettings, resource: Resource) -> SpanSink:
+def make_sink(settings: ExportSettings, resource: Resource, deadline: Deadline | None = None) -> SpanSink:
     if settings.exporter == "otlp":
-        return OtlpSink(settings.protocol, settings.endpoint, resource)
+        return OtlpSink(settings.protocol, settings.endpoint, resource, deadline=deadline)
     if settings.exporter == "file":
         return FileSink(settings.output, resource)
     if settings.exporter == "console":
-        stream = open(settings.output, "w") if settings.output else sys.stdout
+        stream = open_output(settings.output) if settings.output else sys.stdout
         return ConsoleSink(stream)
     raise AgentError(f"unknown exporter {settings.exporter!r}")
 
@@ -329,9 +330,10 @@ class Session:
         returns after the final flush and summary. Closing it early still detaches the probes."""
         opts = self.options
         resource = build_resource(self.binary, self.target)
-        pipeline = ExportPipeline(make_sink(opts.export, resource))
-        sender = MetricsSender(opts.export.exporter, opts.export.protocol, opts.export.endpoint, opts.export.output) \
-            if opts.metrics_interval_s else None
+        deadline = Deadline()  # one flush deadline at the end, for spans and metrics alike
+        pipeline = ExportPipeline(make_sink(opts.export, resource, deadline))
+        sender = MetricsSender(opts.export.exporter, opts.export.protocol, opts.export.endpoint, opts.export.output,
+                               deadline) if opts.metrics_interval_s else None
         status = StatusLine(not opts.quiet)
         self.clock_offset_ns = monotonic_to_wall_offset()
         self.existing_at_attach = 0
@@ -385,9 +387,12 @@ class Session:
                 signal.signal(s, handler)
             self.probes.close()
         status.clear()
-        stats = pipeline.close(opts.export.flush_timeout_s)
+        deadline.start(opts.export.flush_timeout_s)
         if sender is not None:
-            sender.close(final_metrics, opts.export.flush_timeout_s)
+            sender.send(final_metrics)  # goes out while the spans flush, not after them
+        stats = pipeline.close(deadline.remaining())
+        if sender is not None:
+            sender.close(None, deadline.remaining())
         losses = {"spans_not_exported": stats.dropped, "spans_sampled_out": self.budget.sampled_out, **losses}
         # Exits of goroutines that predate the attach are expected, not a loss.
         untraced_exits = losses.pop("exits_of_untraced_goroutines")

@@ -1,11 +1,15 @@
-"""Bad input gives one clear line and a non-zero status, never a traceback."""
+"""Bad input gives one clear line and a non-zero status, never a traceback; a misbehaving
+collector costs at most --flush-timeout at the end."""
 
+import os
+import re
 import shutil
 import subprocess
 import time
 
 import pytest
 
+from fake_collectors import GrpcHangingCollector, Http503Collector, SilentCollector
 from helpers import AGENT, by_goid, free_port, run_agent
 
 pytestmark = pytest.mark.ebpf
@@ -73,3 +77,27 @@ def test_collector_down_keeps_tracing_and_counts_the_loss(programs, tmp_path):
     assert "Traceback" not in run.stderr
     assert "span export failed" in run.stderr
     assert "spans_not_exported=" in run.stderr  # the summary counts what could not be sent
+
+
+FLUSH_TIMEOUT = 6.0  # long enough that the old 2x (spans, then metrics) cannot pass
+SLACK = 5.0  # detaching, the summary, interpreter exit: generous, the bound is what is tested
+
+
+@pytest.mark.parametrize("collector,protocol", [
+    (SilentCollector, "http/protobuf"), (SilentCollector, "grpc"),
+    (Http503Collector, "http/protobuf"), (GrpcHangingCollector, "grpc")])
+def test_flush_timeout_bounds_the_exit(programs, tmp_path, collector, protocol):
+    """Whatever the collector does, the agent is gone within --flush-timeout (plus slack) of the
+    program's end, spans and the final metrics export together, and every unsent span is counted."""
+    manifest = tmp_path / "m.json"
+    with collector() as peer:
+        run = run_agent(["run", "--endpoint", peer.endpoint, "--protocol", protocol, "-q",
+                         "--flush-timeout", str(FLUSH_TIMEOUT), "--metrics-interval", "0.2",
+                         "--", str(programs["tree"]), str(manifest), "4"])
+        agent_gone = time.time()
+    assert run.returncode == 4, run.stderr
+    assert "Traceback" not in run.stderr
+    after_program = agent_gone - os.stat(manifest).st_mtime  # the program writes it as its last act
+    assert after_program < FLUSH_TIMEOUT + SLACK, run.stderr
+    seen = int(re.search(r"goroutines seen: (\d+)", run.stderr).group(1))
+    assert f"spans_not_exported={seen}" in run.stderr, run.stderr
