@@ -1,6 +1,7 @@
 """Bad input gives one clear line and a non-zero status, never a traceback; a misbehaving
 collector costs at most --flush-timeout at the end."""
 
+import json
 import os
 import re
 import shutil
@@ -101,3 +102,38 @@ def test_flush_timeout_bounds_the_exit(programs, tmp_path, collector, protocol):
     assert after_program < FLUSH_TIMEOUT + SLACK, run.stderr
     seen = int(re.search(r"goroutines seen: (\d+)", run.stderr).group(1))
     assert f"spans_not_exported={seen}" in run.stderr, run.stderr
+
+
+@pytest.fixture
+def tiny_full_fs(tmp_path):
+    """A 64 KiB tmpfs with about 20 KiB left: less than the spans of one tree run take."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        fs = os.statvfs(mount)
+        (mount / "filler").write_bytes(b"\0" * (fs.f_bavail * fs.f_frsize - 20 * 1024))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _whole_json_lines(path):
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), f"{path} ends in a partial line"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_disk_full_leaves_whole_lines_and_counts_the_loss(programs, tiny_full_fs, tmp_path):
+    out = tiny_full_fs / "spans.jsonl"
+    run = run_agent(["run", "-q", "-o", str(out), "--flush-timeout", "1", "--",
+                     str(programs["tree"]), str(tmp_path / "m.json")])
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    written = sum(len(ss["spans"]) for line in _whole_json_lines(out)
+                  for rs in line["resourceSpans"] for ss in rs["scopeSpans"])
+    _whole_json_lines(tiny_full_fs / "spans.jsonl.metrics.jsonl")
+    seen = int(re.search(r"goroutines seen: (\d+)", run.stderr).group(1))
+    lost = int(re.search(r"spans_not_exported=(\d+)", run.stderr).group(1))
+    assert lost > 0 and written + lost == seen, run.stderr
+    assert f"{written} spans written" in run.stderr
