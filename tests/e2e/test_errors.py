@@ -137,3 +137,45 @@ def test_disk_full_leaves_whole_lines_and_counts_the_loss(programs, tiny_full_fs
     lost = int(re.search(r"spans_not_exported=(\d+)", run.stderr).group(1))
     assert lost > 0 and written + lost == seen, run.stderr
     assert f"{written} spans written" in run.stderr
+
+
+@pytest.mark.parametrize("value", ["localhost:4317", "http://[::1", "ftp://collector:4317"])
+@pytest.mark.parametrize("where", ["--endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
+def test_bad_endpoint_refused_before_the_program_runs(programs, tmp_path, value, where):
+    manifest = tmp_path / "m.json"
+    flag = ["--endpoint", value] if where == "--endpoint" else []
+    run = run_agent(["run", *flag, "--", str(programs["tree"]), str(manifest)], env={} if flag else {where: value})
+    _one_line_error(run, where, repr(value), "like http://")
+    assert not manifest.exists()  # the program never ran
+
+
+def test_bad_header_and_resource_entries_named(programs, tmp_path):
+    run = run_agent(["run", "-q", "-o", str(tmp_path / "spans.jsonl"), "--", str(programs["tree"]), str(tmp_path / "m.json")],
+                    env={"OTEL_EXPORTER_OTLP_HEADERS": "api-key=1,garbage", "OTEL_RESOURCE_ATTRIBUTES": "team=a,oops"})
+    assert run.returncode == 0, run.stderr
+    warnings = [line for line in run.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 2, run.stderr  # each said once, in our words
+    assert "OTEL_EXPORTER_OTLP_HEADERS: entry 'garbage' ignored" in warnings[0]
+    assert warnings[1].startswith("otel-goroutines: WARNING: OTEL_RESOURCE_ATTRIBUTES:") and "oops" in warnings[1]
+
+
+def test_truncated_go_binary(programs, tmp_path):
+    truncated = tmp_path / "tree"
+    truncated.write_bytes(programs["tree"].read_bytes()[:1 << 20])
+    truncated.chmod(0o755)
+    _one_line_error(run_agent(["run", "--", str(truncated)]), str(truncated), "truncated or corrupt")
+
+
+def test_console_output_that_cannot_be_written(programs, tmp_path):
+    manifest = tmp_path / "m.json"
+    run = run_agent(["run", "--exporter", "console", "-o", "/proc/x", "--", str(programs["tree"]), str(manifest)])
+    _one_line_error(run, "cannot write /proc/x: No such file or directory")
+    assert not manifest.exists()
+
+
+@pytest.mark.parametrize("option", ["--spawner-age", "--flush-timeout", "--metrics-interval"])
+def test_nan_and_infinity_refused_by_the_option_parser(programs, option):
+    for value in ("nan", "inf"):
+        run = run_agent(["run", option, value, "--", str(programs["tree"])])
+        assert run.returncode == 2 and f"Invalid value for '{option}': '{value}' is not a finite number" in run.stderr
+        assert "unexpected" not in run.stderr and "Traceback" not in run.stderr
