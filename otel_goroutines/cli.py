@@ -42,6 +42,7 @@ def _one_line_errors(func):
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except OSError as exc:  # a file the user named (an output, a binary) that cannot be used
+            logging.getLogger("otel_goroutines").debug("OS error", exc_info=True)
             _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else f"{exc.strerror or exc}")
         except Exception as exc:  # a bug: one line, the traceback only with --verbose
             logging.getLogger("otel_goroutines").debug("unexpected error", exc_info=True)
@@ -103,7 +104,8 @@ def _tracing_options(func):
         click.option("--metrics-interval", type=FiniteFloat(0), default=10.0, show_default=True,
                      help="Seconds between metric exports (OTLP, or PATH.metrics.jsonl beside --output; 0: no metrics)."),
         click.option("--flush-timeout", type=FiniteFloat(0), default=10.0, show_default=True,
-                     help="Seconds allowed at the end to send buffered spans."),
+                     help="Seconds allowed at the end to send what is still buffered (spans and the final metrics, together); "
+                          "the agent is gone within it, whatever the collector does."),
         click.option("--app-traces", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
                      help="auto: when the program uses the OpenTelemetry Go SDK, a goroutine started while one of its spans "
                           "is active joins that span's trace, as its child; off: goroutines keep traces of their own."),
