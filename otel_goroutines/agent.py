@@ -18,8 +18,9 @@ from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from . import __version__, allocs, goruntime, gosdk, target_memory
 from .binary.gobinary import GoBinary
 from .binary.symbolize import Symbolizer
+from .deadline import Deadline
 from .errors import AgentError
-from .exporters import ConsoleSink, FileSink, OtlpSink, SpanSink
+from .exporters import ConsoleSink, FileSink, OtlpSink, SpanSink, open_output
 from .fastspans import BatchSpanEncoder
 from .flow import END_REASONS, FlowCounts, SpanFlow
 from .kernel_records import GstateFlag
@@ -85,13 +86,13 @@ def build_resource(binary: GoBinary, target: Target) -> Resource:
     return base.merge(OTELResourceDetector().detect())
 
 
-def make_sink(settings: ExportSettings, resource: Resource) -> SpanSink:
+def make_sink(settings: ExportSettings, resource: Resource, deadline: Deadline | None = None) -> SpanSink:
     if settings.exporter == "otlp":
-        return OtlpSink(settings.protocol, settings.endpoint, resource)
+        return OtlpSink(settings.protocol, settings.endpoint, resource, deadline=deadline)
     if settings.exporter == "file":
         return FileSink(settings.output, resource)
     if settings.exporter == "console":
-        stream = open(settings.output, "w") if settings.output else sys.stdout
+        stream = open_output(settings.output) if settings.output else sys.stdout
         return ConsoleSink(stream)
     raise AgentError(f"unknown exporter {settings.exporter!r}")
 
@@ -314,9 +315,10 @@ class Session:
         returns after the final flush and summary. Closing it early still detaches the probes."""
         opts = self.options
         resource = build_resource(self.binary, self.target)
-        pipeline = ExportPipeline(make_sink(opts.export, resource))
-        sender = MetricsSender(opts.export.exporter, opts.export.protocol, opts.export.endpoint, opts.export.output) \
-            if opts.metrics_interval_s else None
+        deadline = Deadline()  # one flush deadline at the end, for spans and metrics alike
+        pipeline = ExportPipeline(make_sink(opts.export, resource, deadline))
+        sender = MetricsSender(opts.export.exporter, opts.export.protocol, opts.export.endpoint, opts.export.output,
+                               deadline) if opts.metrics_interval_s else None
         self.clock_offset_ns = monotonic_to_wall_offset()
         self.existing_at_attach = 0
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -332,9 +334,12 @@ class Session:
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
             self.probes.close()
-        stats = pipeline.close(opts.export.flush_timeout_s)
+        deadline.start(opts.export.flush_timeout_s)
         if sender is not None:
-            sender.close(end.metrics, opts.export.flush_timeout_s)
+            sender.send(end.metrics)  # goes out while the spans flush, not after them
+        stats = pipeline.close(deadline.remaining())
+        if sender is not None:
+            sender.close(None, deadline.remaining())
         self._report(stats, end)
         return self.target.exit_status()
 

@@ -6,16 +6,21 @@ import functools
 import logging
 import os
 import sys
+from contextlib import contextmanager
 
 import click
+from elftools.common.exceptions import ELFError
 
 from . import __version__, goruntime, gosdk
 from .agent import AgentOptions, ExportSettings, Session
 from .allocs import AllocMode
+from .binary.buildinfo import BuildInfoError
 from .binary.gobinary import GoBinary
-from .errors import AgentError
+from .binary.pclntab import PclntabError
+from .errors import AgentError, UnsupportedTarget
 from .longlived import LongLivedSettings
 from .probes import ProbeSettings, check_privileges
+from .settings_check import FiniteFloat, check_endpoints, warn_about_dropped_entries
 from .target import AttachedTarget, LaunchedTarget
 from .watch import Selector, Watcher, check_health
 
@@ -36,10 +41,33 @@ def _one_line_errors(func):
             _fail(str(exc))
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except OSError as exc:  # a file the user named (an output, a binary) that cannot be used
+            logging.getLogger("otel_goroutines").debug("OS error", exc_info=True)
+            _fail(f"{exc.filename}: {exc.strerror}" if exc.filename else f"{exc.strerror or exc}")
         except Exception as exc:  # a bug: one line, the traceback only with --verbose
             logging.getLogger("otel_goroutines").debug("unexpected error", exc_info=True)
             _fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for details)")
     return wrapper
+
+
+@contextmanager
+def _reading_binary(path: str):
+    """A corrupt or truncated binary, wherever its parsers trip over it, said as such."""
+    try:
+        yield
+    except ELFError as exc:
+        raise UnsupportedTarget(f"{path}: not a readable ELF file, truncated or corrupt ({exc})") from None
+    except PclntabError as exc:
+        raise UnsupportedTarget(f"{path}: corrupt Go function table ({exc})") from None
+    except BuildInfoError as exc:
+        raise UnsupportedTarget(f"{path}: unreadable Go build info ({exc})") from None
+
+
+def _endpoint_source() -> str:
+    """Where --endpoint came from, to name it in an error."""
+    ctx = click.get_current_context(silent=True)
+    from_env = ctx is not None and ctx.get_parameter_source("endpoint") is click.core.ParameterSource.ENVIRONMENT
+    return "OTEL_EXPORTER_OTLP_ENDPOINT" if from_env else "--endpoint"
 
 
 def _tracing_options(func):
@@ -65,18 +93,19 @@ def _tracing_options(func):
                      help="Goroutine spans per trace; a goroutine created into a full trace starts a new one, linked."),
         click.option("--spawner-children", type=click.IntRange(0), default=16, show_default=True,
                      help="A goroutine that created more children than this is a spawner: its later children start traces of their own."),
-        click.option("--spawner-age", type=click.FloatRange(0), default=1.0, show_default=True,
+        click.option("--spawner-age", type=FiniteFloat(0), default=1.0, show_default=True,
                      help="Seconds: a goroutine older than this is a spawner too (accept loops, dispatchers, pools)."),
-        click.option("--checkpoint-after", type=click.FloatRange(0), default=60.0, show_default=True,
+        click.option("--checkpoint-after", type=FiniteFloat(0), default=60.0, show_default=True,
                      help="Seconds: a goroutine alive this long is exported as a checkpoint span, and again every so long (0: never)."),
-        click.option("--leak-after", type=click.FloatRange(0), default=300.0, show_default=True,
+        click.option("--leak-after", type=FiniteFloat(0), default=300.0, show_default=True,
                      help="Seconds blocked in one wait before a goroutine is flagged as a suspected leak (0: never)."),
-        click.option("--max-spans-per-second", type=click.FloatRange(0), default=0, show_default=True,
+        click.option("--max-spans-per-second", type=FiniteFloat(0), default=0, show_default=True,
                      help="Span budget (0: none). Over it, short, unremarkable goroutines are counted but not exported."),
-        click.option("--metrics-interval", type=click.FloatRange(0), default=10.0, show_default=True,
+        click.option("--metrics-interval", type=FiniteFloat(0), default=10.0, show_default=True,
                      help="Seconds between metric exports (OTLP, or PATH.metrics.jsonl beside --output; 0: no metrics)."),
-        click.option("--flush-timeout", type=click.FloatRange(0), default=10.0, show_default=True,
-                     help="Seconds allowed at the end to send buffered spans."),
+        click.option("--flush-timeout", type=FiniteFloat(0), default=10.0, show_default=True,
+                     help="Seconds allowed at the end to send what is still buffered (spans and the final metrics, together); "
+                          "the agent is gone within it, whatever the collector does."),
         click.option("--app-traces", type=click.Choice(["auto", "off"]), default="auto", show_default=True,
                      help="auto: when the program uses the OpenTelemetry Go SDK, a goroutine started while one of its spans "
                           "is active joins that span's trace, as its child; off: goroutines keep traces of their own."),
@@ -113,6 +142,9 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
         raise AgentError(f"OTLP protocol {protocol!r} is not supported; use grpc or http/protobuf")
     if ring_buffer_mib & (ring_buffer_mib - 1):
         raise AgentError(f"--ring-buffer-mib {ring_buffer_mib} is not a power of two (the kernel requires one), e.g. 8 or 16")
+    if exporter == "otlp":  # refused now, before a program runs with every export failing
+        check_endpoints(endpoint, _endpoint_source(), protocol, os.environ)
+    warn_about_dropped_entries()
     return AgentOptions(
         export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout),
         probes=ProbeSettings(states=detail == "states", allocs=AllocMode(allocs), max_events=max_events, trace_max_spans=trace_max_spans,
@@ -145,7 +177,8 @@ def run(program, **kwargs):
     check_privileges()
     target = LaunchedTarget(list(program))
     try:
-        code = Session(target, options).run()
+        with _reading_binary(target.exe_path):
+            code = Session(target, options).run()
     finally:
         target.close()
     sys.exit(code)
@@ -161,7 +194,8 @@ def attach(pid, **kwargs):
     check_privileges()
     target = AttachedTarget.from_pid(pid)
     try:
-        Session(target, options).run()
+        with _reading_binary(target.exe_path):
+            Session(target, options).run()
     finally:
         target.close()
 
@@ -173,11 +207,11 @@ def attach(pid, **kwargs):
 @click.option("--exe-path", multiple=True, metavar="PATH",
               help="Trace processes whose executable has this path, as the process itself sees it (a shell pattern; repeatable).")
 @click.option("--pid-file", type=click.Path(dir_okay=False), help="Trace the process whose PID this file holds (read again at every scan).")
-@click.option("--scan-interval", type=click.FloatRange(0.05), default=1.0, show_default=True,
+@click.option("--scan-interval", type=FiniteFloat(0.05), default=1.0, show_default=True,
               help="Seconds between looks at /proc for new processes.")
 @click.option("--health-file", type=click.Path(dir_okay=False),
               help="Keep this JSON file fresh while alive, for `otel-goroutines health` (removed at exit).")
-@click.option("--shutdown-timeout", type=click.FloatRange(0), default=20.0, show_default=True,
+@click.option("--shutdown-timeout", type=FiniteFloat(0), default=20.0, show_default=True,
               help="Seconds allowed after SIGTERM/SIGINT to detach and flush every target's spans.")
 @_one_line_errors
 def watch(exe_name, exe_path, pid_file, scan_interval, health_file, shutdown_timeout, **kwargs):
@@ -195,7 +229,7 @@ def watch(exe_name, exe_path, pid_file, scan_interval, health_file, shutdown_tim
 
 @main.command()
 @click.option("--file", "path", required=True, type=click.Path(dir_okay=False), help="The --health-file of `watch`.")
-@click.option("--max-age", type=click.FloatRange(0), default=30.0, show_default=True,
+@click.option("--max-age", type=FiniteFloat(0), default=30.0, show_default=True,
               help="Seconds: an older heartbeat means the agent is stuck or gone.")
 @click.option("--require-target", is_flag=True, help="Unhealthy until the agent traces at least one process (a readiness check).")
 @_one_line_errors
@@ -216,6 +250,11 @@ def inspect(binary, pid):
     if (binary is None) == (pid is None):
         raise AgentError("give either BINARY or --pid PID")
     path = AttachedTarget.from_pid(pid).exe_path if pid is not None else binary
+    with _reading_binary(path):
+        _inspect(path)
+
+
+def _inspect(path: str) -> None:
     gobin = GoBinary(path)
     support = goruntime.support_for(gobin)
     click.echo(f"binary:          {path}")

@@ -23,6 +23,7 @@ from opentelemetry.trace.status import Status, StatusCode
 
 from . import __version__
 from ._otlpjson import transcode
+from .deadline import Deadline, bound_sdk_exporter
 from .errors import AgentError
 from .otlp_wire import SpanEncoder
 from .spans import GoroutineSpan
@@ -64,8 +65,11 @@ class OtlpSink:
     Set OTEL_GOROUTINES_OTLP_ENCODER=sdk for the SDK's own encoder (and where the installed SDK
     does not offer the hooks used here)."""
 
-    def __init__(self, protocol: str, endpoint: str | None, resource: Resource, timeout_s: float = 5.0):
+    def __init__(self, protocol: str, endpoint: str | None, resource: Resource, timeout_s: float = 5.0,
+                 deadline: Deadline | None = None):
         self._resource = resource
+        self._timeout_s = timeout_s
+        self._deadline = deadline or Deadline()
         self._encoder = SpanEncoder(resource, SCOPE)
         fast = os.environ.get(ENCODER_ENV, "wire") != "sdk"
         if protocol == "grpc":
@@ -92,10 +96,14 @@ class OtlpSink:
     def export(self, spans: Sequence) -> bool:
         """Export spans: encoded by `encoder`, or GoroutineSpans when there is none."""
         if self._send is None:
-            return self._exporter.export([to_readable(s, self._resource) for s in spans]) is SpanExportResult.SUCCESS
+            return self._bounded() and self._exporter.export([to_readable(s, self._resource) for s in spans]) is SpanExportResult.SUCCESS
         # A batch is one request unless it encodes to more than 2 MiB; if a later part then fails,
         # the whole batch is retried and the first part's spans reach the collector twice (never lost).
-        return all(self._send(payload, count) for payload, count in self._encoder.pack(spans))
+        return all(self._bounded() and self._send(payload, count) for payload, count in self._encoder.pack(spans))
+
+    def _bounded(self) -> bool:
+        """Each call to the SDK's transport ends by the flush deadline, retries included."""
+        return bound_sdk_exporter(self._exporter, self._deadline, self._timeout_s)
 
     def shutdown(self) -> None:
         self._exporter.shutdown()
@@ -143,6 +151,54 @@ def _http_sender(exporter):
     return lambda payload, count: client.export(payload).success
 
 
+def open_output(path: str, mode: str = "w", **kwargs) -> IO:
+    """open() for writing, its failure the one-line error the user sees."""
+    try:
+        return open(path, mode, **kwargs)
+    except OSError as exc:
+        raise AgentError(f"cannot write {path}: {exc.strerror}") from None
+
+
+class JsonLinesFile:
+    """A file of whole lines: a write that fails part-way (disk full) is cut back to the end of
+    the last whole line, so that a reader never meets a partial JSON line."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._file = open_output(path, "wb", buffering=0)  # unbuffered: nothing left to flush later
+        self._end = 0  # offset just past the last whole line
+        self._failed = False
+
+    def append(self, lines: bytes) -> bool:
+        """Append whole lines (each ending in a newline)."""
+        data = memoryview(lines)
+        try:
+            while data:
+                data = data[self._file.write(data):]
+        except OSError as exc:
+            self._roll_back(exc)
+            return False
+        self._end = self._file.tell()
+        if self._failed:
+            log.warning("writing %s again", self.path)
+        self._failed = False
+        return True
+
+    def _roll_back(self, exc: OSError) -> None:
+        if not self._failed:
+            log.warning("cannot write %s (%s): its last, partial line removed; what it held is retried, "
+                        "then counted as lost", self.path, exc.strerror)
+        self._failed = True
+        try:
+            self._file.truncate(self._end)
+            self._file.seek(self._end)
+        except OSError as again:
+            log.warning("cannot remove the partial line at the end of %s (%s)", self.path, again.strerror)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 class FileSink:
     """What the Collector's file exporter writes: one JSON ExportTraceServiceRequest per line. Takes
     spans encoded by `encoder` as OtlpSink does (so the agent's fast path serves it too), packs them
@@ -150,10 +206,7 @@ class FileSink:
 
     def __init__(self, path: str, resource: Resource):
         self._encoder = SpanEncoder(resource, SCOPE)
-        try:
-            self._file: IO[bytes] = open(path, "wb")
-        except OSError as exc:
-            raise AgentError(f"cannot write {path}: {exc.strerror}") from None
+        self._file = JsonLinesFile(path)
         self.path = path
 
     @property
@@ -162,9 +215,8 @@ class FileSink:
         return self._encoder
 
     def export(self, spans: Sequence[bytes]) -> bool:
-        self._file.write(b"".join(transcode(request) + b"\n" for request, _ in self._encoder.pack(spans)))
-        self._file.flush()
-        return True
+        # All of a batch's lines in one append: written whole, or not at all (and then retried).
+        return self._file.append(b"".join(transcode(request) + b"\n" for request, _ in self._encoder.pack(spans)))
 
     def shutdown(self) -> None:
         self._file.close()

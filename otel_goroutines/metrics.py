@@ -23,7 +23,8 @@ from opentelemetry.sdk.metrics.export import (  # noqa: F401  (MetricsData is re
                                               ScopeMetrics, Sum)
 from opentelemetry.sdk.resources import Resource
 
-from .exporters import SCOPE
+from .deadline import Deadline, bound_sdk_exporter
+from .exporters import SCOPE, JsonLinesFile
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,10 @@ class MetricsSender:
     """Exports the latest MetricsData from a thread, so a slow collector never blocks tracing.
     Metrics are cumulative: when a send is still running, the next snapshot replaces the pending one."""
 
-    def __init__(self, exporter: str, protocol: str, endpoint: str | None, output: str | None):
+    def __init__(self, exporter: str, protocol: str, endpoint: str | None, output: str | None,
+                 deadline: Deadline | None = None):
         self._write = None
+        deadline = deadline or Deadline()
         if exporter == "otlp":
             if protocol == "grpc":
                 from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
@@ -117,12 +120,12 @@ class MetricsSender:
                 if endpoint:  # --endpoint: a base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is
                     endpoint = endpoint.rstrip("/") + "/v1/metrics"
             otlp = OTLPMetricExporter(endpoint=endpoint, timeout=5)
-            self._write = lambda data: otlp.export(data) is MetricExportResult.SUCCESS
+            self._write = lambda data: bound_sdk_exporter(otlp, deadline, 5) and otlp.export(data) is MetricExportResult.SUCCESS
             self._shutdown = otlp.shutdown
         elif exporter == "file" and output:
-            stream = open(output + ".metrics.jsonl", "w", encoding="utf-8")
-            self._write = lambda data: bool(stream.write(metrics_json(data) + "\n")) and not stream.flush()
-            self._shutdown = stream.close
+            lines = JsonLinesFile(output + ".metrics.jsonl")
+            self._write = lambda data: lines.append(metrics_json(data).encode() + b"\n")
+            self._shutdown = lines.close
         self.enabled = self._write is not None
         self.failures = 0
         self._pending: MetricsData | None = None

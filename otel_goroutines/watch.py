@@ -362,8 +362,8 @@ class Watcher:
         deadline = time.monotonic() + self.shutdown_timeout_s
         for pid in list(self.traced):
             left = len(self.traced)
-            # Spans, then metrics, each flushed for at most this long, plus about a second to detach.
-            share = max(0.2, ((deadline - time.monotonic()) / left - 1.0) / 2)
+            # Spans and metrics flushed together within this long, plus about a second to detach.
+            share = max(0.2, (deadline - time.monotonic()) / left - 1.0)
             t = self.traced[pid]
             t.session.options.export.flush_timeout_s = min(t.session.options.export.flush_timeout_s, share)
             t.session.stop()

@@ -1,6 +1,8 @@
-"""Bad input gives one clear line and a non-zero status, never a traceback."""
+"""Bad input gives one clear line and a non-zero status, never a traceback; a misbehaving
+collector costs at most --flush-timeout at the end."""
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -8,6 +10,7 @@ import time
 
 import pytest
 
+from fake_collectors import GrpcHangingCollector, Http503Collector, SilentCollector
 from helpers import AGENT, build_program, by_goid, free_port, go_release, run_agent
 
 pytestmark = pytest.mark.ebpf
@@ -103,3 +106,104 @@ def test_go_older_than_supported_is_refused(tmp_path):
     _one_line_error(run_agent(["inspect", str(old)]), wanted)
     _one_line_error(run_agent(["run", "--", str(old), str(tmp_path / "m.json")]), wanted)
     assert not (tmp_path / "m.json").exists()  # refused before the program ran
+
+
+FLUSH_TIMEOUT = 6.0  # long enough that the old 2x (spans, then metrics) cannot pass
+SLACK = 5.0  # detaching, the summary, interpreter exit: generous, the bound is what is tested
+
+
+@pytest.mark.parametrize("collector,protocol", [
+    (SilentCollector, "http/protobuf"), (SilentCollector, "grpc"),
+    (Http503Collector, "http/protobuf"), (GrpcHangingCollector, "grpc")])
+def test_flush_timeout_bounds_the_exit(programs, tmp_path, collector, protocol):
+    """Whatever the collector does, the agent is gone within --flush-timeout (plus slack) of the
+    program's end, spans and the final metrics export together, and every unsent span is counted."""
+    manifest = tmp_path / "m.json"
+    with collector() as peer:
+        run = run_agent(["run", "--endpoint", peer.endpoint, "--protocol", protocol, "-q",
+                         "--flush-timeout", str(FLUSH_TIMEOUT), "--metrics-interval", "0.2",
+                         "--", str(programs["tree"]), str(manifest), "4"])
+        agent_gone = time.time()
+    assert run.returncode == 4, run.stderr
+    assert "Traceback" not in run.stderr
+    after_program = agent_gone - os.stat(manifest).st_mtime  # the program writes it as its last act
+    assert after_program < FLUSH_TIMEOUT + SLACK, run.stderr
+    seen = int(re.search(r"goroutines seen: (\d+)", run.stderr).group(1))
+    assert f"spans_not_exported={seen}" in run.stderr, run.stderr
+
+
+@pytest.fixture
+def tiny_full_fs(tmp_path):
+    """A 64 KiB tmpfs with about 20 KiB left: less than the spans of one tree run take."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        fs = os.statvfs(mount)
+        (mount / "filler").write_bytes(b"\0" * (fs.f_bavail * fs.f_frsize - 20 * 1024))
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def _whole_json_lines(path):
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), f"{path} ends in a partial line"
+    return [json.loads(line) for line in data.splitlines()]
+
+
+def test_disk_full_leaves_whole_lines_and_counts_the_loss(programs, tiny_full_fs, tmp_path):
+    out = tiny_full_fs / "spans.jsonl"
+    run = run_agent(["run", "-q", "-o", str(out), "--flush-timeout", "1", "--",
+                     str(programs["tree"]), str(tmp_path / "m.json")])
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stderr
+    written = sum(len(ss["spans"]) for line in _whole_json_lines(out)
+                  for rs in line["resourceSpans"] for ss in rs["scopeSpans"])
+    _whole_json_lines(tiny_full_fs / "spans.jsonl.metrics.jsonl")
+    seen = int(re.search(r"goroutines seen: (\d+)", run.stderr).group(1))
+    lost = int(re.search(r"spans_not_exported=(\d+)", run.stderr).group(1))
+    assert lost > 0 and written + lost == seen, run.stderr
+    assert f"{written} spans written" in run.stderr
+
+
+@pytest.mark.parametrize("value", ["localhost:4317", "http://[::1", "ftp://collector:4317"])
+@pytest.mark.parametrize("where", ["--endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"])
+def test_bad_endpoint_refused_before_the_program_runs(programs, tmp_path, value, where):
+    manifest = tmp_path / "m.json"
+    flag = ["--endpoint", value] if where == "--endpoint" else []
+    run = run_agent(["run", *flag, "--", str(programs["tree"]), str(manifest)], env={} if flag else {where: value})
+    _one_line_error(run, where, repr(value), "like http://")
+    assert not manifest.exists()  # the program never ran
+
+
+def test_bad_header_and_resource_entries_named(programs, tmp_path):
+    run = run_agent(["run", "-q", "-o", str(tmp_path / "spans.jsonl"), "--", str(programs["tree"]), str(tmp_path / "m.json")],
+                    env={"OTEL_EXPORTER_OTLP_HEADERS": "api-key=1,garbage", "OTEL_RESOURCE_ATTRIBUTES": "team=a,oops"})
+    assert run.returncode == 0, run.stderr
+    warnings = [line for line in run.stderr.splitlines() if "WARNING" in line]
+    assert len(warnings) == 2, run.stderr  # each said once, in our words
+    assert "OTEL_EXPORTER_OTLP_HEADERS: entry 'garbage' ignored" in warnings[0]
+    assert warnings[1].startswith("otel-goroutines: WARNING: OTEL_RESOURCE_ATTRIBUTES:") and "oops" in warnings[1]
+
+
+def test_truncated_go_binary(programs, tmp_path):
+    truncated = tmp_path / "tree"
+    truncated.write_bytes(programs["tree"].read_bytes()[:1 << 20])
+    truncated.chmod(0o755)
+    _one_line_error(run_agent(["run", "--", str(truncated)]), str(truncated), "truncated or corrupt")
+
+
+def test_console_output_that_cannot_be_written(programs, tmp_path):
+    manifest = tmp_path / "m.json"
+    run = run_agent(["run", "--exporter", "console", "-o", "/proc/x", "--", str(programs["tree"]), str(manifest)])
+    _one_line_error(run, "cannot write /proc/x: No such file or directory")
+    assert not manifest.exists()
+
+
+@pytest.mark.parametrize("option", ["--spawner-age", "--flush-timeout", "--metrics-interval"])
+def test_nan_and_infinity_refused_by_the_option_parser(programs, option):
+    for value in ("nan", "inf"):
+        run = run_agent(["run", option, value, "--", str(programs["tree"])])
+        assert run.returncode == 2 and f"Invalid value for '{option}': '{value}' is not a finite number" in run.stderr
+        assert "unexpected" not in run.stderr and "Traceback" not in run.stderr
