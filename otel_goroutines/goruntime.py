@@ -46,6 +46,7 @@ class GoArch:
     g: str                   # holds the running goroutine's *g
     bpf_target: str          # bcc's ARCH / clang's __TARGET_ARCH_<name>: selects bpf/arch.h's registers
     frame_setup_stepped: bool  # every frame opens with single-stepped instructions, even nosplit ones
+    min_go: tuple[int, int]  # the first Go release that passes arguments in registers there
 
     def show(self, reg: str) -> str:
         """A register as Go's assembler names it: RAX, R14; R0, R28."""
@@ -59,8 +60,8 @@ class GoArch:
 # arm64: R0-R15, g in R28; every frame opens with STR X30, [SP, #-N]! (stepped out of line), so a
 # probe moves to the first simulated instruction that still sees its arguments.
 ARCHES = {
-    "amd64": GoArch("amd64", ("rax", "rbx", "rcx", "rdi", "rsi", "r8", "r9", "r10", "r11"), "r14", "x86", False),
-    "arm64": GoArch("arm64", tuple(f"x{n}" for n in range(16)), "x28", "arm64", True),
+    "amd64": GoArch("amd64", ("rax", "rbx", "rcx", "rdi", "rsi", "r8", "r9", "r10", "r11"), "r14", "x86", False, MIN_GO),
+    "arm64": GoArch("arm64", tuple(f"x{n}" for n in range(16)), "x28", "arm64", True, (1, 18)),
 }
 HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
 
@@ -125,6 +126,9 @@ def support_for(binary: GoBinary) -> RuntimeSupport:
     version = GoVersion.parse(binary.go_version)
     if (version.major, version.minor) < MIN_GO:
         raise UnsupportedTarget(f"{binary.path} was built with {binary.go_version}; Go 1.17 or later is required")
+    if (version.major, version.minor) < ARCHES[binary.arch].min_go:
+        raise UnsupportedTarget(f"{binary.path} was built with {binary.go_version} for {binary.arch}, which passes "
+                                f"arguments in registers from Go {'.'.join(map(str, ARCHES[binary.arch].min_go))}")
     offsets, source = _offsets(binary, version)
     return RuntimeSupport(
         version=version,
