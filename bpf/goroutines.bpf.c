@@ -30,6 +30,7 @@ static __always_inline u64 agent_pid_tgid(void) {
 #endif
 
 #include "records.h"
+#include "arch.h"  // Go's registers: GO_ARG1(ctx)..., GO_G(ctx), GO_IP(ctx)
 
 #define G_RUNNABLE 1
 #define G_RUNNING 2
@@ -208,7 +209,7 @@ static __always_inline int app_span_started(struct pt_regs *ctx, u64 type, u64 s
         app_count(AC_UNKNOWN_SPAN_TYPE);
         return 0;
     }
-    struct gkey g = {.tgid = bpf_get_current_pid_tgid() >> 32, .goid = read_u64(ctx->r14 + OFF_G_GOID)};
+    struct gkey g = {.tgid = bpf_get_current_pid_tgid() >> 32, .goid = read_u64(GO_G(ctx) + OFF_G_GOID)};
     if (!g.goid)
         return 0;
     struct app_stack *as = app_stacks.lookup(&g);
@@ -251,18 +252,18 @@ static __always_inline int app_span_started(struct pt_regs *ctx, u64 type, u64 s
 // At the call context.WithValue(ctx, currentSpanKey, span) in (*tracer).Start: RSI, R8 = the span as
 // an `any` (its type, its data).
 int on_app_span_start(struct pt_regs *ctx) {
-    return app_span_started(ctx, ctx->si, ctx->r8);
+    return app_span_started(ctx, GO_ARG5(ctx), GO_ARG6(ctx));
 }
 
 // At a RET of (*tracer).Start (when the call above is not found): RCX, RDI = the span as a trace.Span
 // (itab, data).
 int on_app_span_start_ret(struct pt_regs *ctx) {
-    return app_span_started(ctx, read_u64(ctx->cx + OFF_ITAB_TYPE), ctx->di);
+    return app_span_started(ctx, read_u64(GO_ARG3(ctx) + OFF_ITAB_TYPE), GO_ARG4(ctx));
 }
 
 // At the entry of (*recordingSpan).End or (*nonRecordingSpan).End: RAX = the span.
 int on_app_span_end(struct pt_regs *ctx) {
-    struct span_key sk = {.tgid = bpf_get_current_pid_tgid() >> 32, .ptr = ctx->ax};
+    struct span_key sk = {.tgid = bpf_get_current_pid_tgid() >> 32, .ptr = GO_ARG1(ctx)};
     u64 *owner = app_span_owner.lookup(&sk);
     if (!owner)
         return 0;  // started before the probes, or already ended
@@ -455,7 +456,7 @@ static __always_inline void goroutine_created(struct pt_regs *ctx, u32 tgid, str
     st.parent_goid = G_FIELD(g, OFF_G_PARENTGOID, u64);
 #else
     // newproc1 runs on the system stack: R14 is g0, and g0.m.curg is the creating goroutine.
-    u64 m = read_u64(ctx->r14 + OFF_G_M);
+    u64 m = read_u64(GO_G(ctx) + OFF_G_M);
     u64 curg = m ? read_u64(m + OFF_M_CURG) : 0;
     st.parent_goid = curg ? read_u64(curg + OFF_G_GOID) : 0;
 #endif
@@ -502,25 +503,25 @@ static __always_inline void goroutine_exited(u32 tgid, u64 gp, u64 goid) {
 
 // At the call casgstatus(newg, _Gdead, status) in runtime.newproc1 (Go 1.24+), or at its RET: RAX = the new g, complete.
 int on_goroutine_created(struct pt_regs *ctx) {
-    struct g_all *g = read_g_all(ctx->ax);
+    struct g_all *g = read_g_all(GO_ARG1(ctx));
     if (!g)
         return 0;
     u32 status = G_STATUS(g);
     if (state_index(status) == 0)       // newproc1's casgstatus(fresh g, _Gidle, _Gdead): no goid yet
         return 0;
     if (state_index(status) == G_DEAD)  // its casgstatus(newg, _Gdead, RCX): the g is complete, not yet switched
-        status = (u32)ctx->cx;
+        status = (u32)GO_ARG3(ctx);
     goroutine_created(ctx, bpf_get_current_pid_tgid() >> 32, g, status);
     return 0;
 }
 
 // At the call casgstatus(gp, _Grunning, _Gdead) that ends a goroutine: RAX = gp, RCX = new status.
 int on_goroutine_exit(struct pt_regs *ctx) {
-    if ((u32)ctx->cx != G_DEAD)
+    if ((u32)GO_ARG3(ctx) != G_DEAD)
         return 0;
     struct g_lo lo;
-    if (read_g(ctx->ax, &lo, sizeof(lo)) == 0)
-        goroutine_exited(bpf_get_current_pid_tgid() >> 32, ctx->ax, G_GOID(&lo));
+    if (read_g(GO_ARG1(ctx), &lo, sizeof(lo)) == 0)
+        goroutine_exited(bpf_get_current_pid_tgid() >> 32, GO_ARG1(ctx), G_GOID(&lo));
     return 0;
 }
 
@@ -545,14 +546,14 @@ static __always_inline void account_state(struct gstate *st, u32 to, u64 now) {
 // With STATES_COVER_LIFECYCLE (Go 1.24+, where newproc1 assigns the goid before making the g
 // runnable) this one probe also sees creations and exits: no trap of their own.
 int on_casgstatus(struct pt_regs *ctx) {
-    u32 from = ctx->bx, to = ctx->cx;
+    u32 from = GO_ARG2(ctx), to = GO_ARG3(ctx);
     if (from == to)
         return 0;
 #ifndef STATES_COVER_LIFECYCLE
     if (from == G_DEAD || to == G_DEAD)
         return 0;  // creation and exit are the lifecycle probes' job
 #endif
-    u64 gp = ctx->ax;
+    u64 gp = GO_ARG1(ctx);
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
 #ifdef STATES_COVER_LIFECYCLE
     if (from == G_DEAD) {  // newproc1's casgstatus(newg, _Gdead, _Grunnable or _Gwaiting)
@@ -639,7 +640,7 @@ BPF_PERCPU_ARRAY(allocs_elsewhere, struct alloc_totals, N_ALLOC_OWNERS);
 // Adds to the totals of the goroutine running now: R14 is the current g in Go's register ABI.
 // A goroutine runs on one thread at a time, so its own totals need no atomics.
 static __always_inline void add_alloc(struct pt_regs *ctx, u64 bytes, u64 allocs, u64 samples) {
-    u64 goid = read_u64(ctx->r14 + OFF_G_GOID);
+    u64 goid = read_u64(GO_G(ctx) + OFF_G_GOID);
     struct gkey key = {.tgid = bpf_get_current_pid_tgid() >> 32, .goid = goid};
     struct gstate *st = goid ? goroutines.lookup(&key) : NULL;
     if (st) {
@@ -661,7 +662,7 @@ static __always_inline void add_alloc(struct pt_regs *ctx, u64 bytes, u64 allocs
 #ifdef ALLOCS_EXACT
 // mallocgc(size, typ, needzero) after its stack check: RAX = the requested size.
 int on_mallocgc(struct pt_regs *ctx) {
-    u64 size = ctx->ax;
+    u64 size = GO_ARG1(ctx);
     // 0: no allocation (zerobase); up to SPECIALIZED_MALLOC_MAX: mallocgc passes it on to a
     // size-specialized entry, whose own probe counts it.
     if (size <= SPECIALIZED_MALLOC_MAX)
@@ -672,7 +673,7 @@ int on_mallocgc(struct pt_regs *ctx) {
 
 // mallocgcSmallNoScanSC<n> and the like (same arguments), called by mallocgc and by compiled code.
 int on_malloc_specialized(struct pt_regs *ctx) {
-    add_alloc(ctx, ctx->ax, ALLOC_COUNT_UNIT, 0);
+    add_alloc(ctx, GO_ARG1(ctx), ALLOC_COUNT_UNIT, 0);
     return 0;
 }
 #endif
@@ -684,7 +685,7 @@ BPF_ARRAY(alloc_weights, u32, ALLOC_WEIGHT_ENTRIES);
 // profilealloc(mp, x, size) after its stack check: RCX = the size of the sampled allocation.
 // A sample of size s at rate r stands for 1/p allocations and s/p bytes, p = 1 - exp(-s/r).
 int on_profilealloc(struct pt_regs *ctx) {
-    u64 size = ctx->cx;
+    u64 size = GO_ARG3(ctx);
 #ifdef MEMPROFILERATE_ADDR
     // runtime.MemProfileRate, at its link-time address moved by the load bias of a PIE.
     u64 rate = read_u64(MEMPROFILERATE_ADDR + PT_REGS_IP(ctx) - PROFILEALLOC_PROBE_ADDR);

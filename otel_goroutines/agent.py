@@ -124,6 +124,7 @@ class Session:
         self.target = target
         self.options = options
         self.binary = GoBinary(target.exe_path)
+        goruntime.require_traceable(self.binary)
         self.support = goruntime.support_for(self.binary)
         if options.probes.allocs is not allocs.AllocMode.OFF and self.support.allocs is None:
             log.warning("no heap-allocation probe points in %s: --allocs %s is off", target.exe_path, options.probes.allocs.value)
@@ -151,7 +152,7 @@ class Session:
     # --- symbols and spans ---------------------------------------------------------------
     def symbolizer(self) -> Symbolizer:
         if self._symbolizer is None:
-            self._symbolizer = Symbolizer(self.binary.functions, self.binary.code, self._load_bias())
+            self._symbolizer = Symbolizer(self.binary.functions, self.binary.code, self._load_bias(), self.binary.isa)
         return self._symbolizer
 
     def _load_bias(self) -> int:

@@ -259,6 +259,9 @@ def _inspect(path: str) -> None:
     support = goruntime.support_for(gobin)
     click.echo(f"binary:          {path}")
     click.echo(f"Go version:      {gobin.go_version}")
+    arch = support.arch
+    click.echo(f"architecture:    {arch.name} (Go arguments in {arch.arg(1)}, {arch.arg(2)}, ...; g in {arch.show(arch.g)})"
+               f"{'' if arch.name == goruntime.HOST_ARCH else f'; inspect only: this machine is {goruntime.HOST_ARCH}'}")
     click.echo(f"build mode:      {gobin.build_mode}{' (PIE)' if gobin.is_pie else ''}{', cgo' if gobin.uses_cgo else ''}"
                f"{', trimpath' if gobin.build_info.settings.get('-trimpath') == 'true' else ''}, "
                f"{'symbols' if gobin.has_symtab else 'stripped'}, {'DWARF' if gobin.has_dwarf else 'no DWARF'}")

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import struct
 from dataclasses import dataclass
 from importlib import resources
 
-from .binary import disasm
 from .binary.gobinary import GoBinary
 from .errors import UnsupportedTarget
 
@@ -35,6 +35,42 @@ FIELDS = {
     "runtime.m": ("curg",),
 }
 OPTIONAL_FIELDS = {("runtime.g", "parentGoid")}  # from Go 1.21; older versions find the creator through m.curg
+
+
+@dataclass(frozen=True)
+class GoArch:
+    """Go's register ABI (ABIInternal, Go 1.17 on amd64, 1.18 on arm64) on one architecture: where a
+    probe finds a function's arguments and the current goroutine (capstone's 64-bit register names)."""
+    name: str                # GOARCH
+    args: tuple[str, ...]    # integer argument and result registers, in order
+    g: str                   # holds the running goroutine's *g
+    bpf_target: str          # bcc's ARCH / clang's __TARGET_ARCH_<name>: selects bpf/arch.h's registers
+    frame_setup_stepped: bool  # every frame opens with single-stepped instructions, even nosplit ones
+    min_go: tuple[int, int]  # the first Go release that passes arguments in registers there
+
+    def show(self, reg: str) -> str:
+        """A register as Go's assembler names it: RAX, R14; R0, R28."""
+        return reg.upper() if self.name == "amd64" else f"R{reg[1:]}"
+
+    def arg(self, n: int) -> str:
+        return self.show(self.args[n - 1])
+
+
+# amd64: src/cmd/compile/abi-internal.md; casgstatus opens with an emulated PUSH RBP (from Go 1.21).
+# arm64: R0-R15, g in R28; every frame opens with STR X30, [SP, #-N]! (stepped out of line), so a
+# probe moves to the first simulated instruction that still sees its arguments.
+ARCHES = {
+    "amd64": GoArch("amd64", ("rax", "rbx", "rcx", "rdi", "rsi", "r8", "r9", "r10", "r11"), "r14", "x86", False, MIN_GO),
+    "arm64": GoArch("arm64", tuple(f"x{n}" for n in range(16)), "x28", "arm64", True, (1, 18)),
+}
+HOST_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+
+
+def require_traceable(binary: GoBinary) -> None:
+    """Probes run only on a program of this machine's architecture; `inspect` reads any it knows."""
+    if binary.arch != HOST_ARCH:
+        raise UnsupportedTarget(f"{binary.path} is built for {binary.arch}; this machine is {HOST_ARCH}: "
+                                f"`otel-goroutines inspect` can read it here, tracing it needs an {binary.arch} machine")
 
 
 @dataclass(frozen=True, order=True)
@@ -66,6 +102,7 @@ class ProbePoint:
 @dataclass(frozen=True)
 class RuntimeSupport:
     version: GoVersion
+    arch: GoArch
     offsets: dict[str, int]          # "g_goid" -> 152, ...
     offsets_source: str              # "DWARF" or "generated table for go1.xx"
     lifecycle_probes: tuple[ProbePoint, ...]
@@ -89,13 +126,17 @@ def support_for(binary: GoBinary) -> RuntimeSupport:
     version = GoVersion.parse(binary.go_version)
     if (version.major, version.minor) < MIN_GO:
         raise UnsupportedTarget(f"{binary.path} was built with {binary.go_version}; Go 1.17 or later is required")
+    if (version.major, version.minor) < ARCHES[binary.arch].min_go:
+        raise UnsupportedTarget(f"{binary.path} was built with {binary.go_version} for {binary.arch}, which passes "
+                                f"arguments in registers from Go {'.'.join(map(str, ARCHES[binary.arch].min_go))}")
     offsets, source = _offsets(binary, version)
     return RuntimeSupport(
         version=version,
+        arch=ARCHES[binary.arch],
         offsets=offsets,
         offsets_source=source,
         lifecycle_probes=tuple(_lifecycle_probes(binary)),
-        state_probes=(_entry_probe(binary, "runtime.casgstatus", "on_casgstatus"),),
+        state_probes=(_state_probe(binary),),
         wait_reasons=_wait_reasons(binary, version),
         allgs_address=sym.address if (sym := binary.symbol("runtime.allgs")) else None,
         allocs=_alloc_support(binary, version),
@@ -148,7 +189,7 @@ def _naive_placement() -> bool:
 
 def _first_instruction(binary: GoBinary, name: str, handler: str) -> ProbePoint:
     func = binary.function(name)
-    insn = disasm.instruction_at(binary.code(func), func.entry, func.entry)
+    insn = binary.isa.instruction_at(binary.code(func), func.entry, func.entry)
     return ProbePoint(handler, name, func.entry, str(insn), f"first instruction ({PROBE_PLACEMENT_ENV}=entry, for benchmarks only)")
 
 
@@ -157,28 +198,41 @@ def _entry_probe(binary: GoBinary, name: str, handler: str) -> ProbePoint:
         return _first_instruction(binary, name, handler)
     func = binary.function(name)
     code = binary.code(func)
-    address = disasm.after_stack_check(code, func.entry)
-    insn = disasm.instruction_at(code, func.entry, address)
+    address = binary.isa.after_stack_check(code, func.entry)
+    insn = binary.isa.instruction_at(code, func.entry, address)
     why = "entry" if address == func.entry else f"after the stack check at +{address - func.entry}"
-    return ProbePoint(handler, name, address, str(insn), f"{why}; {insn.mnemonic} {'is emulated: one trap' if insn.one_trap else 'is single-stepped: two traps'}")
+    return ProbePoint(handler, name, address, str(insn), f"{why}; {insn.cost}")
+
+
+def _state_probe(binary: GoBinary) -> ProbePoint:
+    # casgstatus(gp, oldval, newval): nosplit, no stack check. amd64 probes its entry (PUSH RBP from
+    # Go 1.21; Go 1.19's SUB RSP costs two traps); arm64 the first simulated instruction with the arguments intact.
+    arch = ARCHES[binary.arch]
+    if arch.frame_setup_stepped and not _naive_placement():
+        return _cheap_probe(binary, "runtime.casgstatus", "on_casgstatus", (*arch.args[:3], arch.g))
+    return _entry_probe(binary, "runtime.casgstatus", "on_casgstatus")
 
 
 def _lifecycle_probes(binary: GoBinary) -> list[ProbePoint]:
     # Creation: newproc1's RET, where RAX holds the new g with goid, startpc, gopc (and parentGoid) all set.
     # (Up to Go 1.23 the goid is assigned after the g turns runnable, so casgstatus is too early.)
     newproc1 = binary.function("runtime.newproc1")
+    arch, isa = ARCHES[binary.arch], binary.isa
     # From Go 1.24 the goid is assigned before newproc1's casgstatus(newg, _Gdead, _Grunnable or
     # _Gwaiting): at that call RAX = the new g, complete, and RCX its first status. The kernel emulates
     # CALL (one trap) but single-steps RET (two traps: measured ~10x the cost here, bench/RESULTS.md).
-    calls = disasm.call_sites(binary.code(newproc1), newproc1.entry, binary.function("runtime.casgstatus").entry) \
+    code = binary.code(newproc1)
+    calls = isa.call_sites(code, newproc1.entry, binary.function("runtime.casgstatus").entry) \
         if GoVersion.parse(binary.go_version) >= GoVersion(1, 24) else []
     if calls and not _naive_placement():  # the probe ignores the other call, casgstatus(fresh g, _Gidle, _Gdead)
-        probes = [ProbePoint("on_goroutine_created", newproc1.name, addr, "call runtime.casgstatus",
-                             "the call that makes the new g runnable (RAX = g, complete; RCX = status); call is emulated: one trap")
+        probes = [ProbePoint("on_goroutine_created", newproc1.name, addr, f"{isa.call} runtime.casgstatus",
+                             f"the call that makes the new g runnable ({arch.arg(1)} = g, complete; {arch.arg(3)} = status); "
+                             f"{isa.instruction_at(code, newproc1.entry, addr).cost}")
                   for addr in calls]
     else:
-        probes = [ProbePoint("on_goroutine_created", newproc1.name, addr, "ret", "return of newproc1: the new g is complete; ret is single-stepped: two traps")
-                  for addr in disasm.ret_sites(binary.code(newproc1), newproc1.entry)]
+        probes = [ProbePoint("on_goroutine_created", newproc1.name, addr, "ret", "return of newproc1: the new g is complete; "
+                             f"{isa.instruction_at(code, newproc1.entry, addr).cost}")
+                  for addr in isa.ret_sites(code, newproc1.entry)]
     if not probes:
         raise UnsupportedTarget(f"{binary.path}: no return instruction found in runtime.newproc1")
     # Exit: the call casgstatus(gp, _Grunning, _Gdead) in gdestroy (Go 1.22+) or goexit0 (earlier).
@@ -188,11 +242,13 @@ def _lifecycle_probes(binary: GoBinary) -> list[ProbePoint]:
         return [_first_instruction(binary, newproc1.name, "on_goroutine_created"),
                 _first_instruction(binary, exit_func.name, "on_goroutine_exit")]
     casgstatus = binary.function("runtime.casgstatus")
-    sites = disasm.call_sites(binary.code(exit_func), exit_func.entry, casgstatus.entry)
+    code = binary.code(exit_func)
+    sites = isa.call_sites(code, exit_func.entry, casgstatus.entry)
     if not sites:
         raise UnsupportedTarget(f"{binary.path}: no call to casgstatus found in {exit_func.name}")
-    probes += [ProbePoint("on_goroutine_exit", exit_func.name, addr, "call runtime.casgstatus",
-                          "the call that marks the g dead (RAX = g); call is emulated: one trap") for addr in sites]
+    probes += [ProbePoint("on_goroutine_exit", exit_func.name, addr, f"{isa.call} runtime.casgstatus",
+                          f"the call that marks the g dead ({arch.arg(1)} = g); {isa.instruction_at(code, exit_func.entry, addr).cost}")
+               for addr in sites]
     return probes
 
 
@@ -244,18 +300,20 @@ class AllocSupport:
         return defines
 
 
-def _alloc_probe(binary: GoBinary, name: str, handler: str, keep: tuple[str, ...]) -> ProbePoint:
-    """After the stack check, on the first instruction that costs one trap while the arguments in
-    `keep` are still in their registers (Go before 1.21 opens its frame with SUB, single-stepped)."""
+def _cheap_probe(binary: GoBinary, name: str, handler: str, keep: tuple[str, ...]) -> ProbePoint:
+    """After the stack check, on the first instruction that costs one trap while the registers in
+    `keep` still hold the arguments (amd64 Go before 1.21, and arm64 always, open the frame with
+    single-stepped instructions)."""
     point = _entry_probe(binary, name, handler)
     func = binary.function(name)
     code = binary.code(func)
-    address = disasm.first_one_trap(code, func.entry, point.address, keep)
+    address = binary.isa.first_one_trap(code, func.entry, point.address, keep)
     if address == point.address:
         return point
-    insn = disasm.instruction_at(code, func.entry, address)
-    return ProbePoint(handler, name, address, str(insn), f"+{address - func.entry}, the first emulated instruction "
-                      f"after the stack check with {', '.join(r.upper() for r in keep)} unchanged: one trap")
+    insn = binary.isa.instruction_at(code, func.entry, address)
+    shown = ", ".join(ARCHES[binary.arch].show(r) for r in keep)
+    return ProbePoint(handler, name, address, str(insn), f"+{address - func.entry}, the first {binary.isa.one_trap_word} "
+                      f"instruction after the stack check with {shown} unchanged: one trap")
 
 
 def _alloc_support(binary: GoBinary, version: GoVersion) -> AllocSupport | None:
@@ -271,9 +329,11 @@ def _find_alloc_support(binary: GoBinary, version: GoVersion) -> AllocSupport:
     if specialized:
         table = binary.symbol("runtime.mallocScanTable")  # [N+1]func: one entry per size 0..N
         specialized_max = table.size // 8 - 1 if table and table.size else (512 if (version.major, version.minor) < (1, 27) else 80)
-    exact = [_alloc_probe(binary, "runtime.mallocgc", "on_mallocgc", ("rax", "r14"))]
-    exact += [_alloc_probe(binary, f.name, "on_malloc_specialized", ("rax", "r14")) for f in specialized]
-    sampled = [_alloc_probe(binary, "runtime.profilealloc", "on_profilealloc", ("rcx", "r14")),
+    arch = ARCHES[binary.arch]
+    size_first, size_third = (arch.args[0], arch.g), (arch.args[2], arch.g)  # mallocgc's size; profilealloc's
+    exact = [_cheap_probe(binary, "runtime.mallocgc", "on_mallocgc", size_first)]
+    exact += [_cheap_probe(binary, f.name, "on_malloc_specialized", size_first) for f in specialized]
+    sampled = [_cheap_probe(binary, "runtime.profilealloc", "on_profilealloc", size_third),
                _entry_probe(binary, "runtime.gcenable", "on_runtime_initialised")]
     rate, disabled, source = _profile_rate_addresses(binary)
     return AllocSupport(tuple(exact), specialized_max, tuple(sampled), rate, disabled, source)
@@ -287,10 +347,10 @@ def _profile_rate_addresses(binary: GoBinary) -> tuple[int | None, int | None, s
     # `MemProfileRate = defaultMemProfileRate(512 * 1024)` in the runtime's package init (older):
     # a byte read, then within a few instructions a quadword store to the variable profilealloc reads.
     profilealloc = binary.function("runtime.profilealloc")
-    read_there = {r.target for r in disasm.data_refs(binary.code(profilealloc), profilealloc.entry) if r.size == 8 and not r.written}
+    read_there = {r.target for r in binary.isa.data_refs(binary.code(profilealloc), profilealloc.entry) if r.size == 8 and not r.written}
     for name in ("runtime.schedinit", "runtime.init"):
         func = binary.functions.by_name(name)
-        refs = disasm.data_refs(binary.code(func), func.entry) if func else []
+        refs = binary.isa.data_refs(binary.code(func), func.entry) if func else []
         for i, flag in enumerate(refs):
             if flag.size != 1 or flag.written:
                 continue
@@ -329,9 +389,9 @@ def _label_support(binary: GoBinary, version: GoVersion) -> LabelSupport | None:
         offset = binary.struct_offsets({"runtime.g": ("labels",)}).get("runtime.g", {}).get("labels")
         if offset is not None:
             return LabelSupport(offset, layout, "DWARF")
-    # Stripped: the setter's `getg().labels = labels` stores its argument (RAX) at the field, through
-    # R14 or a copy of it (the write-barrier buffer and the stack are other stores of RAX).
-    for base, disp in disasm.register_stores(binary.code(setter), setter.entry, "rax"):
-        if base not in ("rsp", "rbp") and disp >= 64:
+    # Stripped: the setter's `getg().labels = labels` stores its argument (RAX, R0) at the field, through
+    # the g register or a copy of it (the write-barrier buffer and the stack are other stores of it).
+    for base, disp in binary.isa.register_stores(binary.code(setter), setter.entry, ARCHES[binary.arch].args[0]):
+        if base not in binary.isa.frame_registers and disp >= 64:
             return LabelSupport(disp, layout, f"disassembly of {_SET_PROF_LABEL}")
     return None

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-from .binary import disasm
 from .binary.gobinary import GoBinary
-from .goruntime import ProbePoint
+from .goruntime import ARCHES, ProbePoint
 
 SDK_MODULE = "go.opentelemetry.io/otel/sdk"
 _PKG = "go.opentelemetry.io/otel/sdk/trace"
@@ -139,30 +138,31 @@ def _probes(binary: GoBinary) -> list[ProbePoint]:
     # Start: its one call context.WithValue(ctx, currentSpanKey, span) (trace.ContextWithSpan, inlined
     # in every release measured), where RSI, R8 hold the new span as an `any`; CALL is emulated: one
     # trap. Otherwise its RETs, where RCX, RDI hold the returned trace.Span; RET is single-stepped.
+    # (Go's argument registers: amd64 RSI, R8 and RCX, RDI; arm64 R4, R5 and R2, R3: goruntime.ARCHES.)
     start = binary.function(START)
     code = binary.code(start)
+    arch, isa = ARCHES[binary.arch], binary.isa
     with_value = binary.functions.by_name("context.WithValue")
-    calls = disasm.call_sites(code, start.entry, with_value.entry) if with_value else []
+    calls = isa.call_sites(code, start.entry, with_value.entry) if with_value else []
     if len(calls) == 1:
-        probes = [ProbePoint("on_app_span_start", START, calls[0], "call context.WithValue",
-                             "the call that puts the new span in the context (RSI, R8 = the span as an any); call is "
-                             "emulated: one trap")]
+        probes = [ProbePoint("on_app_span_start", START, calls[0], f"{isa.call} context.WithValue",
+                             f"the call that puts the new span in the context ({arch.arg(5)}, {arch.arg(6)} = the span as an "
+                             f"any); {isa.instruction_at(code, start.entry, calls[0]).cost}")]
     else:
-        probes = [ProbePoint("on_app_span_start_ret", START, addr, "ret", "return of Start (RCX, RDI = the span); ret is "
-                             "single-stepped: two traps") for addr in disasm.ret_sites(code, start.entry)]
+        probes = [ProbePoint("on_app_span_start_ret", START, addr, "ret", f"return of Start ({arch.arg(3)}, {arch.arg(4)} = "
+                             f"the span); {isa.instruction_at(code, start.entry, addr).cost}")
+                  for addr in isa.ret_sites(code, start.entry)]
     if not probes:
         raise LookupError(f"no place to probe found in {START}")
-    # End: after the stack check, on the first instruction that costs one trap with RAX (the span) unchanged.
+    # End: after the stack check, on the first instruction that costs one trap with the receiver (the span) unchanged.
     for name in (RECORDING_END, NON_RECORDING_END):
         func = binary.functions.by_name(name)
         if func is None:  # no unsampled span can end through the interface: nothing to probe
             continue
         code = binary.code(func)
-        checked = disasm.after_stack_check(code, func.entry)
-        address = disasm.first_one_trap(code, func.entry, checked, ("rax",))
-        insn = disasm.instruction_at(code, func.entry, address)
+        checked = isa.after_stack_check(code, func.entry)
+        address = isa.first_one_trap(code, func.entry, checked, (arch.args[0],))
+        insn = isa.instruction_at(code, func.entry, address)
         where = "entry" if address == func.entry else f"+{address - func.entry}, after the stack check"
-        probes.append(ProbePoint("on_app_span_end", name, address, str(insn),
-                                 f"{where}: RAX = the span; {insn.mnemonic} "
-                                 f"{'is emulated: one trap' if insn.one_trap else 'is single-stepped: two traps'}"))
+        probes.append(ProbePoint("on_app_span_end", name, address, str(insn), f"{where}: {arch.arg(1)} = the span; {insn.cost}"))
     return probes

@@ -20,6 +20,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+from . import goruntime
 from .agent import AgentOptions, Session
 from .binary.gobinary import GoBinary
 from .errors import AgentError, UnsupportedTarget
@@ -99,6 +100,7 @@ def go_version_of(pid: int) -> str:
     """The Go version of PID's executable; UnsupportedTarget (with the reason) if it is not Go."""
     binary = GoBinary(f"/proc/{pid}/exe")
     try:
+        goruntime.require_traceable(binary)
         return binary.go_version
     finally:
         binary.close()

@@ -7,6 +7,11 @@ with DWARF and read from it, with the agent's own readers, the struct members th
 here can build are derived from a measured one (DERIVED, below). For a new Go release: add it to
 go_toolchains.RELEASES and re-run.
 
+The programs are built for amd64 and the table serves arm64 too: tests/unit/test_arm64.py checks, for
+every release here, that an arm64 build's DWARF gives the same runtime.g and runtime.m offsets (the
+members the probes read hold no architecture-dependent field before them). Should a release differ,
+the table needs an architecture key.
+
     .venv/bin/python scripts/gen_layouts.py            # rewrite the table
     .venv/bin/python scripts/gen_layouts.py --check    # exit 1 if the table is not what the toolchains give
 """

@@ -70,6 +70,11 @@ if [ ! -f "$stamp" ]; then
 fi
 .venv/bin/python -c 'import bcc, otel_goroutines' || { echo "setup: the venv cannot import bcc or otel_goroutines" >&2; exit 1; }
 
+# --- arm64 kernel headers: the BPF program's arm64 compile check (tests/unit/test_arm64.py) ----
+# bcc compiles for arm64 with ARCH=arm64 against them; apt fetches Debian's package with a private
+# state directory under .cache (the machine's apt gains no foreign architecture).
+scripts/arm64-kernel-headers.sh >/dev/null || { echo "setup: could not get Debian's arm64 kernel headers" >&2; exit 1; }
+
 # --- a Go toolchain for building the demo and the test programs ------------------------------
 if ! scripts/go-toolchain.sh >/dev/null; then
   echo "setup: no usable Go toolchain" >&2; exit 1

@@ -279,19 +279,21 @@ APPSERVICE = PROGRAMS / "appservice"  # its own Go module: go.mod pins the newes
 SDK_NEWEST = "v1.47.0"
 
 
-def build_appservice(sdk: str = SDK_NEWEST, go: str | None = None, flags: tuple[str, ...] = ()) -> Path:
+def build_appservice(sdk: str = SDK_NEWEST, go: str | None = None, flags: tuple[str, ...] = (), goarch: str = "amd64") -> Path:
     """Build tests/programs/appservice against one OpenTelemetry Go SDK release, once per (its
-    sources, SDK release, toolchain, flags); its modules come from the Go module proxy."""
+    sources, SDK release, toolchain, flags, GOARCH); its modules come from the Go module proxy."""
     go = go or go_toolchain()
     modfile = () if sdk == SDK_NEWEST else (f"-modfile=go.sdk-{sdk}.mod",)
     digest = hashlib.sha256()
     for path in sorted(p for p in APPSERVICE.rglob("*") if p.is_file()):
         digest.update(path.relative_to(APPSERVICE).as_posix().encode() + path.read_bytes())
     digest.update("\0".join((go, *modfile, *flags)).encode())
+    if goarch != "amd64":
+        digest.update(b"\0GOARCH=" + goarch.encode())
     out = CACHE / f"appservice-{digest.hexdigest()[:16]}"
     if not out.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=readonly", CGO_ENABLED="0")
+        env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=readonly", CGO_ENABLED="0", GOARCH=goarch)
         tmp = out.with_suffix(".tmp")
         subprocess.run([go, "build", *modfile, *flags, "-o", str(tmp), "."], cwd=APPSERVICE, env=env, check=True)
         tmp.rename(out)

@@ -10,8 +10,12 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from ..errors import UnsupportedTarget
-from . import buildinfo
+from . import buildinfo, disasm
 from .pclntab import Func, FuncTable, PclntabError
+
+
+# ELF machine -> Go's GOARCH name, for the architectures whose Go code the agent reads.
+ARCHES = {"EM_X86_64": "amd64", "EM_AARCH64": "arm64"}
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,10 @@ class GoBinary:
         except ELFError:
             self._file.close()
             raise UnsupportedTarget(f"{path} is not an ELF executable") from None
-        if self.elf["e_machine"] != "EM_X86_64":
-            raise UnsupportedTarget(f"{path} is built for {self.elf['e_machine']}; only amd64 (x86-64) is supported")
+        self.arch = ARCHES.get(self.elf["e_machine"])
+        if self.arch is None:
+            raise UnsupportedTarget(f"{path} is built for {self.elf['e_machine']}; only amd64 (x86-64) and arm64 are supported")
+        self.isa = disasm.for_arch(self.arch)  # how its code disassembles and what its probes cost
         self.build_info = self._read_build_info()
 
     def close(self) -> None:
@@ -85,7 +91,7 @@ class GoBinary:
         symtab = self.elf.get_section_by_name(".symtab")
         if symtab is None:
             return {}
-        # Read the table directly (ELF64 little-endian, as amd64 is): pyelftools' symbol objects
+        # Read the table directly (ELF64 little-endian, as amd64 and arm64 Linux are): pyelftools' symbol objects
         # take seconds for the ~100k symbols of a large binary, this takes milliseconds.
         names = self.elf.get_section(symtab["sh_link"]).data()
         table = {}

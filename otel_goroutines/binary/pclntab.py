@@ -1,4 +1,4 @@
-"""Parser for the Go function table (``.gopclntab``) of Go ELF binaries (amd64).
+"""Parser for the Go function table (``.gopclntab``) of Go ELF binaries (amd64, arm64).
 
 Hand-written because no maintained Python library parses gopclntab. The layouts follow
 Go's own readers and writers: ``src/debug/gosym/pclntab.go``, ``src/runtime/symtab.go``
@@ -366,8 +366,9 @@ def _candidates(elf):
 
 
 def _scan(elf):
-    """Find the table in the non-executable loaded segments by its magic and a sane amd64 header."""
-    heads = [struct.pack("<IBBBB", m, 0, 0, 1, 8) for m in (*_FORMATS, MAGIC_PRE116)]
+    """Find the table in the non-executable loaded segments by its magic and a sane header
+    (instruction quantum 1 on amd64, 4 on arm64; 8-byte pointers)."""
+    heads = [struct.pack("<IBBBB", m, 0, 0, q, 8) for m in (*_FORMATS, MAGIC_PRE116) for q in (1, 4)]
     for seg in _load_segments(elf, executable=False):
         data = seg.data()
         for head in heads:

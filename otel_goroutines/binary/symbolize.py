@@ -10,8 +10,10 @@ from .pclntab import Func, FuncTable
 
 
 class Symbolizer:
-    def __init__(self, functions: FuncTable, code_of: Callable[[Func], bytes], load_bias: int = 0):
+    def __init__(self, functions: FuncTable, code_of: Callable[[Func], bytes], load_bias: int = 0,
+                 isa: disasm.Isa = disasm.AMD64):
         self._functions = functions
+        self._isa = isa
         self._code_of = code_of
         self.load_bias = load_bias  # runtime address - link-time address (non-zero for PIE)
 
@@ -30,7 +32,7 @@ class Symbolizer:
         # The wrapper's first direct call outside the runtime (allocation, stack growth) is the
         # function the `go` statement named, or, when that one was inlined, the first it calls.
         in_runtime = wrapper.name.startswith("runtime.")
-        for target in disasm.call_targets(self._code_of(wrapper), wrapper.entry):
+        for target in self._isa.call_targets(self._code_of(wrapper), wrapper.entry):
             callee = self._functions.lookup(target)
             if callee is not None and not callee.name.startswith("runtime.morestack") and \
                     (in_runtime or not callee.name.startswith("runtime.")):
