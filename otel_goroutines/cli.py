@@ -130,20 +130,19 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
         exporter = "otlp" if (endpoint or traces_endpoint) else "file"
-    ctx = click.get_current_context(silent=True)
-    if ctx is not None and ctx.get_parameter_source("endpoint") is click.core.ParameterSource.ENVIRONMENT:
-        # From OTEL_EXPORTER_OTLP_ENDPOINT: left to the SDK's exporters, which read it with the
-        # signal-specific variables (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, ..._METRICS_ENDPOINT) first.
-        endpoint = None
-    if exporter == "file" and not output:
-        output = DEFAULT_OUTPUT
     protocol = protocol or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or "http/protobuf"
     if protocol not in ("grpc", "http/protobuf"):
         raise AgentError(f"OTLP protocol {protocol!r} is not supported; use grpc or http/protobuf")
-    if ring_buffer_mib & (ring_buffer_mib - 1):
-        raise AgentError(f"--ring-buffer-mib {ring_buffer_mib} is not a power of two (the kernel requires one), e.g. 8 or 16")
     if exporter == "otlp":  # refused now, before a program runs with every export failing
         check_endpoints(endpoint, _endpoint_source(), protocol, os.environ)
+    if _endpoint_source() == "OTEL_EXPORTER_OTLP_ENDPOINT":
+        # Left to the SDK's exporters, which read it with the signal-specific variables
+        # (OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, ..._METRICS_ENDPOINT) first.
+        endpoint = None
+    if exporter == "file" and not output:
+        output = DEFAULT_OUTPUT
+    if ring_buffer_mib & (ring_buffer_mib - 1):
+        raise AgentError(f"--ring-buffer-mib {ring_buffer_mib} is not a power of two (the kernel requires one), e.g. 8 or 16")
     warn_about_dropped_entries()
     return AgentOptions(
         export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout),
