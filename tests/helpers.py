@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -142,7 +143,8 @@ def spans_from_otlp_json(path: Path) -> list[Span]:
 class OtlpHttpReceiver:
     """A minimal OTLP/HTTP protobuf trace receiver: what the real collector forwards to.
     With keep_spans=False it only counts them (for the benchmark's hundreds of thousands).
-    trace_requests: (path, headers with lower-case names) of each trace export received."""
+    trace_requests: (path, headers with lower-case names, the test.run.id markers of its spans) of
+    each trace export received."""
 
     def __init__(self, keep_spans: bool = True):
         self.spans: list[Span] = []
@@ -164,8 +166,10 @@ class OtlpHttpReceiver:
                     with lock:
                         receiver.span_count += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
                         if keep_spans:
-                            receiver.spans += spans_from_request(req)
-                            receiver.trace_requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+                            spans = spans_from_request(req)
+                            receiver.spans += spans
+                            receiver.trace_requests.append((self.path, {k.lower(): v for k, v in self.headers.items()},
+                                                            {s.resource.get("test.run.id") for s in spans} - {None}))
                         receiver.requests += 1
                 elif self.path.endswith("/v1/metrics"):
                     req = ExportMetricsServiceRequest()
@@ -264,6 +268,21 @@ def run_agent(args: list[str], timeout: float = 60.0, env: dict | None = None) -
     proc = subprocess.run(AGENT + args, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, **(env or {})))
     return AgentRun(proc.returncode, proc.stdout, proc.stderr)
+
+
+def run_marker(env: dict | None = None) -> tuple[str, dict]:
+    """A marker for one agent run's spans and the environment that sets it (test.run.id, a resource
+    attribute, added to any OTEL_RESOURCE_ATTRIBUTES in ENV). Goroutine ids repeat from one run of
+    a fixture to the next, and a collector may deliver an earlier run's spans after
+    receiver.clear(): a test reads only the spans of_run(spans, marker)."""
+    marker = secrets.token_hex(6)
+    env = dict(env or {})
+    env["OTEL_RESOURCE_ATTRIBUTES"] = ",".join(filter(None, (env.get("OTEL_RESOURCE_ATTRIBUTES"), f"test.run.id={marker}")))
+    return marker, env
+
+
+def of_run(spans: list[Span], marker: str) -> list[Span]:
+    return [s for s in spans if s.resource.get("test.run.id") == marker]
 
 
 def by_goid(spans: list[Span]) -> dict[int, Span]:
