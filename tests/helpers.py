@@ -69,6 +69,18 @@ def site_line(program: str, marker: str) -> int:
     raise KeyError(marker)
 
 
+def poll(predicate, timeout: float, every: float = 0.1) -> bool:
+    """Whether PREDICATE() became true within TIMEOUT seconds: for a fact to wait for, with a
+    deadline generous enough for a loaded machine, instead of a sleep that assumes a schedule."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(every)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -292,6 +304,16 @@ def by_goid(spans: list[Span]) -> dict[int, Span]:
         assert goid not in out, f"goroutine {goid} exported twice"
         out[goid] = s
     return out
+
+
+def ticks_untraced_after_attach(manifest: dict, spans: list[Span]) -> tuple[set[int], int]:
+    """The ticker's ticks spawned after the attach that have no span, and how many it spawned then.
+    The attach time is the start of the dispatcher's span (it existed at the attach); a tick
+    spawned before it may have ended before the goroutine list was read, untraced."""
+    (dispatcher,) = [s for s in spans if s.name == "main.dispatcher"]
+    assert dispatcher.attributes["go.goroutine.existed_at_attach"] is True
+    after = {g["goid"] for g in manifest["goroutines"] if g["func"] == "main.tick" and g["spawned"] >= dispatcher.start_ns}
+    return after - {s.attributes["go.goroutine.id"] for s in spans if s.name == "main.tick"}, len(after)
 
 
 APPSERVICE = PROGRAMS / "appservice"  # its own Go module: go.mod pins the newest OpenTelemetry SDK, go.sdk-*.mod older ones
