@@ -187,7 +187,9 @@ def test_span_budget_still_counts_every_goroutine(rotel, receiver, tmp_path):
     assert created["main.fetch"] == 150  # all counted...
     # ...each exported or sampled out, exactly: one final span per goroutine seen.
     seen = int(re.search(r"^goroutines seen: (\d+)$", err, re.M)[1])
-    sampled_out = int(re.search(r"\bspans_sampled_out=(\d+)\b", err)[1])
+    sampled_out = re.search(r"\bspans_sampled_out=(\d+)\b", err)
+    assert sampled_out, f"over budget, yet nothing sampled out:\n{err}"
+    sampled_out = int(sampled_out[1])
     assert len(final) + sampled_out == seen, (len(final), sampled_out, seen)
     outcomes = {p.attributes[0].value.string_value: p.as_int for p in receiver.metric_points("otel_goroutines.spans")}
     assert outcomes["sampled_out"] == sampled_out
