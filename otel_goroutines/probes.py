@@ -223,13 +223,15 @@ class GoroutineProbes:
         if not self._ring:
             self.close()
             raise AgentError("could not open the eBPF ring buffer")
-        self.attached_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # from here on, goroutines are seen
         try:
             for point in self.probe_points:
                 self._bpf.attach_uprobe(name=self.exe_path, addr=point.address, fn_name=point.handler, pid=self.pid)
         except Exception as exc:
             self.close()
             raise AgentError(f"could not attach a uprobe to {self.exe_path} (PID {self.pid}): {exc}") from None
+        # From here on, with every probe in place, goroutines are seen (attaching them one by one
+        # takes tens of milliseconds: a goroutine created meanwhile may have missed them).
+        self.attached_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
     def poll(self, timeout_ms: int) -> KernelBatch:
         """Wait timeout_ms, or less if the ring buffer fills past half or the process ends, then take

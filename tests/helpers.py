@@ -6,6 +6,7 @@ import gzip
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -66,6 +67,18 @@ def site_line(program: str, marker: str) -> int:
         if line.rstrip().endswith(f"// site:{marker}"):
             return number
     raise KeyError(marker)
+
+
+def poll(predicate, timeout: float, every: float = 0.1) -> bool:
+    """Whether PREDICATE() became true within TIMEOUT seconds: for a fact to wait for, with a
+    deadline generous enough for a loaded machine, instead of a sleep that assumes a schedule."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(every)
 
 
 def free_port() -> int:
@@ -142,7 +155,8 @@ def spans_from_otlp_json(path: Path) -> list[Span]:
 class OtlpHttpReceiver:
     """A minimal OTLP/HTTP protobuf trace receiver: what the real collector forwards to.
     With keep_spans=False it only counts them (for the benchmark's hundreds of thousands).
-    trace_requests: (path, headers with lower-case names) of each trace export received."""
+    trace_requests: (path, headers with lower-case names, the test.run.id markers of its spans) of
+    each trace export received."""
 
     def __init__(self, keep_spans: bool = True):
         self.spans: list[Span] = []
@@ -164,8 +178,10 @@ class OtlpHttpReceiver:
                     with lock:
                         receiver.span_count += sum(len(ss.spans) for rs in req.resource_spans for ss in rs.scope_spans)
                         if keep_spans:
-                            receiver.spans += spans_from_request(req)
-                            receiver.trace_requests.append((self.path, {k.lower(): v for k, v in self.headers.items()}))
+                            spans = spans_from_request(req)
+                            receiver.spans += spans
+                            receiver.trace_requests.append((self.path, {k.lower(): v for k, v in self.headers.items()},
+                                                            {s.resource.get("test.run.id") for s in spans} - {None}))
                         receiver.requests += 1
                 elif self.path.endswith("/v1/metrics"):
                     req = ExportMetricsServiceRequest()
@@ -266,6 +282,21 @@ def run_agent(args: list[str], timeout: float = 60.0, env: dict | None = None) -
     return AgentRun(proc.returncode, proc.stdout, proc.stderr)
 
 
+def run_marker(env: dict | None = None) -> tuple[str, dict]:
+    """A marker for one agent run's spans and the environment that sets it (test.run.id, a resource
+    attribute, added to any OTEL_RESOURCE_ATTRIBUTES in ENV). Goroutine ids repeat from one run of
+    a fixture to the next, and a collector may deliver an earlier run's spans after
+    receiver.clear(): a test reads only the spans of_run(spans, marker)."""
+    marker = secrets.token_hex(6)
+    env = dict(env or {})
+    env["OTEL_RESOURCE_ATTRIBUTES"] = ",".join(filter(None, (env.get("OTEL_RESOURCE_ATTRIBUTES"), f"test.run.id={marker}")))
+    return marker, env
+
+
+def of_run(spans: list[Span], marker: str) -> list[Span]:
+    return [s for s in spans if s.resource.get("test.run.id") == marker]
+
+
 def by_goid(spans: list[Span]) -> dict[int, Span]:
     out = {}
     for s in spans:
@@ -273,6 +304,16 @@ def by_goid(spans: list[Span]) -> dict[int, Span]:
         assert goid not in out, f"goroutine {goid} exported twice"
         out[goid] = s
     return out
+
+
+def ticks_untraced_after_attach(manifest: dict, spans: list[Span]) -> tuple[set[int], int]:
+    """The ticker's ticks spawned after the attach that have no span, and how many it spawned then.
+    The attach time is the start of the dispatcher's span (it existed at the attach); a tick
+    spawned before it may have ended before the goroutine list was read, untraced."""
+    (dispatcher,) = [s for s in spans if s.name == "main.dispatcher"]
+    assert dispatcher.attributes["go.goroutine.existed_at_attach"] is True
+    after = {g["goid"] for g in manifest["goroutines"] if g["func"] == "main.tick" and g["spawned"] >= dispatcher.start_ns}
+    return after - {s.attributes["go.goroutine.id"] for s in spans if s.name == "main.tick"}, len(after)
 
 
 APPSERVICE = PROGRAMS / "appservice"  # its own Go module: go.mod pins the newest OpenTelemetry SDK, go.sdk-*.mod older ones

@@ -4,6 +4,7 @@ collector costs at most --flush-timeout at the end."""
 import json
 import os
 import re
+from collections import Counter
 import shutil
 import subprocess
 import time
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from fake_collectors import GrpcHangingCollector, Http503Collector, SilentCollector
-from helpers import AGENT, build_program, by_goid, free_port, go_release, run_agent
+from helpers import AGENT, build_program, by_goid, free_port, go_release, run_agent, spans_from_otlp_json
 
 pytestmark = pytest.mark.ebpf
 
@@ -60,12 +61,20 @@ def test_not_root(programs):
     _one_line_error(run, "needs root")
 
 
-def test_program_that_exits_at_once(programs, tmp_path):
+def test_program_that_panics_at_its_end(programs, tmp_path):
     out = tmp_path / "spans.jsonl"
-    run = run_agent(["run", "-q", "-o", str(out), "--", str(programs["tree"])])  # no manifest argument: it panics at once
-    assert run.returncode == 2
+    run = run_agent(["run", "-q", "-o", str(out), "--", str(programs["tree"])])  # no manifest argument: it panics writing it
+    assert run.returncode == 2 and "index out of range" in run.stderr
     assert "Traceback" not in run.stderr
-    assert out.exists()
+    # The file holds the whole tree, one span per goroutine seen, and says so.
+    spans = by_goid(spans_from_otlp_json(out))
+    seen = int(re.search(r"^goroutines seen: (\d+)$", run.stderr, re.M)[1])
+    assert re.search(rf"^(\d+) spans written to {re.escape(str(out))}$", run.stderr, re.M)[1] == str(seen) == str(len(spans))
+    names = Counter(s.name for s in spans.values())
+    assert {k: names[k] for k in ("main.worker", "main.leaf", "main.selector", "main.locker", "main.stuck", "runtime.main")} == \
+        {"main.worker": 3, "main.leaf": 6, "main.selector": 1, "main.locker": 1, "main.stuck": 2, "runtime.main": 1}
+    main = next(s for s in spans.values() if s.name == "runtime.main")
+    assert main.attributes["go.goroutine.end_reason"] == "process_exited" and main.parent_span_id == ""
 
 
 def test_collector_down_keeps_tracing_and_counts_the_loss(programs, tmp_path):

@@ -18,7 +18,7 @@ import re
 
 import pytest
 
-from helpers import by_goid, free_port, run_agent, site_line, spans_from_otlp_json
+from helpers import by_goid, free_port, of_run, run_agent, run_marker, site_line, spans_from_otlp_json
 
 pytestmark = pytest.mark.ebpf
 
@@ -47,9 +47,9 @@ def _assert_tree(manifest, spans):
         assert span.parent_span_id == spans[g["parent"]].span_id
         assert span.attributes["code.line.number"] == site_line("tree", g["site"])
         assert g["spawned"] <= span.start_ns <= g["started"], g
-        if g["joined"]:
-            assert g["ended"] <= span.end_ns <= g["joined"], g
         alive = g["func"] == "main.stuck"
+        if not alive:  # joined: once the program saw them all finish exiting
+            assert g["joined"] and g["ended"] <= span.end_ns <= g["joined"], g
         assert span.attributes["go.goroutine.end_reason"] == ("process_exited" if alive else "exited")
 
 
@@ -120,13 +120,15 @@ def test_standard_otlp_variables_reach_the_receiver(programs, receiver, tmp_path
     }
     if base_endpoint:  # the signal-specific variable wins over the base one (nothing listens there)
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{free_port()}"
+    marker, env = run_marker(env)
     run, manifest = _run_tree(programs, tmp_path, "--metrics-interval", "0", env=env)
     want = {g["goid"] for g in manifest["goroutines"]} | {manifest["main_goid"]}
-    spans = by_goid(receiver.wait_for(lambda got: want <= {s.attributes["go.goroutine.id"] for s in got}))
+    spans = by_goid(of_run(receiver.wait_for(lambda got: want <= {s.attributes["go.goroutine.id"] for s in of_run(got, marker)}), marker))
     assert want <= set(spans), run.stderr
     assert "nothing dropped" in run.stderr
-    assert receiver.trace_requests
-    for path, headers in receiver.trace_requests:
+    requests = [(path, headers) for path, headers, runs in receiver.trace_requests if marker in runs]
+    assert requests
+    for path, headers in requests:
         assert path == "/tenant-a/v1/traces"
         assert headers["x-tenant"] == "acme" and headers["authorization"] == "Bearer t0k3n"
     for span in spans.values():

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from helpers import by_goid, run_agent, site_line
+from helpers import by_goid, of_run, run_agent, run_marker, site_line
 
 pytestmark = pytest.mark.ebpf
 
@@ -12,12 +12,12 @@ pytestmark = pytest.mark.ebpf
 def _trace_tree(programs, rotel, receiver, tmp_path, protocol, exit_code=0):
     receiver.clear()
     manifest_path = tmp_path / "manifest.json"
+    marker, env = run_marker()  # the goroutine ids are the same in every run of the tree
     run = run_agent(["run", "--endpoint", rotel.endpoint(protocol), "--protocol", protocol, "--quiet", "--",
-                     str(programs["tree"]), str(manifest_path), str(exit_code)])
+                     str(programs["tree"]), str(manifest_path), str(exit_code)], env=env)
     manifest = json.loads(manifest_path.read_text())
-    expected = {g["goid"] for g in manifest["goroutines"]}
-    spans = receiver.wait_for(lambda got: expected <= {s.attributes["go.goroutine.id"] for s in got}
-                              and 1 in {s.attributes["go.goroutine.id"] for s in got})
+    expected = {g["goid"] for g in manifest["goroutines"]} | {manifest["main_goid"]}
+    spans = of_run(receiver.wait_for(lambda got: expected <= {s.attributes["go.goroutine.id"] for s in of_run(got, marker)}), marker)
     return run, manifest, spans
 
 
@@ -51,9 +51,12 @@ def test_lifetimes_within_what_the_program_measured(traced_tree):
     for g in manifest["goroutines"]:
         span = spans_by_goid[g["goid"]]
         assert g["spawned"] <= span.start_ns <= g["started"], g
-        if g["joined"]:
-            assert g["ended"] <= span.end_ns <= g["joined"], g
-            assert span.attributes["go.goroutine.end_reason"] == "exited"
+        if g["func"] == "main.stuck":
+            continue
+        # Joined: once the program saw every goroutine but the stuck ones finish exiting.
+        assert g["joined"], f"the program did not see {g['func']} finish exiting"
+        assert g["ended"] <= span.end_ns <= g["joined"], g
+        assert span.attributes["go.goroutine.end_reason"] == "exited"
 
 
 def test_waits_carry_the_runtime_wait_reason(traced_tree):
@@ -104,26 +107,44 @@ def test_resource_describes_the_target(traced_tree, programs):
     assert resource["process.runtime.name"] == "go"
     assert resource["process.runtime.version"].startswith("go1.")
     assert resource["process.executable.path"] == str(programs["tree"])
-    assert isinstance(resource["process.pid"], int)
+    assert len({s.resource["process.pid"] for s in spans}) == 1
+
+
+def test_process_pid_is_the_targets(programs, rotel, receiver, tmp_path):
+    """process.pid is the PID the target itself reported (the ticker writes os.Getpid())."""
+    receiver.clear()
+    manifest_path = tmp_path / "ticker.json"
+    marker, env = run_marker()
+    run = run_agent(["run", "--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc", "-q", "--",
+                     str(programs["ticker"]), str(manifest_path), "300ms"], env=env)
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads(manifest_path.read_text())
+    ticks = {g["goid"] for g in manifest["goroutines"]}
+    assert ticks
+    spans = of_run(receiver.wait_for(lambda got: ticks <= {s.attributes["go.goroutine.id"] for s in of_run(got, marker)}), marker)
+    assert ticks <= {s.attributes["go.goroutine.id"] for s in spans}
+    assert {s.resource["process.pid"] for s in spans} == {manifest["pid"]}
 
 
 def test_exit_status_follows_the_program(programs, rotel, receiver, tmp_path):
     run, manifest, spans = _trace_tree(programs, rotel, receiver, tmp_path, "grpc", exit_code=3)
     assert run.returncode == 3
+    assert manifest["exit_code"] == 3
     assert {g["goid"] for g in manifest["goroutines"]} <= set(by_goid(spans))
 
 
 def test_panicking_target_still_has_its_spans(programs, rotel, receiver, tmp_path):
     receiver.clear()
     manifest_path = tmp_path / "manifest.json"
+    marker, env = run_marker()
     run = run_agent(["run", "--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc", "-q", "--",
-                     str(programs["panicker"]), str(manifest_path)])
+                     str(programs["panicker"]), str(manifest_path)], env=env)
     assert run.returncode == 2  # Go's exit status for an unrecovered panic
     assert "fixture panic" in run.stderr
     manifest = json.loads(manifest_path.read_text())
     want = {g["goid"] for g in manifest["goroutines"]}
-    spans = by_goid(receiver.wait_for(lambda got: want <= {s.attributes["go.goroutine.id"] for s in got}
-                                      and any(s.name == "main.doomed" for s in got)))
+    spans = by_goid(of_run(receiver.wait_for(lambda got: want <= {s.attributes["go.goroutine.id"] for s in of_run(got, marker)}
+                                             and any(s.name == "main.doomed" for s in of_run(got, marker))), marker))
     for goid in want:
         assert spans[goid].attributes["go.goroutine.end_reason"] == "process_exited"
     doomed = next(s for s in spans.values() if s.name == "main.doomed")

@@ -25,7 +25,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from helpers import AGENT, ROOT, spans_from_otlp_json
+from helpers import AGENT, ROOT, poll, spans_from_otlp_json
 from otel_peers import COLLECTOR_CONFIGS, build_compose_check
 
 DOCKER = ROOT / "docker"
@@ -234,15 +234,6 @@ def _agent_with_caps(caps: set[str], name: str, out: Path, tracefs_read_only: bo
     return subprocess.Popen(argv, stdout=open(out / "agent.log", "w"), stderr=subprocess.STDOUT)
 
 
-def _wait(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.1)
-    return False
-
-
 @pytest.mark.ebpf
 @pytest.mark.parametrize("caps, tracefs_read_only", [
     (CAPS, False),                                      # what compose.yaml and sidecar.yaml grant
@@ -255,9 +246,10 @@ def test_the_granted_capabilities_are_enough(service_of_another_user, tmp_path, 
     agent = _agent_with_caps(caps, name, tmp_path, tracefs_read_only)
     log = lambda: (tmp_path / "agent.log").read_text()
     try:
-        assert _wait(lambda: f"tracing PID {service.pid}" in log() or agent.poll() is not None, 30), log()
+        assert poll(lambda: f"tracing PID {service.pid}" in log() or agent.poll() is not None, 30), log()
         assert f"tracing PID {service.pid}" in log(), log()
-        time.sleep(1.0)
+        spans_file = tmp_path / f"spans.{service.pid}.jsonl"  # watch writes a file per process
+        assert poll(lambda: spans_file.exists() and spans_file.read_text().count('"name":"main.tick"') >= 30, 60), log()
         health = subprocess.run(AGENT + ["health", "--file", str(tmp_path / "health.json"), "--require-target"],
                                 capture_output=True, text=True)
         assert health.returncode == 0, health.stderr
@@ -268,7 +260,7 @@ def test_the_granted_capabilities_are_enough(service_of_another_user, tmp_path, 
             agent.kill()
     text = log()
     assert "Traceback" not in text and "WARNING" not in text, text  # nothing degraded
-    spans = spans_from_otlp_json(tmp_path / f"spans.{service.pid}.jsonl")  # watch writes a file per process
+    spans = spans_from_otlp_json(spans_file)
     assert {s.resource["process.pid"] for s in spans} == {service.pid}
     ticks = [s for s in spans if s.name == "main.tick"]
     assert len(ticks) >= 30
@@ -290,7 +282,7 @@ def test_each_capability_is_needed(service_of_another_user, tmp_path, missing, s
     agent = _agent_with_caps(CAPS - {missing}, name, tmp_path, tracefs_read_only=missing == "writable tracefs")
     log = lambda: (tmp_path / "agent.log").read_text()
     try:
-        assert _wait(lambda: symptom in log() or agent.poll() is not None, 30), log()
+        assert poll(lambda: symptom in log() or agent.poll() is not None, 30), log()
         assert symptom in log(), log()
     finally:
         if agent.poll() is None:

@@ -14,8 +14,8 @@ import (
 
 func tock() { time.Sleep(time.Millisecond) }
 
-func tick(n int64) {
-	m.Add(&m.Goroutine{Goid: m.Goid(), Func: "main.tick", Started: m.Now()})
+func tick(n int64, spawned int64) {
+	m.Add(&m.Goroutine{Goid: m.Goid(), Func: "main.tick", Spawned: spawned, Started: m.Now()})
 	time.Sleep(5 * time.Millisecond)
 	go tock() // site:tock
 }
@@ -32,7 +32,7 @@ func dispatcher(stop chan struct{}, counted *int64) {
 			return
 		case <-t.C:
 			n++
-			go tick(n) // site:tick
+			go tick(n, m.Now()) // site:tick
 		}
 	}
 }
