@@ -23,7 +23,7 @@ from .errors import AgentError
 from .exporters import ConsoleSink, FileSink, OtlpSink, SpanSink, open_output
 from .fastspans import BatchSpanEncoder
 from .flow import END_REASONS, FlowCounts, SpanFlow
-from .kernel_records import GSTATE_DTYPE, GstateFlag
+from .kernel_records import GstateFlag
 from .longlived import LongLived, LongLivedSettings
 from .metrics import GoroutineMetrics, MetricsData, MetricsSender
 from .pipeline import ExportPipeline
@@ -273,24 +273,23 @@ class Session:
             return
         (log.warning if self.profile_rate.rate == 0 else log.info)("--allocs sampled: %s", self.profile_rate.note)
 
-    def _metrics_snapshot(self, now_ns: int, stats, final: bool = False) -> MetricsData:
-        """final: every goroutine left in the kernel map has already been counted as ended."""
+    def _metrics_snapshot(self, now_ns: int, stats) -> MetricsData:
         counters = self.probes.counters()
         self.metrics.existing_at_attach = self.existing_at_attach
         return self.metrics.collect(
             now_ns + self.clock_offset_ns,
-            self._start_function_counts(now_ns, include_live=not final),
+            self._start_function_counts(now_ns),
             self.probes.schedule_latency_histogram(),
             self.long_lived.leaks_flagged,
             {"exported": stats.exported, "sampled_out": self.budget.sampled_out, "dropped": stats.dropped,
              "untracked_map_full": counters["goroutines_untracked_map_full"], "app_unsampled": self._counts().app_unsampled})
 
-    def _start_function_counts(self, now_ns: int, include_live: bool = True) -> dict[int, tuple[int, int]]:
+    def _start_function_counts(self, now_ns: int) -> dict[int, tuple[int, int]]:
         """start pc -> (created since tracing began, exited): what ended, plus what lives in the kernel map now."""
         counts = self._counts()
         created = dict(counts.created_by_start_pc)
-        live = self.probes.snapshot(now_ns)["st"] if include_live else np.zeros(0, GSTATE_DTYPE)
-        new = live[live["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH == 0]
+        live = self.probes.snapshot(now_ns)["st"]  # alive at the end too: the flow counts only those that exited
+        new = live[(live["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH) == 0]
         pcs, n = np.unique(new["start_pc"], return_counts=True)
         for pc, count in zip(pcs.tolist(), n.tolist()):
             created[pc] = created.get(pc, 0) + count
@@ -395,7 +394,7 @@ class Session:
             reasons = np.where(alive, END_REASONS.index(self._stop_reason), END_REASONS.index(EndReason.EXITED))
             pipeline.submit(self._span_flow(pipeline.sink).ended(left, reasons))
         counters = self.probes.counters()
-        return _End(self._metrics_snapshot(end_ns, pipeline.stats, final=True) if self.metrics is not None else None,
+        return _End(self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None,
                     counters, self.probes.allocs_elsewhere(), self.probes.app_counters())
 
     def _report(self, stats, end: "_End") -> None:

@@ -140,7 +140,7 @@ class SpanFlow:
         st = ends["st"]
         adopt = (st["trace_reason"] == KernelTraceReason.TR_UNTRACED_PARENT) & \
             np.isin(st["parent_goid"], np.fromiter(self.imported, np.uint64)) & \
-            (st["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH == 0)
+            ((st["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH) == 0)
         if not adopt.any():
             return ends
         ends = ends.copy()
@@ -170,7 +170,7 @@ class SpanFlow:
         self.summary.add_batch(names, inverse, lifetimes, alive)
         if self.metrics is not None:
             self.metrics.observe_ends(names, inverse, lifetimes)
-        new = st["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH == 0
+        new = (st["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH) == 0
         _add_counts(self.counts.exited_by_start_pc, pcs, np.bincount(inverse, weights=~alive, minlength=len(pcs)))
         # (Goroutines still alive are created too: the caller counts those in the kernel map.)
         _add_counts(self.counts.created_by_start_pc, pcs, np.bincount(inverse, weights=new & ~alive, minlength=len(pcs)))

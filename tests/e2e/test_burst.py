@@ -1,12 +1,18 @@
 """A burst far larger than the kernel ring buffer, through the real consumption path (libbpf into
 the C record sink, numpy batches, the batch span encoder, OTLP to a real receiver): every
-goroutine the kernel counted as created is exported or counted as lost, exactly."""
+goroutine the kernel counted as created is exported or counted as lost, exactly. The agent is
+stopped (SIGSTOP) while the burst runs, so the ring buffer overflows however fast the agent is."""
 
+import os
 import re
+import signal
+import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
-from helpers import OtlpHttpReceiver, build_program, run_agent
+from helpers import AGENT, OtlpHttpReceiver, build_program
 
 pytestmark = pytest.mark.ebpf
 
@@ -28,19 +34,45 @@ def test_burst_larger_than_the_ring_buffer_is_all_accounted_for(detail):
     program = build_program("allocchurn")
     receiver = OtlpHttpReceiver(keep_spans=False)
     try:
-        run = run_agent(["run", "-q", "--detail", detail, "--ring-buffer-mib", "1", "--exporter", "otlp",
-                         "--protocol", "http/protobuf", "--endpoint", f"http://127.0.0.1:{receiver.port}",
-                         "--metrics-interval", "0", "--flush-timeout", "120", "--",
-                         str(program), "-n", str(BURST), "-batch", str(BURST), "-allocs", "1", "-warmup", "0"],
-                        timeout=300)
+        summary = _burst_with_the_agent_stopped(program, detail, receiver.port)
     finally:
         receiver.close()
-    assert run.returncode == 0, run.stderr
-    f = _figures(run.stderr)
+    f = _figures(summary)
     # The burst overflowed the ring buffer: ends waited in the kernel map (late, not lost).
-    assert f.get("ends_deferred_ringbuf", 0) > 0, run.stderr
+    assert f.get("ends_deferred_ringbuf", 0) > 0, summary
     assert f["created"] >= BURST
     # Every goroutine created is a span received, or a counted loss.
-    assert f["seen"] == f["created"] - f.get("goroutines_untracked_map_full", 0), run.stderr
-    assert receiver.span_count == f["seen"] - f.get("spans_not_exported", 0) - f.get("spans_sampled_out", 0), run.stderr
+    assert f["seen"] == f["created"] - f.get("goroutines_untracked_map_full", 0), summary
+    assert receiver.span_count == f["seen"] - f.get("spans_not_exported", 0) - f.get("spans_sampled_out", 0), summary
     assert f.get("records_malformed", 0) == f.get("records_dropped_no_memory", 0) == 0
+
+
+def _burst_with_the_agent_stopped(program: Path, detail: str, port: int) -> str:
+    agent = subprocess.Popen([*AGENT, "-v", "run", "-q", "--detail", detail, "--ring-buffer-mib", "1", "--exporter", "otlp",
+                              "--protocol", "http/protobuf", "--endpoint", f"http://127.0.0.1:{port}",
+                              "--metrics-interval", "0", "--flush-timeout", "120", "--",
+                              str(program), "-n", str(BURST), "-batch", str(BURST), "-allocs", "1", "-warmup", "0",
+                              "-settle", "2s"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines = []
+    for line in agent.stderr:  # the probes are in place, the program starts its 2 s pause
+        lines.append(line)
+        if "attached" in line:
+            break
+    program_pid = int(Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()[0])
+    agent.send_signal(signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 120
+        while _state(program_pid) not in ("Z", None) and time.monotonic() < deadline:  # the burst runs, then it exits
+            time.sleep(0.1)
+    finally:
+        agent.send_signal(signal.SIGCONT)
+    lines += agent.stderr.readlines()
+    assert agent.wait(timeout=300) == 0, "".join(lines)
+    return "".join(lines)
+
+
+def _state(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return None

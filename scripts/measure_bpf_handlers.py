@@ -1,0 +1,90 @@
+#!/usr/bin/env python3
+"""What each BPF handler costs per run, from the kernel's own accounting (kernel.bpf_stats_enabled:
+run count and run time per program, read from /proc/self/fdinfo of each program).
+
+    .venv/bin/python scripts/measure_bpf_handlers.py [--n 100000] [--rounds 3]
+
+Runs bench/go/churn (built by `make bench`) pinned to CPU 0 with GOMAXPROCS=1, the probes of
+each detail level attached from this process pinned to CPU 1, and prints ns per run and per
+goroutine for each handler. Turns bpf_stats on for the measurement (it adds ~20 ns a run) and
+back off after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from otel_goroutines import goruntime  # noqa: E402
+from otel_goroutines.binary.gobinary import GoBinary  # noqa: E402
+from otel_goroutines.probes import GoroutineProbes, ProbeSettings  # noqa: E402
+
+STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def churn_binary() -> Path:
+    found = sorted((ROOT / ".cache" / "bench").glob("*/churn"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        sys.exit("no bench/go/churn build in .cache/bench: run `make bench` (or bench/run.py --smoke) first")
+    return found[-1]
+
+
+def run_stats(prog_fd: int) -> tuple[int, int]:
+    info = dict(line.split(":\t", 1) for line in Path(f"/proc/self/fdinfo/{prog_fd}").read_text().splitlines() if ":\t" in line)
+    return int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0))
+
+
+def measure(exe: Path, states: bool, n: int) -> dict[str, tuple[float, float]]:
+    """handler -> (ns per run, ns per goroutine) for one churn of n goroutines (plus its warm-up)."""
+    target = subprocess.Popen(["taskset", "-c", "0", str(exe), "-n", str(n), "-hold"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, env=dict(os.environ, GOMAXPROCS="1"))
+    probes = GoroutineProbes(goruntime.support_for(GoBinary(str(exe))), str(exe), target.pid, ProbeSettings(states=states))
+    probes.attach()
+    try:
+        target.stdin.write(b"\n")
+        target.stdin.flush()
+        while target.poll() is None:
+            probes.poll(50)
+        probes.drain()
+        goroutines = probes.counters()["goroutines_created"]
+        out = {}
+        for name, fn in probes._bpf.funcs.items():
+            runs, ns = run_stats(fn.fd)
+            if runs and name.decode().startswith("on_"):
+                out[name.decode()] = (ns / runs, ns / goroutines)
+        return out
+    finally:
+        probes.close()
+        target.wait()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    exe = churn_binary()
+    os.sched_setaffinity(0, {1})
+    before = STATS.read_text().strip()
+    STATS.write_text("1")
+    try:
+        for detail in ("lifecycle", "states"):
+            rounds = [measure(exe, detail == "states", args.n) for _ in range(args.rounds)]
+            for handler in rounds[0]:
+                per_run = statistics.median(r[handler][0] for r in rounds)
+                per_goroutine = statistics.median(r[handler][1] for r in rounds)
+                print(f"{detail:9s} {handler:24s} {per_run:6.0f} ns a run  {per_goroutine:6.0f} ns a goroutine")
+    finally:
+        STATS.write_text(before)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
