@@ -101,7 +101,6 @@ def test_attach_until_the_target_exits(programs, rotel, receiver, tmp_path):
     assert agent.returncode == 0, err
     manifest = json.loads(manifest_path.read_text())
     spans = [s for s in receiver.wait_for(lambda got: False, timeout=1.0) if s.resource["process.pid"] == ticker.pid]
-    ticks = sorted((s for s in spans if s.name == "main.tick"), key=lambda s: s.start_ns)
     # Every tick the program spawned after the attach has its span (the program's own list).
     missed, spawned = ticks_untraced_after_attach(manifest, spans)
     assert spawned >= 49 and not missed, (missed, err)

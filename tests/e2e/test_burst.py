@@ -3,7 +3,6 @@ the C record sink, numpy batches, the batch span encoder, OTLP to a real receive
 goroutine the kernel counted as created is exported or counted as lost, exactly. The agent is
 stopped (SIGSTOP) while the burst runs, so the ring buffer overflows however fast the agent is."""
 
-import os
 import re
 import signal
 import subprocess

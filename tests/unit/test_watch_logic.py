@@ -1,6 +1,5 @@
 """watch's process discovery and health file, without probes."""
 
-import json
 import os
 import subprocess
 import time
