@@ -33,6 +33,11 @@ from enum import Enum
 
 COUNT_SHIFT = 16
 COUNT_UNIT = 1 << COUNT_SHIFT  # fixed-point unit of the kernel's allocation counts
+
+
+def whole_allocations(count):
+    """The kernel's allocation counts (in 1/COUNT_UNIT; an int or a numpy array) rounded to whole ones."""
+    return (count + COUNT_UNIT // 2) >> COUNT_SHIFT
 WEIGHT_STEPS = 64          # table entries per unit of x = s/r
 WEIGHT_X_MAX = 16          # from x = 16 on, 1/p = 1 to 1e-7: the sample counts as itself
 WEIGHT_ENTRIES = WEIGHT_STEPS * WEIGHT_X_MAX

@@ -43,7 +43,7 @@ def record_of(row: np.void, end_reason: EndReason, changes: list[StateChange], l
         trace_reason=TraceReason(int(st["trace_reason"])),
         existed_at_attach=bool(st["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH), status=int(st["status"]),
         wait_reason=int(st["waitreason"]), since_ns=int(st["last_ns"]), alloc_bytes=int(st["alloc_bytes"]),
-        alloc_count=(int(st["alloc_count"]) + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT,
+        alloc_count=allocs.whole_allocations(int(st["alloc_count"])),
         alloc_samples=int(st["alloc_samples"]), app_trace_id=int.from_bytes(st["app_trace_id"].tobytes(), "big"),
         app_span_id=int.from_bytes(st["app_span_id"].tobytes(), "big"), app_flags=int(st["app_flags"]),
         labels=labels, changes=changes)
@@ -175,7 +175,7 @@ class SpanFlow:
         # (Goroutines still alive are created too: the caller counts those in the kernel map.)
         _add_counts(self.counts.created_by_start_pc, pcs, np.bincount(inverse, weights=new & ~alive, minlength=len(pcs)))
         t = self.counts.alloc_totals
-        count = int(((st["alloc_count"] + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT).sum())
+        count = int(allocs.whole_allocations(st["alloc_count"]).sum())
         self.counts.alloc_totals = allocs.AllocTotals(t.bytes + int(st["alloc_bytes"].sum()), t.count + count,
                                                       t.samples + int(st["alloc_samples"].sum()))
         self.counts.ended += len(ends)
@@ -184,7 +184,7 @@ class SpanFlow:
         st = ends["st"]
         cols = {name: st[name] for name in st.dtype.names}
         cols["tgid"], cols["goid"] = ends["tgid"], ends["goid"]
-        cols["alloc_count"] = (st["alloc_count"] + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT
+        cols["alloc_count"] = allocs.whole_allocations(st["alloc_count"])
         return self._batch_encoder.encode(cols, reasons, Changes(offsets, changes["ts"], changes["from"], changes["to"],
                                                                  changes["waitreason"]))
 

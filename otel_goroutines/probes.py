@@ -330,7 +330,7 @@ class GoroutineProbes:
         for i in range(len(allocs.ELSEWHERE)):
             per_cpu = table[ct.c_int(i)]
             out.append(allocs.AllocTotals(sum(t.bytes for t in per_cpu),
-                                          (sum(t.count for t in per_cpu) + allocs.COUNT_UNIT // 2) >> allocs.COUNT_SHIFT,
+                                          allocs.whole_allocations(sum(t.count for t in per_cpu)),
                                           sum(t.samples for t in per_cpu)))
         return out
 
