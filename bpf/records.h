@@ -12,6 +12,7 @@
 #define MAX_LABELS 8      // runtime/pprof labels sent per goroutine
 #define LABEL_KEY_MAX 32
 #define LABEL_VALUE_MAX 64
+#define SCHED_BUCKETS 40  // log2(ns) buckets of the time runnable before running (go.schedule.duration)
 
 // Ring-buffer record kinds: the first u32 of every record.
 enum event_kind {
@@ -64,6 +65,48 @@ enum app_counter {
     AC_LABELS_SENT = 6,         // ended goroutines whose pprof labels were sent
     AC_LABELS_LOST = 7,         // ...not sent: the ring buffer was full
     N_APP_COUNTERS = 8,
+};
+
+// proc_config.flags: what a traced process's binary has, and how its probes read it.
+enum proc_flag {
+    CFG_STATES_COVER_LIFECYCLE = 1,  // the casgstatus probe also sees creations and exits (Go 1.24+)
+    CFG_PARENT_GOID = 2,             // g.parentGoid exists (Go 1.21+); else the creator is g0.m.curg
+    CFG_APP_SPANS = 4,               // the application's OpenTelemetry SDK spans are followed
+    CFG_LABELS_MAP = 8,              // g.labels points to a map[string]string (Go <= 1.23)
+    CFG_LABELS_SLICE = 16,           // ...to a struct { []struct{key, value string} } (Go 1.24+)
+    CFG_MEMPROFILERATE = 32,         // memprofilerate_addr is known
+};
+
+#define G_WINDOW 256  // the most bytes of a g read at once (a power of two); goruntime.py checks the offsets fit
+
+// What the probes need to know about one traced process (its binary's layouts), in the
+// `proc_configs` map keyed by tgid: one compiled program serves every process. Offsets named
+// g_* are relative to g_start, where the one read of a g begins; off_* are absolute.
+struct proc_config {
+    u64 probe_ip;                 // written by the kernel: where the creation probe was first hit (a PIE's load bias)
+    u64 memprofilerate_addr;      // link-time address of runtime.MemProfileRate (CFG_MEMPROFILERATE)
+    u64 profilealloc_probe_addr;  // link-time address of the profilealloc probe: the two give the load bias
+    u64 specialized_malloc_max;   // mallocgc leaves sizes 1..this to the size-specialized entries
+    u32 slot;                     // this process's rows in the per-process counter arrays
+    u32 flags;                    // enum proc_flag
+    u32 g_start;                  // offset in g of the window read
+    u32 g_lo_size;                // bytes read for a state change: status, goid, waitreason
+    u32 g_all_size;               // bytes read for a creation: up to gopc, startpc, parentGoid
+    u32 g_goid;
+    u32 g_status;
+    u32 g_waitreason;
+    u32 g_gopc;
+    u32 g_startpc;
+    u32 g_parentgoid;
+    u32 off_g_goid;
+    u32 off_g_m;
+    u32 off_m_curg;
+    u32 off_g_labels;
+    u32 off_rspan_sc;             // application spans (otel_goroutines/gosdk.py)
+    u32 off_nrspan_sc;
+    u32 off_sc_traceid;
+    u32 off_sc_spanid;
+    u32 off_sc_flags;
 };
 
 struct gkey {

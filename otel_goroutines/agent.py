@@ -16,6 +16,7 @@ import numpy as np
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 
 from . import __version__, allocs, goruntime, gosdk, target_memory
+from .analysis import AnalysisCache, analyse
 from .binary.gobinary import GoBinary
 from .binary.symbolize import Symbolizer
 from .deadline import Deadline
@@ -27,7 +28,7 @@ from .kernel_records import GstateFlag
 from .longlived import LongLived, LongLivedSettings
 from .metrics import GoroutineMetrics, MetricsData, MetricsSender
 from .pipeline import ExportPipeline
-from .probes import GoroutineProbes, KernelBatch, ProbeSettings
+from .probes import BpfProgram, GoroutineProbes, KernelBatch, ProbeSettings
 from .records import EndReason, take
 from .sampling import SpanBudget
 from .spans import SpanBuilder
@@ -120,18 +121,19 @@ class Session:
     """The life of one traced process: attach, poll the kernel, stop. What the kernel sends goes
     through a SpanFlow (flow.py, pure) to the export pipeline."""
 
-    def __init__(self, target: Target, options: AgentOptions):
+    def __init__(self, target: Target, options: AgentOptions, program: BpfProgram | None = None,
+                 analyses: AnalysisCache | None = None):
         self.target = target
         self.options = options
-        self.binary = GoBinary(target.exe_path)
-        goruntime.require_traceable(self.binary)
-        self.support = goruntime.support_for(self.binary)
+        analysis = analyses.get(target.exe_path) if analyses is not None else analyse(target.exe_path)
+        self.binary = analysis.binary
+        self.support = analysis.support
         if options.probes.allocs is not allocs.AllocMode.OFF and self.support.allocs is None:
             log.warning("no heap-allocation probe points in %s: --allocs %s is off", target.exe_path, options.probes.allocs.value)
             options.probes = dataclasses.replace(options.probes, allocs=allocs.AllocMode.OFF)
         self.summary = Summary()
-        self.sdk = gosdk.sdk_status(self.binary)  # the application's OpenTelemetry SDK, if any
-        self.probes = GoroutineProbes(self.support, target.exe_path, target.pid, options.probes, self.sdk.support)
+        self.sdk = analysis.sdk  # the application's OpenTelemetry SDK, if any
+        self.probes = GoroutineProbes(self.support, target.exe_path, target.pid, options.probes, self.sdk.support, program)
         self.long_lived = LongLived(options.long_lived)
         self.budget = SpanBudget(options.spans_per_second)
         self.salt = int.from_bytes(secrets.token_bytes(8), "big")
@@ -345,9 +347,12 @@ class Session:
         return self.target.exit_status()
 
     def _attach(self) -> None:
+        compiled = self.probes.program.loaded
+        started = time.monotonic()
         self.probes.attach()
-        log.info("attached %d probes to PID %d (%s, offsets from %s)", len(self.probes.probe_points),
-                 self.target.pid, self.binary.go_version, self.support.offsets_source)
+        log.info("attached %d probes to PID %d in %.1f ms%s (%s, offsets from %s)", len(self.probes.probe_points), self.target.pid,
+                 (time.monotonic() - started) * 1e3, "" if compiled else ", the eBPF program compiled first",
+                 self.binary.go_version, self.support.offsets_source)
         log.info("application spans: %s", self.sdk.reason if self.options.probes.app_traces else "not followed (--app-traces off)")
         if isinstance(self.target, AttachedTarget):
             self._import_existing(self.probes.attached_ns)

@@ -29,7 +29,7 @@ STATE_NAMES = {
 }
 N_STATES = 12
 
-# Struct members the probes read; the BPF program gets each as -D OFF_<STRUCT>_<FIELD>.
+# Struct members the probes read; the BPF program gets them in its per-process config (probes.process_config).
 FIELDS = {
     "runtime.g": ("goid", "parentGoid", "gopc", "startpc", "waitreason", "atomicstatus", "m"),
     "runtime.m": ("curg",),
@@ -114,9 +114,6 @@ class RuntimeSupport:
     # The casgstatus probe can also see creations and exits (the goid is set before the new g turns
     # runnable from Go 1.24): with state events on, no lifecycle probes are needed.
     states_cover_lifecycle: bool = False
-
-    def bpf_defines(self) -> list[str]:
-        return [f"-DOFF_{name.upper()}={value}" for name, value in sorted(self.offsets.items())]
 
     def wait_reason(self, index: int) -> str:
         return self.wait_reasons[index] if 0 <= index < len(self.wait_reasons) and self.wait_reasons[index] else f"waitreason({index})"
@@ -290,15 +287,6 @@ class AllocSupport:
     profiling_disabled: int | None   # of runtime.disableMemoryProfiling, the linker's "nothing reads heap profiles"
     addresses_from: str
 
-    def bpf_defines(self, sampled: bool) -> list[str]:
-        if not sampled:
-            return ["-DALLOCS_EXACT", f"-DSPECIALIZED_MALLOC_MAX={self.specialized_max}"]
-        defines = ["-DALLOCS_SAMPLED"]
-        if self.mem_profile_rate is not None:
-            probe = next(p for p in self.sampled_probes if p.handler == "on_profilealloc")
-            defines += [f"-DMEMPROFILERATE_ADDR={self.mem_profile_rate:#x}ULL", f"-DPROFILEALLOC_PROBE_ADDR={probe.address:#x}ULL"]
-        return defines
-
 
 def _cheap_probe(binary: GoBinary, name: str, handler: str, keep: tuple[str, ...]) -> ProbePoint:
     """After the stack check, on the first instruction that costs one trap while the registers in
@@ -375,9 +363,6 @@ class LabelSupport:
     offset: int       # of g.labels
     layout: str       # "map" (Go <= 1.23) or "slice" (Go 1.24+)
     source: str       # where the offset comes from
-
-    def bpf_defines(self) -> list[str]:
-        return [f"-DOFF_G_LABELS={self.offset}", "-DLABELS_MAP" if self.layout == "map" else "-DLABELS_SLICE"]
 
 
 def _label_support(binary: GoBinary, version: GoVersion) -> LabelSupport | None:

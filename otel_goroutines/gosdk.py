@@ -26,7 +26,7 @@ START = f"{_PKG}.(*tracer).Start"
 RECORDING_END = f"{_PKG}.(*recordingSpan).End"
 NON_RECORDING_END = f"{_PKG}.(*nonRecordingSpan).End"  # the pointer wrapper an interface call reaches
 
-# Struct members the probes read, and the -D name each gets in bpf/goroutines.bpf.c.
+# Struct members the probes read, and the name each has in the per-process config (struct proc_config, bpf/records.h).
 # Start's span is either a *recordingSpan (sampled, or recorded only) or a boxed nonRecordingSpan (dropped by
 # the sampler): both hold a trace.SpanContext, at different offsets.
 STRUCTS = {
@@ -57,9 +57,6 @@ class SdkSupport:
     offsets: dict[str, int]           # "OFF_RSPAN_SC" -> 192, ...
     offsets_source: str               # "DWARF" or "generated table for v1.47.0"
     probes: tuple[ProbePoint, ...]
-
-    def bpf_defines(self) -> list[str]:
-        return ["-DAPP_SPANS"] + GO_ABI_DEFINES + [f"-D{name}={value}" for name, value in sorted(self.offsets.items())]
 
 
 @dataclass(frozen=True)

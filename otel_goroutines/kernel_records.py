@@ -8,6 +8,8 @@ N_STATES = 12
 MAX_LABELS = 8
 LABEL_KEY_MAX = 32
 LABEL_VALUE_MAX = 64
+SCHED_BUCKETS = 40
+G_WINDOW = 256
 
 
 class EventKind(IntEnum):
@@ -57,6 +59,22 @@ class AppCounter(IntEnum):
     AC_LABELS_LOST = 7
     N_APP_COUNTERS = 8
 
+
+class ProcFlag(IntEnum):
+    CFG_STATES_COVER_LIFECYCLE = 1
+    CFG_PARENT_GOID = 2
+    CFG_APP_SPANS = 4
+    CFG_LABELS_MAP = 8
+    CFG_LABELS_SLICE = 16
+    CFG_MEMPROFILERATE = 32
+
+
+PROC_CONFIG_DTYPE = np.dtype({
+    "names": ['probe_ip', 'memprofilerate_addr', 'profilealloc_probe_addr', 'specialized_malloc_max', 'slot', 'flags', 'g_start', 'g_lo_size', 'g_all_size', 'g_goid', 'g_status', 'g_waitreason', 'g_gopc', 'g_startpc', 'g_parentgoid', 'off_g_goid', 'off_g_m', 'off_m_curg', 'off_g_labels', 'off_rspan_sc', 'off_nrspan_sc', 'off_sc_traceid', 'off_sc_spanid', 'off_sc_flags'],
+    "formats": ['<u8', '<u8', '<u8', '<u8', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4', '<u4'],
+    "offsets": [0, 8, 16, 24, 32, 36, 40, 44, 48, 52, 56, 60, 64, 68, 72, 76, 80, 84, 88, 92, 96, 100, 104, 108],
+    "itemsize": 112,
+})
 
 GKEY_DTYPE = np.dtype({
     "names": ['tgid', 'pad', 'goid'],

@@ -22,11 +22,12 @@ import numpy as np
 
 from . import allocs
 from ._ringsink import RecordSink
-from .errors import AgentError
-from .goruntime import ProbePoint, RuntimeSupport
-from .gosdk import SdkSupport
-from .kernel_records import (END_EVENT_DTYPE, GKEY_DTYPE, GSTATE_DTYPE, LABEL_KEY_MAX, LABEL_VALUE_MAX, LABELS_EVENT_DTYPE,
-                             N_STATES, TRANSITION_EVENT_DTYPE, AppCounter, Counter, EventKind, GstateFlag, TraceReason)
+from .errors import AgentError, UnsupportedTarget
+from .goruntime import LabelSupport, ProbePoint, RuntimeSupport
+from .gosdk import GO_ABI_DEFINES, SdkSupport
+from .kernel_records import (END_EVENT_DTYPE, G_WINDOW, GKEY_DTYPE, GSTATE_DTYPE, LABEL_KEY_MAX, LABEL_VALUE_MAX, LABELS_EVENT_DTYPE,
+                             N_STATES, PROC_CONFIG_DTYPE, SCHED_BUCKETS, TRANSITION_EVENT_DTYPE, AppCounter, Counter, EventKind,
+                             GstateFlag, ProcFlag, TraceReason)
 from .records import take
 from .target_memory import ExistingGoroutine
 
@@ -43,10 +44,14 @@ APP_COUNTER_NAMES = {AppCounter.AC_SPANS_STARTED: "app_spans_started", AppCounte
                      AppCounter.AC_UNKNOWN_SPAN_TYPE: "app_spans_of_unknown_type",
                      AppCounter.AC_GOROUTINES_JOINED: "goroutines_under_app_spans",
                      AppCounter.AC_LABELS_SENT: "goroutines_with_labels", AppCounter.AC_LABELS_LOST: "labels_lost_ringbuf"}
-# Every ring-buffer record kind and its one size; the sink counts any other as malformed.
-RECORD_SIZES = {EventKind.EV_TRANSITION: TRANSITION_EVENT_DTYPE.itemsize, EventKind.EV_END: END_EVENT_DTYPE.itemsize,
-                EventKind.EV_LABELS: LABELS_EVENT_DTYPE.itemsize, EventKind.EV_PROCESS_EXIT: TRANSITION_EVENT_DTYPE.itemsize,
-                EventKind.EV_RUNTIME_INITIALISED: TRANSITION_EVENT_DTYPE.itemsize}
+# Every ring-buffer record kind and its one layout; the sink counts any other size as malformed.
+RECORD_DTYPES = {EventKind.EV_TRANSITION: TRANSITION_EVENT_DTYPE, EventKind.EV_END: END_EVENT_DTYPE,
+                 EventKind.EV_LABELS: LABELS_EVENT_DTYPE, EventKind.EV_PROCESS_EXIT: TRANSITION_EVENT_DTYPE,
+                 EventKind.EV_RUNTIME_INITIALISED: TRANSITION_EVENT_DTYPE}
+
+# The uprobe handlers of bpf/goroutines.bpf.c (ProbePoint.handler names one).
+HANDLERS = ("on_goroutine_created", "on_goroutine_exit", "on_casgstatus", "on_app_span_start", "on_app_span_start_ret",
+            "on_app_span_end", "on_mallocgc", "on_malloc_specialized", "on_profilealloc", "on_runtime_initialised")
 
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 _BPF_NOEXIST = 1
@@ -112,7 +117,7 @@ def as_ends(tgid: np.ndarray, goid: np.ndarray, states: np.ndarray) -> np.ndarra
 class ProbeSettings:
     states: bool = True            # probe casgstatus for state events and per-state times
     max_events: int = 64           # state events kept per goroutine; the rest are counted
-    max_goroutines: int = 131072   # goroutines tracked at once
+    max_goroutines: int = 131072   # goroutines tracked at once (all traced processes together)
     ringbuf_pages: int = 2048      # 8 MiB
     trace_max_spans: int = 1000    # goroutines per trace before a new one starts
     spawner_children: int = 16     # a creator with more children than this is a spawner...
@@ -120,6 +125,7 @@ class ProbeSettings:
     allocs: allocs.AllocMode = allocs.AllocMode.OFF  # heap allocations per goroutine: exact, sampled or off
     app_traces: bool = True        # follow the application's OpenTelemetry SDK spans (when the target has the SDK)
     labels: bool = True            # send the runtime/pprof labels of ended goroutines
+    max_processes: int = 256       # processes traced at once by one agent (rows of the per-process kernel counters)
 
 
 def check_privileges() -> None:
@@ -150,11 +156,235 @@ def pid_namespace_defines(ns_path: str = "/proc/self/ns/pid") -> list[str]:
     return [f"-DAGENT_PIDNS_DEV={st.st_dev}ULL", f"-DAGENT_PIDNS_INO={st.st_ino}ULL"]
 
 
+# The g fields each read of a g takes: a state change the low ones, a creation all of them.
+_G_LO_FIELDS = ("atomicstatus", "goid", "waitreason")
+_G_FIELD_SIZES = {"atomicstatus": 4, "goid": 8, "waitreason": 1, "gopc": 8, "startpc": 8, "parentGoid": 8}
+
+
+def process_config(support: RuntimeSupport, sdk: SdkSupport | None, labels: LabelSupport | None,
+                   states_cover_lifecycle: bool) -> np.ndarray:
+    """What the probes need to know about a process of this binary (PROC_CONFIG_DTYPE, its slot
+    left 0): the g window and its fields, the flags, the SDK and allocation layouts."""
+    offsets = {name[2:]: value for name, value in support.offsets.items() if name.startswith("g_")}
+    start = min(offsets[f] for f in _G_LO_FIELDS)
+    span = lambda fields: max(offsets[f] + _G_FIELD_SIZES[f] for f in fields if f in offsets) - start
+    lo_size, all_size = span(_G_LO_FIELDS), span(_G_FIELD_SIZES)
+    if start > min(offsets[f] for f in _G_FIELD_SIZES if f in offsets) or all_size > G_WINDOW - 8:
+        raise UnsupportedTarget(f"the runtime.g fields the probes read ({offsets}) span more than {G_WINDOW - 8} bytes "
+                                "from goid, status and waitreason: this runtime's layout is not supported")
+    cfg = np.zeros(1, PROC_CONFIG_DTYPE)[0]
+    cfg["g_start"], cfg["g_lo_size"], cfg["g_all_size"] = start, lo_size, all_size
+    for field, name in (("goid", "g_goid"), ("atomicstatus", "g_status"), ("waitreason", "g_waitreason"),
+                        ("gopc", "g_gopc"), ("startpc", "g_startpc"), ("parentGoid", "g_parentgoid")):
+        cfg[name] = offsets.get(field, start) - start
+    cfg["off_g_goid"], cfg["off_g_m"], cfg["off_m_curg"] = offsets["goid"], offsets["m"], support.offsets["m_curg"]
+    flags = ProcFlag.CFG_PARENT_GOID if "parentGoid" in offsets else 0
+    if states_cover_lifecycle:
+        flags |= ProcFlag.CFG_STATES_COVER_LIFECYCLE
+    if sdk is not None:
+        flags |= ProcFlag.CFG_APP_SPANS
+        for name, value in sdk.offsets.items():
+            cfg[name.lower()] = value
+    if labels is not None:
+        flags |= ProcFlag.CFG_LABELS_MAP if labels.layout == "map" else ProcFlag.CFG_LABELS_SLICE
+        cfg["off_g_labels"] = labels.offset
+    if support.allocs is not None:
+        cfg["specialized_malloc_max"] = support.allocs.specialized_max
+        if support.allocs.mem_profile_rate is not None:
+            flags |= ProcFlag.CFG_MEMPROFILERATE
+            cfg["memprofilerate_addr"] = support.allocs.mem_profile_rate
+            cfg["profilealloc_probe_addr"] = next(p for p in support.allocs.sampled_probes if p.handler == "on_profilealloc").address
+    cfg["flags"] = flags
+    return cfg
+
+
+class BpfProgram:
+    """The agent's one compiled BPF program: the probes of every traced process run its handlers,
+    each process's facts are a row of its proc_configs map, and one ring buffer carries every
+    process's records (each says its tgid; drains route them to each process's queue)."""
+
+    def __init__(self, settings: ProbeSettings):
+        self.settings = settings
+        self._bpf = None
+        self._ring = None
+        self._sink = RecordSink({int(kind): dtype.itemsize for kind, dtype in RECORD_DTYPES.items()})
+        self._free_slots = list(range(settings.max_processes - 1, -1, -1))
+        self._queued: dict[int, dict[EventKind, list[np.ndarray]]] = {}  # tgid -> records not yet taken
+
+    def cflags(self) -> list[str]:
+        s = self.settings
+        return [f"-I{BPF_DIR}", f"-DMAX_EVENTS={s.max_events if s.states else 0}", f"-DMAX_GOROUTINES={s.max_goroutines}",
+                f"-DMAX_PROCESSES={s.max_processes}", f"-DRINGBUF_PAGES={s.ringbuf_pages}",
+                f"-DTRACE_MAX_SPANS={s.trace_max_spans}", f"-DSPAWNER_CHILDREN={s.spawner_children}",
+                f"-DSPAWNER_AGE_NS={int(s.spawner_age_s * 1e9)}ULL", "-w"] + \
+            pid_namespace_defines() + allocs.bpf_defines() + GO_ABI_DEFINES
+
+    @property
+    def loaded(self) -> bool:
+        return self._bpf is not None
+
+    def load(self) -> None:
+        """Compile and load the program, open its ring buffer (once: later calls do nothing)."""
+        if self._bpf is not None:
+            return
+        try:
+            from bcc import BPF
+            from bcc.libbcc import _RINGBUF_CB_TYPE, lib
+        except ImportError:
+            raise AgentError("the bcc Python module is missing; run `make setup` (Debian package python3-bpfcc)") from None
+        # bcc prints compiler chatter on stderr; keep it for the error message only.
+        try:
+            with _captured_stderr() as chatter:
+                self._bpf = BPF(text=BPF_SOURCE.read_text(), cflags=self.cflags())
+        except Exception as exc:
+            detail = chatter.getvalue().strip().splitlines()
+            raise AgentError(f"could not compile the eBPF program ({exc}); {detail[-1] if detail else 'are kernel headers installed? run `make setup`'}") from None
+        try:  # every handler verified and loaded now: a process's attach then only opens its uprobes
+            with _captured_stderr() as chatter:
+                for handler in HANDLERS:
+                    self._bpf.load_func(handler, BPF.KPROBE)
+        except Exception as exc:
+            detail = chatter.getvalue().strip().splitlines()
+            self.close()
+            raise AgentError(f"the kernel refused the eBPF program ({exc}){': ' + detail[-1] if detail else ''}") from None
+        release_compiler_memory()
+        weights = self._bpf["alloc_weights"]
+        for i, hq in enumerate(allocs.weight_table()):
+            weights[ct.c_int(i)] = ct.c_uint32(hq)
+        self._sample_fn = _RINGBUF_CB_TYPE(self._sink.callback_address())  # kept: libbpf calls it
+        self._ring = lib.bpf_new_ringbuf(self._bpf["events"].map_fd, self._sample_fn, self._sink.context_address())
+        if not self._ring:
+            self.close()
+            raise AgentError("could not open the eBPF ring buffer")
+
+    def __getitem__(self, name: str):
+        return self._bpf[name]
+
+    def handler_fds(self) -> dict[str, int]:
+        """Loaded handlers by name -> their program fd (for the kernel's per-program statistics)."""
+        return {name.decode(): fn.fd for name, fn in self._bpf.funcs.items()}
+
+    # --- processes -----------------------------------------------------------------------
+    def add_process(self, pid: int, config: np.void) -> int:
+        """Give PID its rows of the per-process counters (zeroed) and its config; its slot."""
+        if not self._free_slots:
+            raise AgentError(f"already tracing {self.settings.max_processes} processes, the most one agent traces at once")
+        slot = self._free_slots.pop()
+        for name, per_slot in (("counters", Counter.N_COUNTERS), ("app_counters", AppCounter.N_APP_COUNTERS),
+                               ("sched_latency", SCHED_BUCKETS + 1), ("allocs_elsewhere", len(allocs.ELSEWHERE))):
+            table = self._bpf[name]
+            zero = table.Leaf()  # per-CPU: bcc's Leaf is the array of every CPU's value
+            for row in range(slot * per_slot, (slot + 1) * per_slot):
+                table[ct.c_int(row)] = zero
+        config = config.copy()
+        config["slot"] = slot
+        self._update("proc_configs", pid, config)
+        self._bpf["traced"][ct.c_uint32(pid)] = ct.c_uint64(0)
+        self._queued[pid] = {}
+        return slot
+
+    def remove_process(self, pid: int, slot: int) -> None:
+        """Forget PID: its config, its goroutines and application spans left in the maps, its queued records."""
+        from bcc.libbcc import lib
+
+        for name in ("proc_configs", "traced"):
+            key = ct.c_uint32(pid)
+            lib.bpf_delete_elem(self._bpf[name].map_fd, ct.byref(key))
+        for name, value_dtype in (("goroutines", GSTATE_DTYPE), ("app_stacks", None)):
+            fd = self._bpf[name].map_fd
+            keys = read_map(fd, GKEY_DTYPE, value_dtype or np.dtype((np.void, ct.sizeof(self._bpf[name].Leaf))))[0]
+            for key in keys[keys["tgid"] == pid]:
+                lib.bpf_delete_elem(fd, np.array(key).ctypes.data)
+        self._queued.pop(pid, None)
+        self._free_slots.append(slot)
+
+    def config(self, pid: int) -> np.void | None:
+        from bcc.libbcc import lib
+
+        key, value = ct.c_uint32(pid), np.zeros(1, PROC_CONFIG_DTYPE)
+        if lib.bpf_lookup_elem(self._bpf["proc_configs"].map_fd, ct.byref(key), value.ctypes.data) != 0:
+            return None
+        return value[0]
+
+    def _update(self, name: str, pid: int, config: np.void) -> None:
+        from bcc.libbcc import lib
+
+        key, value = ct.c_uint32(pid), np.array([config], PROC_CONFIG_DTYPE)
+        if lib.bpf_update_elem(self._bpf[name].map_fd, ct.byref(key), value.ctypes.data, 0) != 0:
+            raise AgentError(f"could not register PID {pid} with the eBPF program: {os.strerror(ct.get_errno())}")
+
+    def attach_uprobe(self, exe_path: str, point: ProbePoint, pid: int) -> None:
+        self._bpf.attach_uprobe(name=exe_path, addr=point.address, fn_name=point.handler, pid=pid)
+
+    def detach_uprobe(self, exe_path: str, point: ProbePoint, pid: int) -> None:
+        self._bpf.detach_uprobe(name=exe_path, addr=point.address, pid=pid)
+
+    # --- records -------------------------------------------------------------------------
+    def poll(self, timeout_ms: int) -> None:
+        """Wait timeout_ms, or less if the ring buffer fills past half or a process ends, then queue
+        everything it holds. Records come without a wake-up: the wait is a timer, and the consume
+        after it is what reads them."""
+        from bcc.libbcc import lib
+
+        lib.bpf_poll_ringbuf(self._ring, timeout_ms)
+        self.drain()
+
+    def drain(self) -> None:
+        """Queue everything the ring buffer holds now, by process."""
+        from bcc.libbcc import lib
+
+        lib.bpf_consume_ringbuf(self._ring)
+        for kind, dtype in RECORD_DTYPES.items():
+            records = np.frombuffer(self._sink.take(int(kind)), dtype)
+            if not len(records):
+                continue
+            tgids = records["tgid"]
+            for tgid in np.unique(tgids).tolist():
+                queue = self._queued.get(tgid)
+                if queue is None:  # a process no longer traced: its last records go with it
+                    continue
+                mine = tgids == tgid
+                queue.setdefault(kind, []).append(records if mine.all() else records[mine])
+
+    def take(self, pid: int) -> KernelBatch:
+        """PID's records queued so far."""
+        queue = self._queued.get(pid, {})
+        got = {kind: np.concatenate(queue.pop(kind, [])) if kind in queue else np.empty(0, dtype)
+               for kind, dtype in RECORD_DTYPES.items()}
+        return KernelBatch(
+            ends=got[EventKind.EV_END],
+            transitions=got[EventKind.EV_TRANSITION],
+            labels={int(ev["goid"]): labels_of(ev) for ev in got[EventKind.EV_LABELS]},
+            process_exited=len(got[EventKind.EV_PROCESS_EXIT]) > 0,
+            runtime_initialised=len(got[EventKind.EV_RUNTIME_INITIALISED]) > 0,
+        )
+
+    def reader_losses(self) -> dict[str, int]:
+        """What the ring-buffer reader itself could not keep (every process's records together)."""
+        return {"records_malformed": self._sink.malformed, "records_dropped_no_memory": self._sink.no_memory}
+
+    def close(self) -> None:
+        if self._ring:
+            from bcc.libbcc import lib
+
+            lib.bpf_free_ringbuf(self._ring)
+            self._ring = None
+        if self._bpf is not None:
+            with _captured_stderr():
+                self._bpf.cleanup()
+            self._bpf = None
+
+
+# Probe groups a process's probes come in; each can be attached and detached on its own.
+LIFECYCLE, STATES, ALLOCS, APP_SPANS = "lifecycle", "states", "allocs", "app_spans"
+
+
 class GoroutineProbes:
-    """The probes of one traced process, from attach to close."""
+    """The probes of one traced process, from attach to close, on the agent's BpfProgram (its own
+    one when none is given: `run` and `attach`)."""
 
     def __init__(self, support: RuntimeSupport, exe_path: str, pid: int, settings: ProbeSettings,
-                 sdk: SdkSupport | None = None):
+                 sdk: SdkSupport | None = None, program: BpfProgram | None = None):
         self.support = support
         self.sdk = sdk if settings.app_traces else None  # the application's OpenTelemetry SDK, when followed
         self.labels = support.labels if settings.labels else None
@@ -164,105 +394,70 @@ class GoroutineProbes:
         # With state events on, the casgstatus probe also sees creations and exits where the
         # runtime allows it (Go 1.24+): one trap fewer per goroutine and per end.
         self.states_cover_lifecycle = settings.states and support.states_cover_lifecycle
-        self.probe_points: list[ProbePoint] = [] if self.states_cover_lifecycle else list(support.lifecycle_probes)
+        self.groups: dict[str, tuple[ProbePoint, ...]] = {}
+        if not self.states_cover_lifecycle:
+            self.groups[LIFECYCLE] = support.lifecycle_probes
         if settings.states:
-            self.probe_points += support.state_probes
+            self.groups[STATES] = support.state_probes
         if settings.allocs is allocs.AllocMode.EXACT:
-            self.probe_points += support.allocs.exact_probes
+            self.groups[ALLOCS] = support.allocs.exact_probes
         elif settings.allocs is allocs.AllocMode.SAMPLED:
-            self.probe_points += support.allocs.sampled_probes
+            self.groups[ALLOCS] = support.allocs.sampled_probes
         if self.sdk is not None:
-            self.probe_points += self.sdk.probes
-        self._bpf = None
-        self._ring = None
-        self._sink = RecordSink({int(kind): size for kind, size in RECORD_SIZES.items()})
-
-    def _cflags(self) -> list[str]:
-        cflags = self.support.bpf_defines() + [
-            f"-I{BPF_DIR}",
-            f"-DMAX_EVENTS={self.settings.max_events if self.settings.states else 0}",
-            f"-DMAX_GOROUTINES={self.settings.max_goroutines}",
-            f"-DRINGBUF_PAGES={self.settings.ringbuf_pages}",
-            f"-DTRACE_MAX_SPANS={self.settings.trace_max_spans}",
-            f"-DSPAWNER_CHILDREN={self.settings.spawner_children}",
-            f"-DSPAWNER_AGE_NS={int(self.settings.spawner_age_s * 1e9)}ULL",
-            "-w",
-        ]
-        if self.states_cover_lifecycle:
-            cflags.append("-DSTATES_COVER_LIFECYCLE")
-        cflags += pid_namespace_defines()
-        if self.settings.allocs is not allocs.AllocMode.OFF:
-            cflags += allocs.bpf_defines() + self.support.allocs.bpf_defines(self.settings.allocs is allocs.AllocMode.SAMPLED)
-        if self.sdk is not None:
-            cflags += self.sdk.bpf_defines()
-        if self.labels is not None:
-            cflags += self.labels.bpf_defines()
-        return cflags
+            self.groups[APP_SPANS] = self.sdk.probes
+        self.probe_points: list[ProbePoint] = [p for points in self.groups.values() for p in points]
+        self.config = process_config(support, self.sdk, self.labels, self.states_cover_lifecycle)
+        self._own_program = program is None
+        self.program = program if program is not None else BpfProgram(settings)
+        self.attached_groups: set[str] = set()
+        self._slot: int | None = None
 
     def attach(self) -> None:
-        try:
-            from bcc import BPF
-            from bcc.libbcc import _RINGBUF_CB_TYPE, lib
-        except ImportError:
-            raise AgentError("the bcc Python module is missing; run `make setup` (Debian package python3-bpfcc)") from None
-        # bcc prints compiler chatter on stderr; keep it for the error message only.
-        try:
-            with _captured_stderr() as chatter:
-                self._bpf = BPF(text=BPF_SOURCE.read_text(), cflags=self._cflags())
-        except Exception as exc:
-            detail = chatter.getvalue().strip().splitlines()
-            raise AgentError(f"could not compile the eBPF program ({exc}); {detail[-1] if detail else 'are kernel headers installed? run `make setup`'}") from None
-        release_compiler_memory()
-        self._bpf["traced"][ct.c_uint32(self.pid)] = ct.c_uint64(0)
-        if self.settings.allocs is allocs.AllocMode.SAMPLED:
-            weights = self._bpf["alloc_weights"]
-            for i, hq in enumerate(allocs.weight_table()):
-                weights[ct.c_int(i)] = ct.c_uint32(hq)
-        self._sample_fn = _RINGBUF_CB_TYPE(self._sink.callback_address())  # kept: libbpf calls it
-        self._ring = lib.bpf_new_ringbuf(self._bpf["events"].map_fd, self._sample_fn, self._sink.context_address())
-        if not self._ring:
-            self.close()
-            raise AgentError("could not open the eBPF ring buffer")
-        try:
-            for point in self.probe_points:
-                self._bpf.attach_uprobe(name=self.exe_path, addr=point.address, fn_name=point.handler, pid=self.pid)
-        except Exception as exc:
-            self.close()
-            raise AgentError(f"could not attach a uprobe to {self.exe_path} (PID {self.pid}): {exc}") from None
+        """Register the process with the program (loading it first if need be) and attach every group."""
+        self.program.load()
+        self._slot = self.program.add_process(self.pid, self.config)
+        for group in self.groups:
+            self.attach_group(group)
         # From here on, with every probe in place, goroutines are seen (attaching them one by one
         # takes tens of milliseconds: a goroutine created meanwhile may have missed them).
         self.attached_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
-    def poll(self, timeout_ms: int) -> KernelBatch:
-        """Wait timeout_ms, or less if the ring buffer fills past half or the process ends, then take
-        everything the ring buffer holds. Records come without a wake-up: the wait is a timer, and
-        the consume after it is what reads them."""
-        from bcc.libbcc import lib
+    def attach_group(self, group: str) -> None:
+        """Attach one probe group (LIFECYCLE, STATES, ALLOCS, APP_SPANS) to this process."""
+        if group in self.attached_groups:
+            return
+        try:
+            for point in self.groups[group]:
+                self.program.attach_uprobe(self.exe_path, point, self.pid)
+        except Exception as exc:
+            self.close()
+            raise AgentError(f"could not attach a uprobe to {self.exe_path} (PID {self.pid}): {exc}") from None
+        self.attached_groups.add(group)
 
-        lib.bpf_poll_ringbuf(self._ring, timeout_ms)
-        return self.drain()
+    def detach_group(self, group: str) -> None:
+        """Detach one probe group from this process (the others keep running)."""
+        if group not in self.attached_groups:
+            return
+        self.attached_groups.discard(group)
+        for point in self.groups[group]:
+            with contextlib.suppress(Exception), _captured_stderr():  # attached in part: those that are go
+                self.program.detach_uprobe(self.exe_path, point, self.pid)
+
+    def poll(self, timeout_ms: int) -> KernelBatch:
+        """Wait timeout_ms (less if the ring buffer fills or a process ends), then take this process's records."""
+        self.program.poll(timeout_ms)
+        return self.program.take(self.pid)
 
     def drain(self) -> KernelBatch:
-        """Everything the ring buffer holds now."""
-        from bcc.libbcc import lib
-
-        lib.bpf_consume_ringbuf(self._ring)
-        take = lambda kind, dtype: np.frombuffer(self._sink.take(int(kind)), dtype)
-        labels = take(EventKind.EV_LABELS, LABELS_EVENT_DTYPE)
-        return KernelBatch(
-            ends=take(EventKind.EV_END, END_EVENT_DTYPE),
-            transitions=take(EventKind.EV_TRANSITION, TRANSITION_EVENT_DTYPE),
-            labels={int(ev["goid"]): labels_of(ev) for ev in labels},
-            process_exited=len(take(EventKind.EV_PROCESS_EXIT, TRANSITION_EVENT_DTYPE)) > 0,
-            runtime_initialised=len(take(EventKind.EV_RUNTIME_INITIALISED, TRANSITION_EVENT_DTYPE)) > 0,
-        )
+        """This process's records the ring buffer holds now."""
+        self.program.drain()
+        return self.program.take(self.pid)
 
     def _entries(self) -> np.ndarray:
         """This process's goroutines in the kernel map, as end records (end_ns 0 while alive)."""
-        keys, states = read_map(self._bpf["goroutines"].map_fd, GKEY_DTYPE, GSTATE_DTYPE)
+        keys, states = read_map(self.program["goroutines"].map_fd, GKEY_DTYPE, GSTATE_DTYPE)
         mine = keys["tgid"] == self.pid
         return as_ends(keys["tgid"][mine], keys["goid"][mine], take(states, mine))
-
     def snapshot(self, now_ns: int, include_ended: bool = False) -> np.ndarray:
         """The goroutines in the kernel map now (END_EVENT_DTYPE), per-state times counted up to now_ns.
         With include_ended, also finished goroutines whose end record found the ring buffer full."""
@@ -279,7 +474,7 @@ class GoroutineProbes:
         starting a trace of its own. Goroutines the probes already saw are left alone."""
         from bcc.libbcc import lib  # bcc's Table has no insert-if-absent; the raw call takes flags
 
-        fd = self._bpf["goroutines"].map_fd
+        fd = self.program["goroutines"].map_fd
         key, st = np.zeros(1, GKEY_DTYPE), np.zeros(1, GSTATE_DTYPE)
         imported = 0
         for g in goroutines:
@@ -298,7 +493,7 @@ class GoroutineProbes:
         """Drop goroutines from the kernel map (ended ones whose records were taken from it)."""
         from bcc.libbcc import lib
 
-        fd = self._bpf["goroutines"].map_fd
+        fd = self.program["goroutines"].map_fd
         key = np.zeros(1, GKEY_DTYPE)
         for goid in goids.tolist():
             key[0] = (self.pid, 0, goid)
@@ -308,7 +503,7 @@ class GoroutineProbes:
         """Drop imported goroutines that turned out to have exited during the import."""
         from bcc.libbcc import lib
 
-        fd = self._bpf["goroutines"].map_fd
+        fd = self.program["goroutines"].map_fd
         key, st = np.zeros(1, GKEY_DTYPE), np.zeros(1, GSTATE_DTYPE)
         for goid in goids:
             key[0] = (self.pid, 0, goid)
@@ -316,19 +511,21 @@ class GoroutineProbes:
                     st[0]["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH:
                 lib.bpf_delete_elem(fd, key.ctypes.data)
 
+    def _rows(self, table: str, per_slot: int) -> list:
+        """This process's rows of a per-process, per-CPU kernel array: each row, every CPU's values."""
+        values = self.program[table]
+        return [values[ct.c_int(row)] for row in range(self._slot * per_slot, (self._slot + 1) * per_slot)]
+
     def schedule_latency_histogram(self) -> list[int]:
         """Counts of runnable-to-running waits by log2(ns) bucket (states detail only)."""
-        table = self._bpf["sched_latency"]
-        return [sum(table[ct.c_int(i)]) for i in range(len(table))]
+        return [sum(row) for row in self._rows("sched_latency", SCHED_BUCKETS + 1)]
 
     def allocs_elsewhere(self) -> list[allocs.AllocTotals]:
         """Heap allocations no goroutine span holds, by owner (allocs.ELSEWHERE): system stack, untracked goroutines."""
         if self.settings.allocs is allocs.AllocMode.OFF:
             return []
-        table = self._bpf["allocs_elsewhere"]
         out = []
-        for i in range(len(allocs.ELSEWHERE)):
-            per_cpu = table[ct.c_int(i)]
+        for per_cpu in self._rows("allocs_elsewhere", len(allocs.ELSEWHERE)):
             out.append(allocs.AllocTotals(sum(t.bytes for t in per_cpu),
                                           allocs.whole_allocations(sum(t.count for t in per_cpu)),
                                           sum(t.samples for t in per_cpu)))
@@ -336,37 +533,33 @@ class GoroutineProbes:
 
     def exit_time(self) -> int | None:
         """Kernel time at which the traced process's first thread exited, if it has."""
-        value = self._bpf["traced"].get(ct.c_uint32(self.pid))
+        value = self.program["traced"].get(ct.c_uint32(self.pid))
         return value.value if value is not None and value.value else None
 
     def probe_ip(self) -> int | None:
         """The runtime address of the first creation-probe hit (for a PIE's load bias)."""
-        value = self._bpf["probe_ip"][ct.c_int(0)].value
-        return value or None
+        config = self.program.config(self.pid)
+        return int(config["probe_ip"]) or None if config is not None else None
 
     def counters(self) -> dict[str, int]:
         """The kernel's counters, plus what the ring-buffer reader itself could not keep."""
-        values = self._bpf["counters"]
-        out = {name: sum(values[ct.c_int(i)]) for i, name in COUNTER_NAMES.items()}
-        out["records_malformed"] = self._sink.malformed
-        out["records_dropped_no_memory"] = self._sink.no_memory
-        return out
+        rows = self._rows("counters", Counter.N_COUNTERS)
+        return {**{name: sum(rows[i]) for i, name in COUNTER_NAMES.items()}, **self.program.reader_losses()}
 
     def app_counters(self) -> dict[str, int]:
         """Application spans followed, goroutines put under them, pprof labels sent (and what was lost)."""
-        values = self._bpf["app_counters"]
-        return {name: sum(values[ct.c_int(i)]) for i, name in APP_COUNTER_NAMES.items()}
+        rows = self._rows("app_counters", AppCounter.N_APP_COUNTERS)
+        return {name: sum(rows[i]) for i, name in APP_COUNTER_NAMES.items()}
 
     def close(self) -> None:
-        if self._ring:
-            from bcc.libbcc import lib
-
-            lib.bpf_free_ringbuf(self._ring)
-            self._ring = None
-        if self._bpf is not None:
-            with _captured_stderr():
-                self._bpf.cleanup()
-            self._bpf = None
+        """Detach every probe and forget the process in the program (closed too if it is this process's own)."""
+        for group in list(self.attached_groups):
+            self.detach_group(group)
+        if self._slot is not None and self.program.loaded:
+            self.program.remove_process(self.pid, self._slot)
+        self._slot = None
+        if self._own_program:
+            self.program.close()
 
 
 _MADV_PAGEOUT = 21

@@ -22,8 +22,10 @@ from dataclasses import dataclass
 
 from . import goruntime
 from .agent import AgentOptions, Session
+from .analysis import AnalysisCache
 from .binary.gobinary import GoBinary
 from .errors import AgentError, UnsupportedTarget
+from .probes import BpfProgram
 from .target import AttachedTarget
 
 log = logging.getLogger("otel_goroutines.watch")
@@ -168,7 +170,8 @@ class Traced:
 
 
 class Watcher:
-    """Runs one Session per matching process, all in this process's one loop."""
+    """Runs one Session per matching process, all in this process's one loop, on one BPF program
+    (compiled once, at the start): a new process costs its uprobes and a row in the program's maps."""
 
     def __init__(self, selector: Selector, options: AgentOptions, scan_interval_s: float = 1.0,
                  health_file: str | None = None, shutdown_timeout_s: float = 20.0, poll_ms: int = 20):
@@ -184,6 +187,8 @@ class Watcher:
         self._stopping = False
         self._pid_file_note: str | None = None
         self._own_pids = {os.getpid()}
+        self.program = BpfProgram(options.probes)
+        self.analyses = AnalysisCache()
 
     # --- discovery ------------------------------------------------------------------------
     def _pid_from_file(self) -> int | None:
@@ -257,10 +262,11 @@ class Watcher:
             root, ext = os.path.splitext(export.output)
             export.output = f"{root}.{proc.pid}{ext}"
         options = dataclasses.replace(self.options, export=export, quiet=True, poll_interval_ms=self.poll_ms)
+        started = time.monotonic()
         try:
-            session = Session(target, options)
+            session = Session(target, options, self.program, self.analyses)
             steps = session.steps(handle_signals=False)
-            next(steps)  # compiles and attaches the probes, reads the goroutines alive now
+            next(steps)  # attaches the probes, reads the goroutines alive now
         except UnsupportedTarget as exc:
             target.close()
             self.counts["skipped_unsupported"] += 1
@@ -278,7 +284,7 @@ class Watcher:
             return
         self.traced[proc.pid] = Traced(proc, target, session, steps)
         self.counts["traced"] += 1
-        log.info("tracing PID %d (%s, %s)", proc.pid, proc.exe, go_version)
+        log.info("tracing PID %d (%s, %s); attached in %.1f ms", proc.pid, proc.exe, go_version, (time.monotonic() - started) * 1e3)
 
     def _denied(self, pid: int) -> None:
         if self.decided.get(pid) == "denied":
@@ -330,6 +336,7 @@ class Watcher:
         })
 
     def run(self) -> int:
+        self.program.load()  # a program the kernel refuses fails the agent now, in one line
         previous = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
         log.info("watching for %s (every %g s)", self.selector.describe(), self.scan_interval_s)
         try:
@@ -355,6 +362,7 @@ class Watcher:
                 t.target.close()
             if self.health is not None:
                 self.health.remove()
+            self.program.close()
         log.info("stopped: %s", ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items())) or "nothing traced")
         return 0
 

@@ -55,10 +55,10 @@ def measure(exe: Path, states: bool, n: int) -> dict[str, tuple[float, float]]:
         probes.drain()
         goroutines = probes.counters()["goroutines_created"]
         out = {}
-        for name, fn in probes._bpf.funcs.items():
-            runs, ns = run_stats(fn.fd)
-            if runs and name.decode().startswith("on_"):
-                out[name.decode()] = (ns / runs, ns / goroutines)
+        for name, fd in probes.program.handler_fds().items():
+            runs, ns = run_stats(fd)
+            if runs and name.startswith("on_"):
+                out[name] = (ns / runs, ns / goroutines)
         return out
     finally:
         probes.close()

@@ -146,23 +146,47 @@ from otel_goroutines.probes import BPF_SOURCE, GoroutineProbes, ProbeSettings
 exe, mode = sys.argv[1], allocs.AllocMode(sys.argv[2])
 binary = GoBinary(exe)
 probes = GoroutineProbes(goruntime.support_for(binary), exe, 1, ProbeSettings(allocs=mode), gosdk.sdk_status(binary).support)
-bpf = BPF(text=BPF_SOURCE.read_text(), cflags=probes._cflags())
+bpf = BPF(text=BPF_SOURCE.read_text(), cflags=probes.program.cflags())
 for handler in sorted({p.handler for p in probes.probe_points} | set(sys.argv[3:])):
     code = bpf.dump_func(handler)
-    # 64-bit loads (LDX DW) from the context, in r1 or a register it was copied to (MOV) and not yet
-    # overwritten (a load, an ALU result, a helper call's r0-r5), in code order: the pt_regs offsets read
-    ctx, offsets = {1}, set()
-    for i in range(0, len(code), 8):
-        op, dst, src = code[i], code[i + 1] & 0xF, code[i + 1] >> 4
-        if op == 0xBF and src in ctx:
+    # 64-bit loads (LDX DW) from the context: through r1 or a register it was copied to (MOV) or
+    # reloaded to from its spill slot on the stack (STX DW to r10, LDX DW back), and not yet
+    # overwritten (a load, an ALU result, a helper call's r0-r5), on any path through the code
+    # (registers holding ctx propagated along jumps to a fixed point): the pt_regs offsets read
+    insns = [(code[i], code[i + 1] & 0xF, code[i + 1] >> 4, int.from_bytes(code[i + 2:i + 4], "little", signed=True))
+             for i in range(0, len(code), 8)]
+    state, offsets, work = {0: (frozenset({1}), frozenset())}, set(), [0]
+    while work:
+        pc = work.pop()
+        op, dst, src, off = insns[pc]
+        ctx, spilled = set(state[pc][0]), set(state[pc][1])
+        if op == 0xBF:
+            (ctx.add if src in ctx else ctx.discard)(dst)
+        elif op & 7 in (2, 3) and dst == 10:
+            (spilled.add if op == 0x7B and src in ctx else spilled.discard)(off)
+        elif op == 0x79 and src == 10 and off in spilled:
             ctx.add(dst)
-            continue
-        if op == 0x79 and src in ctx:
-            offsets.add(int.from_bytes(code[i + 2:i + 4], "little", signed=True))
-        if op & 7 in (0, 1, 4, 7):
+        elif op == 0x79 and src in ctx:
+            offsets.add(off)
+            ctx.discard(dst)
+        elif op & 7 in (0, 1, 4, 7):
             ctx.discard(dst)
         elif op == 0x85:
             ctx -= {0, 1, 2, 3, 4, 5}
+        if op == 0x95:
+            nexts = []
+        elif op == 0x05:
+            nexts = [pc + 1 + off]
+        elif op & 7 in (5, 6) and op != 0x85:
+            nexts = [pc + 1, pc + 1 + off]
+        else:
+            nexts = [pc + (2 if op == 0x18 else 1)]
+        for n in nexts:
+            old = state.get(n, (frozenset(), frozenset()))
+            new = (old[0] | ctx, old[1] | spilled)
+            if n not in state or new != old:
+                state[n] = new
+                work.append(n)
     print(handler, sorted(offsets))
 """
 
@@ -182,7 +206,7 @@ PT_REGS = {
     "amd64": {80: "arg1", 40: "arg2", 88: "arg3", 112: "arg4", 104: "arg5", 72: "arg6", 8: "g", 128: "ip"},
     "arm64": {**{8 * n: f"arg{n + 1}" for n in range(6)}, 224: "g", 256: "ip"},
 }
-READS = {"on_goroutine_exit": {"arg1", "arg3"}, "on_casgstatus": {"arg1", "arg2", "arg3", "ip"},
+READS = {"on_goroutine_exit": {"arg1", "arg3"}, "on_casgstatus": {"arg1", "arg2", "arg3", "g", "ip"},
          "on_app_span_start": {"arg5", "arg6", "g"}, "on_app_span_end": {"arg1"}, "on_mallocgc": {"arg1", "g"},
          "on_profilealloc": {"arg3", "g", "ip"}}
 

@@ -1,0 +1,44 @@
+"""Binary analysis shared by the processes of one binary: a node-wide `watch` that sees twenty
+copies of one service start reads its executable (symbols, DWARF offsets, probe addresses) once."""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from . import goruntime, gosdk
+from .binary.gobinary import GoBinary
+
+
+@dataclass(frozen=True)
+class BinaryAnalysis:
+    binary: GoBinary
+    support: goruntime.RuntimeSupport  # UnsupportedTarget is raised, not cached
+    sdk: gosdk.SdkStatus
+
+
+def analyse(exe_path: str) -> BinaryAnalysis:
+    binary = GoBinary(exe_path)
+    goruntime.require_traceable(binary)
+    return BinaryAnalysis(binary, goruntime.support_for(binary), gosdk.sdk_status(binary))
+
+
+class AnalysisCache:
+    """Analyses by file identity (device, inode, size, modification time: a rebuilt binary is
+    another), the `size` most recently used kept."""
+
+    def __init__(self, size: int = 16):
+        self.size = size
+        self._entries: OrderedDict[tuple, BinaryAnalysis] = OrderedDict()
+
+    def get(self, exe_path: str) -> BinaryAnalysis:
+        st = os.stat(exe_path)
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        found = self._entries.get(identity)
+        if found is None:
+            found = self._entries[identity] = analyse(exe_path)
+            if len(self._entries) > self.size:
+                self._entries.popitem(last=False)[1].binary.close()
+        self._entries.move_to_end(identity)
+        return found
