@@ -198,6 +198,19 @@ def process_config(support: RuntimeSupport, sdk: SdkSupport | None, labels: Labe
     return cfg
 
 
+def queue_by_process(queues: dict[int, dict[EventKind, list[np.ndarray]]], kind: EventKind, records: np.ndarray) -> None:
+    """Append each traced process's records of one kind to its queue, in their order; the records
+    of a process no longer traced (its last ones, after its detach) go with it."""
+    if not len(records):
+        return
+    tgids = records["tgid"]
+    for tgid in np.unique(tgids).tolist():
+        queue = queues.get(tgid)
+        if queue is not None:
+            mine = tgids == tgid
+            queue.setdefault(kind, []).append(records if mine.all() else records[mine])
+
+
 class BpfProgram:
     """The agent's one compiled BPF program: the probes of every traced process run its handlers,
     each process's facts are a row of its proc_configs map, and one ring buffer carries every
@@ -335,16 +348,7 @@ class BpfProgram:
 
         lib.bpf_consume_ringbuf(self._ring)
         for kind, dtype in RECORD_DTYPES.items():
-            records = np.frombuffer(self._sink.take(int(kind)), dtype)
-            if not len(records):
-                continue
-            tgids = records["tgid"]
-            for tgid in np.unique(tgids).tolist():
-                queue = self._queued.get(tgid)
-                if queue is None:  # a process no longer traced: its last records go with it
-                    continue
-                mine = tgids == tgid
-                queue.setdefault(kind, []).append(records if mine.all() else records[mine])
+            queue_by_process(self._queued, kind, np.frombuffer(self._sink.take(int(kind)), dtype))
 
     def take(self, pid: int) -> KernelBatch:
         """PID's records queued so far."""
