@@ -11,6 +11,8 @@
 // for a process is chosen by which probes probes.py attaches to it.
 //
 // Compile-time parameters (-D, from probes.py: the same for every process of the agent):
+//   the features the agent may use for some process: FEATURE_APP_SPANS, FEATURE_LABELS,
+//   FEATURE_ALLOCS (their code costs compile time: an agent that will not use one leaves it out);
 //   MAX_GOROUTINES, MAX_PROCESSES, RINGBUF_PAGES, MAX_EVENTS;
 //   trace boundaries: TRACE_MAX_SPANS, SPAWNER_CHILDREN, SPAWNER_AGE_NS;
 //   heap allocations, from allocs.py: ALLOC_COUNT_SHIFT, ALLOC_WEIGHT_STEPS, ALLOC_WEIGHT_ENTRIES,
@@ -169,6 +171,7 @@ static __always_inline void app_count(struct proc_config *cfg, int which) {
         (*value)++;
 }
 
+#ifdef FEATURE_APP_SPANS
 #define APP_STACK_DEPTH 8  // a power of two
 struct app_span {
     u64 ptr;               // the span object: what End gets as its receiver
@@ -342,18 +345,24 @@ static __always_inline void follow_app_trace(struct gstate *st, struct gstate *p
     __builtin_memcpy(st->app_trace_id, parent->app_trace_id, 16);
     st->app_flags = (st->trace_reason == TR_JOINS_PARENT ? APP_IN_TRACE : APP_LINKED) | (parent->app_flags & APP_SAMPLED);
 }
+#endif
 
 // Which trace a new goroutine is in: an application span's, else by the trace boundaries.
 static __always_inline void place_in_trace(struct proc_config *cfg, struct gkey *key, struct gstate *st, struct gstate *parent,
                                            u64 now) {
+#ifdef FEATURE_APP_SPANS
     int app = cfg->flags & CFG_APP_SPANS;
     if (app && join_app_span(cfg, key, st, parent))
         return;
+#endif
     assign_trace(key, st, parent, now);
+#ifdef FEATURE_APP_SPANS
     if (app)
         follow_app_trace(st, parent);
+#endif
 }
 
+#ifdef FEATURE_LABELS
 // runtime/pprof goroutine labels: g.labels points to a labelMap, a map[string]string up to Go 1.23
 // (the pointer is to the map variable), a struct{ []struct{key, value string} } from Go 1.24.
 static __always_inline void read_label(struct label *l, u64 header) {
@@ -435,13 +444,18 @@ static __always_inline void send_labels(struct proc_config *cfg, struct gkey *ke
     events.ringbuf_submit(ev, wake_flags());
     app_count(cfg, AC_LABELS_SENT);
 }
+#endif
 
 // A goroutine ends: forget its active application spans; send its pprof labels (if it is tracked).
 static __always_inline void app_goroutine_ended(struct proc_config *cfg, struct gkey *key, u64 gp, int tracked) {
+#ifdef FEATURE_APP_SPANS
     if (cfg->flags & CFG_APP_SPANS)
         app_stacks.delete(key);
+#endif
+#ifdef FEATURE_LABELS
     if (tracked && (cfg->flags & (CFG_LABELS_MAP | CFG_LABELS_SLICE)))
         send_labels(cfg, key, gp);
+#endif
 }
 
 static __always_inline u32 state_index(u32 status) {
@@ -638,6 +652,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit) {
 }
 
 // --- heap allocations (--allocs; the estimate math is explained in otel_goroutines/allocs.py) ---
+#ifdef FEATURE_ALLOCS
 #define ALLOC_COUNT_UNIT (1ULL << ALLOC_COUNT_SHIFT)
 // Allocations no goroutine span holds: made on a system stack (g0, gsignal: goid 0), or by a
 // goroutine that is not in the map (it predates the probes, or the map was full).
@@ -740,3 +755,4 @@ int on_runtime_initialised(struct pt_regs *ctx) {
     events.ringbuf_submit(ev, BPF_RB_FORCE_WAKEUP);  // the agent turns heap sampling on now, not at its next drain
     return 0;
 }
+#endif

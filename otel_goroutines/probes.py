@@ -1,4 +1,6 @@
-"""The eBPF side: compile bpf/goroutines.bpf.c with bcc, attach it to one process, read what it sends.
+"""The eBPF side: compile bpf/goroutines.bpf.c with bcc once per agent (BpfProgram), attach it to
+each traced process (GoroutineProbes: its uprobes and its row of the per-process config map), read
+what it sends.
 
 What the kernel sends comes out of here as numpy arrays of the layouts in bpf/records.h (the
 generated kernel_records): a KernelBatch per drain of the ring buffer, and the goroutine map read
@@ -15,6 +17,7 @@ import io
 import os
 import tempfile
 import time
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,9 +52,11 @@ RECORD_DTYPES = {EventKind.EV_TRANSITION: TRANSITION_EVENT_DTYPE, EventKind.EV_E
                  EventKind.EV_LABELS: LABELS_EVENT_DTYPE, EventKind.EV_PROCESS_EXIT: TRANSITION_EVENT_DTYPE,
                  EventKind.EV_RUNTIME_INITIALISED: TRANSITION_EVENT_DTYPE}
 
-# The uprobe handlers of bpf/goroutines.bpf.c (ProbePoint.handler names one).
-HANDLERS = ("on_goroutine_created", "on_goroutine_exit", "on_casgstatus", "on_app_span_start", "on_app_span_start_ret",
-            "on_app_span_end", "on_mallocgc", "on_malloc_specialized", "on_profilealloc", "on_runtime_initialised")
+# The uprobe handlers of bpf/goroutines.bpf.c (ProbePoint.handler names one): always compiled, and
+# those of each optional feature (compiled in when the agent may use it).
+HANDLERS = ("on_goroutine_created", "on_goroutine_exit", "on_casgstatus")
+APP_SPAN_HANDLERS = ("on_app_span_start", "on_app_span_start_ret", "on_app_span_end")
+ALLOC_HANDLERS = ("on_mallocgc", "on_malloc_specialized", "on_profilealloc", "on_runtime_initialised")
 
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 _BPF_NOEXIST = 1
@@ -226,11 +231,19 @@ class BpfProgram:
 
     def cflags(self) -> list[str]:
         s = self.settings
+        features = [f"-DFEATURE_{name}" for name, on in (("APP_SPANS", s.app_traces), ("LABELS", s.labels),
+                                                         ("ALLOCS", s.allocs is not allocs.AllocMode.OFF)) if on]
         return [f"-I{BPF_DIR}", f"-DMAX_EVENTS={s.max_events if s.states else 0}", f"-DMAX_GOROUTINES={s.max_goroutines}",
                 f"-DMAX_PROCESSES={s.max_processes}", f"-DRINGBUF_PAGES={s.ringbuf_pages}",
                 f"-DTRACE_MAX_SPANS={s.trace_max_spans}", f"-DSPAWNER_CHILDREN={s.spawner_children}",
                 f"-DSPAWNER_AGE_NS={int(s.spawner_age_s * 1e9)}ULL", "-w"] + \
-            pid_namespace_defines() + allocs.bpf_defines() + GO_ABI_DEFINES
+            features + pid_namespace_defines() + allocs.bpf_defines() + GO_ABI_DEFINES
+
+    def handlers(self) -> tuple[str, ...]:
+        """The handlers this program has: those of the features it was compiled with."""
+        s = self.settings
+        return HANDLERS + (APP_SPAN_HANDLERS if s.app_traces else ()) + \
+            (ALLOC_HANDLERS if s.allocs is not allocs.AllocMode.OFF else ())
 
     @property
     def loaded(self) -> bool:
@@ -254,16 +267,17 @@ class BpfProgram:
             raise AgentError(f"could not compile the eBPF program ({exc}); {detail[-1] if detail else 'are kernel headers installed? run `make setup`'}") from None
         try:  # every handler verified and loaded now: a process's attach then only opens its uprobes
             with _captured_stderr() as chatter:
-                for handler in HANDLERS:
+                for handler in self.handlers():
                     self._bpf.load_func(handler, BPF.KPROBE)
         except Exception as exc:
             detail = chatter.getvalue().strip().splitlines()
             self.close()
             raise AgentError(f"the kernel refused the eBPF program ({exc}){': ' + detail[-1] if detail else ''}") from None
         release_compiler_memory()
-        weights = self._bpf["alloc_weights"]
-        for i, hq in enumerate(allocs.weight_table()):
-            weights[ct.c_int(i)] = ct.c_uint32(hq)
+        if self.settings.allocs is not allocs.AllocMode.OFF:
+            weights = self._bpf["alloc_weights"]
+            for i, hq in enumerate(allocs.weight_table()):
+                weights[ct.c_int(i)] = ct.c_uint32(hq)
         self._sample_fn = _RINGBUF_CB_TYPE(self._sink.callback_address())  # kept: libbpf calls it
         self._ring = lib.bpf_new_ringbuf(self._bpf["events"].map_fd, self._sample_fn, self._sink.context_address())
         if not self._ring:
@@ -283,8 +297,10 @@ class BpfProgram:
         if not self._free_slots:
             raise AgentError(f"already tracing {self.settings.max_processes} processes, the most one agent traces at once")
         slot = self._free_slots.pop()
-        for name, per_slot in (("counters", Counter.N_COUNTERS), ("app_counters", AppCounter.N_APP_COUNTERS),
-                               ("sched_latency", SCHED_BUCKETS + 1), ("allocs_elsewhere", len(allocs.ELSEWHERE))):
+        rows = [("counters", Counter.N_COUNTERS), ("app_counters", AppCounter.N_APP_COUNTERS), ("sched_latency", SCHED_BUCKETS + 1)]
+        if self.settings.allocs is not allocs.AllocMode.OFF:
+            rows.append(("allocs_elsewhere", len(allocs.ELSEWHERE)))
+        for name, per_slot in rows:
             table = self._bpf[name]
             zero = table.Leaf()  # per-CPU: bcc's Leaf is the array of every CPU's value
             for row in range(slot * per_slot, (slot + 1) * per_slot):
@@ -303,7 +319,7 @@ class BpfProgram:
         for name in ("proc_configs", "traced"):
             key = ct.c_uint32(pid)
             lib.bpf_delete_elem(self._bpf[name].map_fd, ct.byref(key))
-        for name, value_dtype in (("goroutines", GSTATE_DTYPE), ("app_stacks", None)):
+        for name, value_dtype in (("goroutines", GSTATE_DTYPE), ("app_stacks", None))[:2 if self.settings.app_traces else 1]:
             fd = self._bpf[name].map_fd
             keys = read_map(fd, GKEY_DTYPE, value_dtype or np.dtype((np.void, ct.sizeof(self._bpf[name].Leaf))))[0]
             for key in keys[keys["tgid"] == pid]:
@@ -412,7 +428,9 @@ class GoroutineProbes:
         self.probe_points: list[ProbePoint] = [p for points in self.groups.values() for p in points]
         self.config = process_config(support, self.sdk, self.labels, self.states_cover_lifecycle)
         self._own_program = program is None
-        self.program = program if program is not None else BpfProgram(settings)
+        # Its own program (`run`, `attach`) leaves out the code of what this binary cannot use.
+        self.program = program if program is not None else \
+            BpfProgram(dataclasses.replace(settings, app_traces=self.sdk is not None, labels=self.labels is not None))
         self.attached_groups: set[str] = set()
         self._slot: int | None = None
 
@@ -573,7 +591,7 @@ _COMPILER_LIBRARIES = ("libLLVM", "libclang")
 def release_compiler_memory() -> None:
     """bcc compiles with clang and LLVM inside the agent: ~80 MB of their code is paged in for a
     compile that is over once the program is loaded, and ~30 MB of freed heap stays with the
-    process. Give both back (the next compile, in `watch`, pages the code in again)."""
+    process. Give both back: the agent compiles once, `watch` included."""
     libc = ct.CDLL(None, use_errno=True)
     libc.malloc_trim(0)
     libc.madvise.argtypes = [ct.c_void_p, ct.c_size_t, ct.c_int]
