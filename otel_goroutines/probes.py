@@ -319,11 +319,11 @@ class BpfProgram:
         for name in ("proc_configs", "traced"):
             key = ct.c_uint32(pid)
             lib.bpf_delete_elem(self._bpf[name].map_fd, ct.byref(key))
-        for name, value_dtype in (("goroutines", GSTATE_DTYPE), ("app_stacks", None))[:2 if self.settings.app_traces else 1]:
-            fd = self._bpf[name].map_fd
-            keys = read_map(fd, GKEY_DTYPE, value_dtype or np.dtype((np.void, ct.sizeof(self._bpf[name].Leaf))))[0]
+        for name in ["goroutines"] + (["app_stacks"] if self.settings.app_traces else []):  # maps keyed by (tgid, goid)
+            table = self._bpf[name]
+            keys, _ = read_map(table.map_fd, GKEY_DTYPE, np.dtype((np.void, ct.sizeof(table.Leaf))))
             for key in keys[keys["tgid"] == pid]:
-                lib.bpf_delete_elem(fd, np.array(key).ctypes.data)
+                lib.bpf_delete_elem(table.map_fd, np.array(key).ctypes.data)
         self._queued.pop(pid, None)
         self._free_slots.append(slot)
 
