@@ -105,3 +105,41 @@ def test_attach_until_the_target_exits(programs, rotel, receiver, tmp_path):
     missed, spawned = ticks_untraced_after_attach(manifest, spans)
     assert spawned >= 49 and not missed, (missed, err)
     assert {s.attributes["go.goroutine.end_reason"] for s in spans} <= {"exited", "process_exited"}
+
+
+def test_probe_groups_detach_and_attach_again_on_one_process(programs, tmp_path):
+    """Two processes on one BPF program; one process's probe groups are detached at run time (what
+    an overhead budget does) and attached again: its goroutines stop being seen, then are seen
+    again, while the other process is traced throughout (its probes are its own)."""
+    from helpers import poll
+    from otel_goroutines.analysis import analyse
+    from otel_goroutines.probes import BpfProgram, GoroutineProbes, ProbeSettings
+    tickers = [subprocess.Popen([str(programs["ticker"]), str(tmp_path / f"t{n}.json"), "60s"]) for n in range(2)]
+    program = BpfProgram(ProbeSettings())
+    found = analyse(str(programs["ticker"]))
+    probes = [GoroutineProbes(found.support, str(programs["ticker"]), t.pid, ProbeSettings(), found.sdk.support, program)
+              for t in tickers]
+    created = lambda p: p.counters()["goroutines_created"]
+    try:
+        for p in probes:
+            p.attach()
+        assert poll(lambda: all(created(p) >= 10 for p in probes), 20)
+        for group in list(probes[0].attached_groups):
+            probes[0].detach_group(group)
+        time.sleep(0.1)  # a creation already inside a handler may still count
+        stopped, other = created(probes[0]), created(probes[1])
+        assert poll(lambda: created(probes[1]) >= other + 20, 20)
+        assert created(probes[0]) == stopped  # 20 ticks of the other later: none of this one's seen
+        for group in probes[0].groups:
+            probes[0].attach_group(group)
+        assert poll(lambda: created(probes[0]) >= stopped + 10, 20)
+        for p in probes:  # each process's records came to it alone
+            batch = p.drain()
+            assert set(batch.ends["tgid"].tolist()) <= {p.pid}
+    finally:
+        for p in probes:
+            p.close()
+        program.close()
+        for t in tickers:
+            t.kill()
+            t.wait()
