@@ -44,6 +44,7 @@ class ExportSettings:
     endpoint: str | None
     protocol: str
     flush_timeout_s: float = 10.0
+    wire_encoder: bool = True  # False: the SDK's own span encoder (OTEL_GOROUTINES_OTLP_ENCODER=sdk, for the bench)
 
 
 @dataclass
@@ -88,7 +89,7 @@ def build_resource(binary: GoBinary, target: Target) -> Resource:
 
 def make_sink(settings: ExportSettings, resource: Resource, deadline: Deadline | None = None) -> SpanSink:
     if settings.exporter == "otlp":
-        return OtlpSink(settings.protocol, settings.endpoint, resource, deadline=deadline)
+        return OtlpSink(settings.protocol, settings.endpoint, resource, deadline=deadline, fast=settings.wire_encoder)
     if settings.exporter == "file":
         return FileSink(settings.output, resource)
     if settings.exporter == "console":

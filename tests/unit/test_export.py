@@ -37,6 +37,8 @@ def test_otlp_json_round_trip(tmp_path):
 class FlakySink:
     """Fails until told to recover; records what it accepted."""
 
+    failure_hint = "told to fail"
+
     def __init__(self):
         self.healthy = threading.Event()
         self.accepted = []
