@@ -15,7 +15,7 @@ import yaml
 from helpers import ROOT
 from otel_goroutines.cgroup_identity import identity_from_cgroup
 from otel_peers import COLLECTOR_CONFIGS, PEERS_SRC, build_k8s_collector, validate_config
-from test_sidecar import CAPS, HEALTH_FILE, K8S as SIDECAR
+from test_sidecar import CAPS, HEALTH_FILE, K8S as SIDECAR, _flag_value
 
 DAEMONSET = ROOT / "kubernetes" / "daemonset.yaml"
 COLLECTOR_CONFIG = COLLECTOR_CONFIGS / "otelcol-k8s.yaml"
@@ -24,10 +24,6 @@ COLLECTOR_CONFIG = COLLECTOR_CONFIGS / "otelcol-k8s.yaml"
 def _docs(path) -> dict:
     """The manifest's objects by (kind, name)."""
     return {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(path.read_text()) if d}
-
-
-def _flag_value(argv: list[str], flag: str) -> str:
-    return argv[argv.index(flag) + 1]
 
 
 @pytest.fixture(scope="module")
