@@ -34,6 +34,7 @@ def v1(path: str, v2_line: str | None = None) -> str:
     # cgroup v2 seen from an agent in its own cgroup namespace (a DaemonSet pod): relative paths
     (f"0::/../../kubepods-besteffort.slice/kubepods-besteffort-pod{SYSTEMD_UID}.slice/cri-containerd-{CID}.scope\n", BOTH),
     (f"0::/../../../kubepods/burstable/pod{UID}/{CID}\n", BOTH),
+    (f"0::/../cri-containerd-{CID}.scope\n", {"container.id": CID}),  # a sidecar's neighbour, from the sidecar's namespace
     # cgroup v1, cgroupfs driver: containerd (bare ID), CRI-O (crio-ID), Guaranteed pods directly under kubepods
     (v1(f"/kubepods/burstable/pod{UID}/{CID}"), BOTH),
     (v1(f"/kubepods/besteffort/pod{UID}/crio-{CID}"), BOTH),
@@ -59,7 +60,7 @@ def v1(path: str, v2_line: str | None = None) -> str:
     ("", {}),
     ("not a cgroup file\n", {}),
 ], ids=["v2-systemd-containerd-burstable", "v2-systemd-containerd-besteffort", "v2-systemd-containerd-guaranteed",
-        "v2-systemd-crio", "v2-systemd-cri-dockerd", "v2-cgroupns-systemd", "v2-cgroupns-cgroupfs",
+        "v2-systemd-crio", "v2-systemd-cri-dockerd", "v2-cgroupns-systemd", "v2-cgroupns-cgroupfs", "v2-cgroupns-sidecar",
         "v1-cgroupfs-containerd", "v1-cgroupfs-crio", "v1-cgroupfs-guaranteed", "v1-systemd-containerd",
         "hybrid-v2-root", "static-pod", "docker-v1", "docker-v2-systemd", "podman", "podman-rootless",
         "crio-conmon", "host-service", "this-machine", "root", "empty", "garbage"])
