@@ -2,7 +2,6 @@
 (kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod<uid>.slice/cri-containerd-<id>.scope),
 found by `watch`, its spans and metrics exported with container.id and k8s.pod.uid on their resource."""
 
-import os
 import secrets
 import shutil
 import signal
@@ -64,7 +63,7 @@ def test_watch_labels_a_process_with_its_pod_and_container(programs, receiver, k
                                       "--metrics-interval", "1"], stdout=open(agent_log, "w"), stderr=subprocess.STDOUT)
     log = agent_log.read_text
     try:
-        assert poll(lambda: f"0::/kubepods.slice/" in Path(f"/proc/{service.pid}/cgroup").read_text(), 10)
+        assert poll(lambda: "0::/kubepods.slice/" in Path(f"/proc/{service.pid}/cgroup").read_text(), 10)
         ticks = lambda spans: [s for s in spans if s.name == "main.tick" and s.resource.get("process.pid") == service.pid]
         assert poll(lambda: len(ticks(receiver.spans)) >= 5, 60), log()
         metric_resources = lambda: [_resource(rm.resource.attributes) for req in receiver.metrics for rm in req.resource_metrics]
