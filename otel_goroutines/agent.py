@@ -18,6 +18,7 @@ from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from . import __version__, allocs, goruntime, gosdk, target_memory
 from .binary.gobinary import GoBinary
 from .binary.symbolize import Symbolizer
+from .cgroup_identity import process_identity
 from .deadline import Deadline
 from .errors import AgentError
 from .exporters import ConsoleSink, FileSink, OtlpSink, SpanSink, open_output
@@ -82,6 +83,7 @@ def build_resource(binary: GoBinary, target: Target) -> Resource:
         "host.name": socket.gethostname(),
         "telemetry.sdk.name": "otel-goroutines",
         "telemetry.sdk.version": __version__,
+        **process_identity(target.pid),  # container.id, k8s.pod.uid: the Collector's k8sattributes adds the rest
     })
     # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME override the defaults above.
     return base.merge(OTELResourceDetector().detect())
