@@ -22,13 +22,14 @@ from .longlived import LongLived
 from .metrics import GoroutineMetrics
 from .records import EndReason, GoroutineRecord, StateChange, TraceReason, take
 from .sampling import SpanBudget
-from .spans import GoroutineSpan, SpanBuilder, app_unsampled
+from .spans import GROUP_BIT, GoroutineSpan, GroupWindow, SpanBuilder, app_unsampled
 from .tracker import Summary
 
 END_REASONS = tuple(EndReason)  # end_reason codes of a batch: index into this
 _EXITED = END_REASONS.index(EndReason.EXITED)
 _WAITING = 4
 _AGE_EVERY = 10  # batches (about a second) between moves of held changes from _young to _old
+_CLOSE_GRACE_NS = 1_000_000  # between a probe's end time and its record's submission: a group closes this much later
 
 
 def record_of(row: np.void, end_reason: EndReason, changes: list[StateChange], labels: dict) -> GoroutineRecord:
@@ -49,6 +50,89 @@ def record_of(row: np.void, end_reason: EndReason, changes: list[StateChange], l
         labels=labels, changes=changes)
 
 
+@dataclass(frozen=True)
+class GroupSettings:
+    window_s: float = 10.0       # 0: no grouping
+    shorter_than_s: float = 1.0  # lifetime under which a childless child of a spawner is grouped
+    max_spans: int = 1000        # spans of a group's trace, its own included (--trace-max-spans)
+
+
+class ShortGoroutineGroups:
+    """One trace per spawner per time window for its short childless goroutines.
+
+    A spawner's children start traces of their own (the kernel's TR_SPAWNER): a ticker or a dispatcher
+    of short workers made a trace per goroutine, thousands a minute. So, at its end, a goroutine that
+    the kernel cut from its spawner, that started no goroutine, ended within shorter_than_s of its
+    creation and is in no application trace, goes instead into its spawner's group for the window (of
+    window_s, aligned on the wall clock) it was created in: a trace whose root span (SpanBuilder.group)
+    covers its members, side by side. Nothing else changes trace: no trace was rooted at such a goroutine.
+    A group holds max_spans - 1 goroutines; the next ones start another. Its span goes out once full, or
+    once its window is over (every member has ended by then: window end + shorter_than_s); a member
+    reported later than that (its end record waited in the kernel map) starts a new group of the window."""
+
+    def __init__(self, settings: GroupSettings, clock_offset_ns: int):
+        self._window_ns = int(settings.window_s * 1e9)
+        self._shorter_ns = int(settings.shorter_than_s * 1e9)
+        self._capacity = max(1, settings.max_spans - 1)
+        self._offset = clock_offset_ns  # windows are aligned on the wall clock
+        self._open: dict[tuple[int, int], GroupWindow] = {}  # (spawner, window) -> its group being filled
+        self._full: list[GroupWindow] = []
+        self._serial = 0
+        self.grouped = 0  # goroutines put in groups
+        self.groups = 0   # groups made
+
+    def assign(self, ends: np.ndarray, reasons: np.ndarray) -> None:
+        """Puts the eligible rows of a batch (END_EVENT_DTYPE; end_reason codes) in groups, in place:
+        trace_reason GROUPED, root_goid their group's name (GROUP_BIT | serial)."""
+        st = ends["st"]
+        lifetime = st["end_ns"].astype(np.int64) - st["create_ns"].astype(np.int64)
+        rows = np.flatnonzero((st["trace_reason"] == KernelTraceReason.TR_SPAWNER) & (st["children"] == 0) &
+                              (st["app_flags"] == 0) & (reasons == _EXITED) & (lifetime < self._shorter_ns))
+        if not len(rows):
+            return
+        spawner = st["parent_goid"][rows]
+        window = (st["create_ns"][rows].astype(np.int64) + self._offset) // self._window_ns
+        order = np.lexsort((window, spawner))  # stable: a key's rows keep their batch order
+        rows, spawner, window = rows[order], spawner[order], window[order]
+        bounds = np.flatnonzero(np.r_[True, (spawner[1:] != spawner[:-1]) | (window[1:] != window[:-1]), True])
+        names = np.empty(len(rows), np.uint64)
+        for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            self._fill((int(spawner[start]), int(window[start])), st, rows, names, start, stop)
+        st["trace_reason"][rows] = TraceReason.GROUPED
+        st["root_goid"][rows] = names
+        self.grouped += len(rows)
+
+    def _fill(self, key: tuple[int, int], st: np.ndarray, rows: np.ndarray, names: np.ndarray, start: int, stop: int) -> None:
+        """Rows[start:stop], all of one key, into that key's open group, and new ones as groups fill."""
+        while start < stop:
+            group = self._open.get(key)
+            if group is None:
+                first = rows[start]
+                self._serial += 1
+                self.groups += 1
+                group = self._open[key] = GroupWindow(self._serial, key[0], int(st["parent_root_goid"][first]),
+                                                      int(st["go_pc"][first]), int(st["create_ns"][first]), 0)
+            n = min(stop - start, self._capacity - group.count)
+            members = rows[start:start + n]
+            group.first_ns = min(group.first_ns, int(st["create_ns"][members].min()))
+            group.last_ns = max(group.last_ns, int(st["end_ns"][members].max()))
+            group.count += n
+            names[start:start + n] = GROUP_BIT | group.serial
+            if group.count == self._capacity:
+                self._full.append(self._open.pop(key))
+            start += n
+
+    def due(self, now_ns: int | None) -> list[GroupWindow]:
+        """Groups complete at kernel time now_ns (every end record before it has been read), or all (None)."""
+        done, self._full = self._full, []
+        for key in [k for k in self._open if now_ns is None or now_ns >= self._closes_ns(k[1])]:
+            done.append(self._open.pop(key))
+        return done
+
+    def _closes_ns(self, window: int) -> int:
+        return (window + 1) * self._window_ns - self._offset + self._shorter_ns + _CLOSE_GRACE_NS
+
+
 @dataclass
 class FlowCounts:
     """Totals for the summary and metrics."""
@@ -65,8 +149,10 @@ class SpanFlow:
 
     def __init__(self, builder: SpanBuilder, long_lived: LongLived, budget: SpanBudget, summary: Summary,
                  encode: Callable[[GoroutineSpan], bytes] | None, batch_encoder: BatchSpanEncoder | None,
-                 metrics: GoroutineMetrics | None = None, follow_app_sampling: bool = True):
+                 metrics: GoroutineMetrics | None = None, follow_app_sampling: bool = True,
+                 groups: ShortGoroutineGroups | None = None):
         self.builder = builder
+        self.groups = groups
         self.long_lived = long_lived
         self.budget = budget
         self.summary = summary
@@ -119,8 +205,10 @@ class SpanFlow:
         if not len(ends):
             return []
         order = np.argsort(ends["goid"], kind="stable")
-        ends = self._adopted(take(ends, order))
+        ends = self._adopted(take(ends, order))  # a copy: rows may change in place
         reasons = np.full(len(ends), _EXITED, np.uint8) if end_reason is None else np.asarray(end_reason, np.uint8)[order]
+        if self.groups is not None:
+            self.groups.assign(ends, reasons)
         changes, offsets = self._claim_changes(ends["goid"])
         self._count(ends, reasons)
         slow = self._needs_reference(ends)
@@ -234,6 +322,12 @@ class SpanFlow:
                 continue
             spans.append(span)
         return self.prepared(self.budget.select(spans))
+
+    def group_spans(self, now_ns: int | None) -> list:
+        """The spans of the groups of short goroutines complete at kernel time now_ns (None: all, at the end)."""
+        if self.groups is None:
+            return []
+        return self.prepared([self.builder.group(g) for g in self.groups.due(now_ns)])
 
     def prepared(self, spans: list[GoroutineSpan]) -> list:
         """What the sink takes: encoded bytes, or the span objects."""
