@@ -29,6 +29,7 @@ END_REASONS = tuple(EndReason)  # end_reason codes of a batch: index into this
 _EXITED = END_REASONS.index(EndReason.EXITED)
 _WAITING = 4
 _AGE_EVERY = 10  # batches (about a second) between moves of held changes from _young to _old
+_TR_SPAWNER = int(KernelTraceReason.TR_SPAWNER)
 _CLOSE_GRACE_NS = 1_000_000  # between a probe's end time and its record's submission: a group closes this much later
 
 
@@ -85,37 +86,48 @@ class ShortGoroutineGroups:
         """Puts the eligible rows of a batch (END_EVENT_DTYPE; end_reason codes) in groups, in place:
         trace_reason GROUPED, root_goid their group's name (GROUP_BIT | serial)."""
         st = ends["st"]
-        lifetime = st["end_ns"].astype(np.int64) - st["create_ns"].astype(np.int64)
-        rows = np.flatnonzero((st["trace_reason"] == KernelTraceReason.TR_SPAWNER) & (st["children"] == 0) &
-                              (st["app_flags"] == 0) & (reasons == _EXITED) & (lifetime < self._shorter_ns))
+        pick = st["trace_reason"] == _TR_SPAWNER  # (fields of nested records are strided: each test costs, cheapest first)
+        if not pick.any():
+            return
+        pick &= (st["children"] == 0) & (st["app_flags"] == 0) & (reasons == _EXITED)
+        pick &= st["end_ns"] - st["create_ns"] < np.uint64(self._shorter_ns)  # (an end before its creation: huge, not short)
+        rows = np.flatnonzero(pick)
         if not len(rows):
             return
-        spawner = st["parent_goid"][rows]
-        window = (st["create_ns"][rows].astype(np.int64) + self._offset) // self._window_ns
-        order = np.lexsort((window, spawner))  # stable: a key's rows keep their batch order
-        rows, spawner, window = rows[order], spawner[order], window[order]
-        bounds = np.flatnonzero(np.r_[True, (spawner[1:] != spawner[:-1]) | (window[1:] != window[:-1]), True])
+        spawner, create, end = st["parent_goid"][rows], st["create_ns"][rows].view(np.int64), st["end_ns"][rows].view(np.int64)
+        if spawner.min() == spawner.max() and self._window(create.min()) == self._window(create.max()):
+            runs = [((int(spawner[0]), int(self._window(create[0]))), 0, len(rows))]  # most batches: one spawner, one window
+        else:
+            window = self._window(create)
+            order = np.lexsort((window, spawner))  # stable: a key's rows keep their batch order
+            rows, spawner, create, end, window = rows[order], spawner[order], create[order], end[order], window[order]
+            bounds = np.flatnonzero(np.r_[True, (spawner[1:] != spawner[:-1]) | (window[1:] != window[:-1]), True]).tolist()
+            runs = [((int(spawner[a]), int(window[a])), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
         names = np.empty(len(rows), np.uint64)
-        for start, stop in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
-            self._fill((int(spawner[start]), int(window[start])), st, rows, names, start, stop)
-        st["trace_reason"][rows] = TraceReason.GROUPED
+        for key, a, b in runs:
+            self._fill(key, st[rows[a]], create[a:b], end[a:b], names[a:b])
+        st["trace_reason"][rows] = TraceReason.GROUPED.value
         st["root_goid"][rows] = names
         self.grouped += len(rows)
 
-    def _fill(self, key: tuple[int, int], st: np.ndarray, rows: np.ndarray, names: np.ndarray, start: int, stop: int) -> None:
-        """Rows[start:stop], all of one key, into that key's open group, and new ones as groups fill."""
+    def _window(self, create_ns):
+        """The window (of window_ns, on the wall clock) of kernel times create_ns."""
+        return (create_ns + self._offset) // self._window_ns
+
+    def _fill(self, key: tuple[int, int], first: np.void, create: np.ndarray, end: np.ndarray, names: np.ndarray) -> None:
+        """Goroutines of one key (their creation and end times), `first` the first's gstate, into that key's open
+        group and new ones as groups fill; names: where their group's name goes."""
+        start, stop = 0, len(create)
         while start < stop:
             group = self._open.get(key)
             if group is None:
-                first = rows[start]
                 self._serial += 1
                 self.groups += 1
-                group = self._open[key] = GroupWindow(self._serial, key[0], int(st["parent_root_goid"][first]),
-                                                      int(st["go_pc"][first]), int(st["create_ns"][first]), 0)
+                group = self._open[key] = GroupWindow(self._serial, key[0], int(first["parent_root_goid"]), int(first["go_pc"]),
+                                                      int(create[start]), 0)
             n = min(stop - start, self._capacity - group.count)
-            members = rows[start:start + n]
-            group.first_ns = min(group.first_ns, int(st["create_ns"][members].min()))
-            group.last_ns = max(group.last_ns, int(st["end_ns"][members].max()))
+            group.first_ns = min(group.first_ns, int(create[start:start + n].min()))
+            group.last_ns = max(group.last_ns, int(end[start:start + n].max()))
             group.count += n
             names[start:start + n] = GROUP_BIT | group.serial
             if group.count == self._capacity:
