@@ -241,3 +241,56 @@ def test_jaeger_short_goroutines_of_spawners_are_grouped(spawners_in_jaeger):
     # A trace per group, per fanout (it starts goroutines: as before), the program's own tree, the
     # checkpoints of each long-lived goroutine, and the runtime's few: far fewer than goroutines.
     assert len(traces) <= 2 * windows + made["main.fanout"] + 20 < made["main.beat"] + made["main.work"]
+
+
+def render_jaeger(trace: dict, shown: int = 3, at_root: int | None = None) -> str:
+    """One trace as Jaeger's query API returns it, as a text tree: at most `at_root` children of a root
+    (None: all), `shown` of any other span (by start)."""
+    kids: dict[str | None, list[dict]] = {}
+    for s in trace["spans"]:
+        kids.setdefault(jaeger_parent(s), []).append(s)
+    t0 = min(s["startTime"] for s in trace["spans"])
+    rows = []
+
+    def walk(span: dict, prefix: str, last: bool, depth: int) -> None:
+        tags = {t["key"]: t["value"] for t in span["tags"]}
+        group = "go.goroutine.group.goroutines" in tags
+        what = f"{tags['go.goroutine.group.goroutines']} goroutines" if group else f"goroutine {tags['go.goroutine.id']}"
+        notes = [f"{k[len('go.goroutine.'):]}={tags[k]}" for k in ("go.goroutine.trace_reason", "go.goroutine.checkpoints")
+                 if k in tags]
+        notes += ["linked to its spawner"] if group and span.get("references") else []
+        branch = "" if depth == 0 else prefix + ("└─ " if last else "├─ ")
+        rows.append((branch + span["operationName"], what, f"+{(span['startTime'] - t0) / 1e3:.1f} ms",
+                     f"{span['duration'] / 1e3:.1f} ms", ", ".join(notes)))
+        children = sorted(kids.get(span["spanID"], []), key=lambda s: s["startTime"])
+        limit = (len(children) if at_root is None else at_root) if depth == 0 else shown
+        inner = "" if depth == 0 else prefix + ("   " if last else "│  ")
+        for i, kid in enumerate(children[:limit]):
+            walk(kid, inner, i == len(children) - 1, depth + 1)
+        if len(children) > limit:
+            rows.append((inner + f"└─ ... {len(children) - limit} more {children[limit]['operationName']}", "", "", "", ""))
+
+    for root in sorted(kids.get(None, []), key=lambda s: s["startTime"]):
+        walk(root, "", True, 0)
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}  {r[4]}".rstrip() for r in rows]
+    return f"trace {trace['traceID']}  ({len(trace['spans'])} spans)\n" + "\n".join(lines)
+
+
+def test_jaeger_render_a_long_running_service(spawners_in_jaeger):
+    """The service's trace list and two traces as Jaeger shows them (pytest -s; the README shows them)."""
+    traces = spawners_in_jaeger["traces"]
+    roots = Counter()
+    for t in traces:
+        top = sorted((s for s in t["spans"] if jaeger_parent(s) is None), key=lambda s: s["startTime"])
+        partial = jaeger_tag(top[0], "go.goroutine.partial")
+        roots[f"{top[0]['operationName']}{' (checkpoints)' if partial else ''}"] += 1
+    listing = "\n".join(f"{n:5} x {name}" for name, n in roots.most_common())
+    main = next(t for t in traces if any(s["operationName"] == "runtime.main" and not jaeger_tag(s, "go.goroutine.partial")
+                                        for s in t["spans"]))
+    group = max((t for t in traces if any(s["operationName"] == "short goroutines of main.dispatcher" for s in t["spans"])),
+                key=lambda t: len(t["spans"]))
+    print(f"\n{len(traces)} traces, {sum(len(t['spans']) for t in traces)} spans, by root span:\n{listing}\n\n"
+          f"{render_jaeger(main)}\n\n{render_jaeger(group, at_root=6)}")
+    assert roots["short goroutines of main.ticker"] >= 2 and roots["main.fanout"] >= 20
+    assert render_jaeger(group).splitlines()[1].startswith("short goroutines of main.dispatcher")
