@@ -306,8 +306,9 @@ def goroutine_spans(spans: list[Span]) -> list[Span]:
 
 
 def by_goid(spans: list[Span]) -> dict[int, Span]:
+    """Goroutine spans by goroutine id (group spans, which have none, left out)."""
     out = {}
-    for s in spans:
+    for s in goroutine_spans(spans):
         goid = s.attributes["go.goroutine.id"]
         assert goid not in out, f"goroutine {goid} exported twice"
         out[goid] = s
