@@ -29,6 +29,7 @@ enum trace_reason {
     TR_SPAWNER = 2,          // the creator is a long-lived or prolific spawner
     TR_TRACE_FULL = 3,       // the creator's trace reached its span cap
     TR_APP_SPAN = 4,         // created under an application span: in that trace, its child
+    TR_GROUPED = 5,          // never set here: user space (flow.py) puts a spawner's short childless children in groups
 };
 
 // gstate.flags

@@ -23,7 +23,7 @@ from .deadline import Deadline
 from .errors import AgentError
 from .exporters import ConsoleSink, FileSink, OtlpSink, SpanSink, open_output
 from .fastspans import BatchSpanEncoder
-from .flow import END_REASONS, FlowCounts, SpanFlow
+from .flow import END_REASONS, FlowCounts, GroupSettings, ShortGoroutineGroups, SpanFlow
 from .kernel_records import GstateFlag
 from .longlived import LongLived, LongLivedSettings
 from .metrics import GoroutineMetrics, MetricsData, MetricsSender
@@ -53,6 +53,7 @@ class AgentOptions:
     export: ExportSettings
     probes: ProbeSettings
     long_lived: LongLivedSettings = field(default_factory=LongLivedSettings)
+    groups: GroupSettings = field(default_factory=GroupSettings)  # max_spans is probes.trace_max_spans
     spans_per_second: float = 0.0    # 0: no budget
     metrics_interval_s: float = 10.0  # 0: no metrics
     quiet: bool = False
@@ -186,10 +187,12 @@ class Session:
                 allocs=self.options.probes.allocs,
             )
             encoder = getattr(sink, "encoder", None)  # sinks that take encoded spans
+            grouping = dataclasses.replace(self.options.groups, max_spans=self.options.probes.trace_max_spans)
             self._flow = SpanFlow(builder, self.long_lived, self.budget, self.summary,
                                   encoder.span if encoder is not None else None,
                                   BatchSpanEncoder(builder, encoder) if encoder is not None else None,
-                                  self.metrics, self.options.app_unsampled == "follow")
+                                  self.metrics, self.options.app_unsampled == "follow",
+                                  ShortGoroutineGroups(grouping, self.clock_offset_ns) if grouping.window_s else None)
             self._flow.imported = self._imported
         return self._flow
 
@@ -365,7 +368,10 @@ class Session:
         metrics_every_ns = int(opts.metrics_interval_s * 1e9)
         next_scan, next_metrics = start_ns + scan_every_ns, start_ns + metrics_every_ns
         while self._stop_reason is None:
+            polled = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # every end before this is read by the poll
             self._take(self.probes.poll(opts.poll_interval_ms), pipeline)
+            if self._flow is not None:
+                pipeline.submit(self._flow.group_spans(polled))
             now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             if self._scan_now or (scan_every_ns and now >= next_scan):
                 self._scan(pipeline, now)
@@ -396,6 +402,8 @@ class Session:
             left["st"] = st
             reasons = np.where(alive, END_REASONS.index(self._stop_reason), END_REASONS.index(EndReason.EXITED))
             pipeline.submit(self._span_flow(pipeline.sink).ended(left, reasons))
+        if self._flow is not None:
+            pipeline.submit(self._flow.group_spans(None))
         counters = self.probes.counters()
         return _End(self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None,
                     counters, self.probes.allocs_elsewhere(), self.probes.app_counters())
@@ -418,6 +426,10 @@ class Session:
             print(f"({self.existing_at_attach} goroutines existed at attach: their spans start at the attach)", file=sys.stderr)
         if untraced_exits:
             print(f"({untraced_exits} goroutines that existed before the attach exited untraced)", file=sys.stderr)
+        if self._flow is not None and self._flow.groups is not None and self._flow.groups.groups:
+            groups = self._flow.groups
+            print(f"short goroutines of spawners: {groups.grouped} in {groups.groups} group traces "
+                  f"(one per spawner per {opts.groups.window_s:g} s window)", file=sys.stderr)
         if self.long_lived.leaks_flagged:
             print(f"suspected goroutine leaks: {self.long_lived.leaks_flagged}", file=sys.stderr)
         if any(losses.values()):

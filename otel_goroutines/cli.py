@@ -18,6 +18,7 @@ from .binary.buildinfo import BuildInfoError
 from .binary.gobinary import GoBinary
 from .binary.pclntab import PclntabError
 from .errors import AgentError, UnsupportedTarget
+from .flow import GroupSettings
 from .longlived import LongLivedSettings
 from .probes import ProbeSettings, check_privileges
 from .settings_check import FiniteFloat, check_endpoints, warn_about_dropped_entries
@@ -95,6 +96,11 @@ def _tracing_options(func):
                      help="A goroutine that created more children than this is a spawner: its later children start traces of their own."),
         click.option("--spawner-age", type=FiniteFloat(0), default=1.0, show_default=True,
                      help="Seconds: a goroutine older than this is a spawner too (accept loops, dispatchers, pools)."),
+        click.option("--group-window", type=FiniteFloat(0), default=10.0, show_default=True,
+                     help="Seconds: a spawner's short goroutines that start none of their own share one trace per "
+                          "window, under a span of the group, instead of a trace each (0: a trace each)."),
+        click.option("--group-shorter-than", type=FiniteFloat(0), default=1.0, show_default=True,
+                     help="Seconds: the lifetime under which a spawner's childless goroutine is grouped (--group-window)."),
         click.option("--checkpoint-after", type=FiniteFloat(0), default=60.0, show_default=True,
                      help="Seconds: a goroutine alive this long is exported as a checkpoint span, and again every so long (0: never)."),
         click.option("--leak-after", type=FiniteFloat(0), default=300.0, show_default=True,
@@ -125,7 +131,7 @@ def _tracing_options(func):
 
 
 def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, trace_max_spans, spawner_children, spawner_age,
-             checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet,
+             group_window, group_shorter_than, checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet,
              app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8) -> AgentOptions:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
@@ -151,6 +157,7 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
                              spawner_children=spawner_children, spawner_age_s=spawner_age,
                              app_traces=app_traces == "auto", labels=pprof_labels, ringbuf_pages=ring_buffer_mib * 256),
         long_lived=LongLivedSettings(checkpoint_after_s=checkpoint_after, leak_after_s=leak_after),
+        groups=GroupSettings(window_s=group_window, shorter_than_s=group_shorter_than),
         spans_per_second=max_spans_per_second,
         metrics_interval_s=metrics_interval,
         quiet=quiet,

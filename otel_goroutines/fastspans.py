@@ -135,6 +135,9 @@ class BatchSpanEncoder:
         rows[_spanenc.SPAN_ID] = mix64(salt, cols["goid"])
         creator = mix64(salt, cols["parent_goid"])
         rows[_spanenc.PARENT_ID] = np.where(reason == TraceReason.JOINS_PARENT, creator, 0)
+        grouped = reason == TraceReason.GROUPED  # under its group's span: span_id_for(root_goid), the trace's high half
+        if grouped.any():
+            rows[_spanenc.PARENT_ID][grouped] = rows[_spanenc.TRACE_HI][grouped]
         linked = (reason == TraceReason.SPAWNER) | (reason == TraceReason.TRACE_FULL)
         rows[_spanenc.LINK_SPAN] = np.where(linked, creator, 0)
         rows[_spanenc.LINK_HI] = mix64(salt, cols["parent_root_goid"])

@@ -21,6 +21,8 @@ class TraceReason(int, Enum):
     SPAWNER = 2           # the creator is a long-lived or prolific spawner: accept loop, dispatcher, pool
     TRACE_FULL = 3        # the creator's trace reached its span cap
     APP_SPAN = 4          # created under an application span: in the application's trace, its child
+    GROUPED = 5           # set by the flow, never by the kernel: a short childless child of a spawner, in the
+                          # trace of its spawner's window (flow.ShortGoroutineGroups); root_goid names that group
 
 
 @dataclass(slots=True)

@@ -14,7 +14,11 @@ _WAITING = 4
 _TRACE_SALT = 0x5EED_0F_7A_CE_5A17   # second half of a trace id
 _HISTORY_SALT = 0x415_7041_C0DE    # traces that hold a long-lived goroutine's checkpoints
 _TRACE_REASONS = {TraceReason.UNTRACED_PARENT: "untraced_parent", TraceReason.SPAWNER: "spawner",
-                  TraceReason.TRACE_FULL: "trace_full", TraceReason.APP_SPAN: "application_span"}
+                  TraceReason.TRACE_FULL: "trace_full", TraceReason.APP_SPAN: "application_span",
+                  TraceReason.GROUPED: "grouped"}
+# A group of short goroutines (flow.ShortGoroutineGroups) is named like a goroutine, by GROUP_BIT | its serial
+# number: its trace and span ids come from the same bijection as goroutines' and never meet theirs.
+GROUP_BIT = 1 << 62
 # GoroutineRecord.app_flags (bpf/goroutines.bpf.c): in the application's trace app_trace_id; or in a trace
 # of its own, linked to its creator there; and the application's sampling decision for that trace.
 APP_IN_TRACE, APP_LINKED, APP_SAMPLED = 1, 2, 4
@@ -46,6 +50,18 @@ class GoroutineSpan:
     events: list[SpanEvent] = field(default_factory=list)
     links: list[SpanLink] = field(default_factory=list)
     error: str | None = None  # span status ERROR with this description
+
+
+@dataclass(slots=True)
+class GroupWindow:
+    """Short childless goroutines of one spawner created in one time window (flow.ShortGoroutineGroups)."""
+    serial: int        # its name: GROUP_BIT | serial
+    spawner: int       # the creator's goroutine id
+    spawner_root: int  # the creator's trace (root goroutine), for the link
+    go_pc: int         # the go statement of its first goroutine
+    first_ns: int      # kernel time: the first one's creation
+    last_ns: int       # ...the last one's end
+    count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +116,9 @@ class SpanBuilder:
         span.span_id = span_id_for(self.salt, rec.goid)
         if rec.trace_reason is TraceReason.JOINS_PARENT:
             span.parent_span_id = span_id_for(self.salt, rec.parent_goid)
+        elif rec.trace_reason is TraceReason.GROUPED:  # under its group's span, which links to the spawner
+            span.parent_span_id = span_id_for(self.salt, rec.root_goid)
+            span.attributes["go.goroutine.trace_reason"] = _TRACE_REASONS[rec.trace_reason]
         else:
             if rec.trace_reason not in (TraceReason.UNTRACED_PARENT, TraceReason.APP_SPAN):
                 span.links.append(SpanLink(trace_id_for(self.salt, rec.parent_root_goid),
@@ -115,8 +134,9 @@ class SpanBuilder:
 
     def checkpoint(self, rec: GoroutineRecord, before: Checkpointed | None, now_ns: int) -> GoroutineSpan:
         """A span for the part of a live goroutine's life since its last checkpoint. Checkpoints
-        go to a trace of their own per goroutine, each linked to the one before; the final span links
-        to the last one."""
+        go to a trace of their own per goroutine, side by side in time, numbered; the final span links
+        to the last one. (Not each to the one before: Jaeger takes a link within a trace for a parent,
+        and flags a later checkpoint shorter than the one before for clock skew.)"""
         span = self._span(rec, before, now_ns)
         index = before.count + 1 if before else 1
         span.trace_id = trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid)
@@ -124,6 +144,19 @@ class SpanBuilder:
         span.attributes["go.goroutine.checkpoint"] = index
         span.attributes["go.goroutine.partial"] = True
         return span
+
+    def group(self, group: GroupWindow) -> GoroutineSpan:
+        """The span a group of short goroutines sits under: from its first one's creation to its last one's
+        end, named after the function whose go statement made them, linked to the spawner's span."""
+        site = self.creation_site(group.go_pc) if group.go_pc else None
+        made_by = site[0] if site else f"goroutine {group.spawner}"
+        attrs = {"go.goroutine.group.spawner_id": group.spawner, "go.goroutine.created_by": made_by,
+                 "go.goroutine.group.goroutines": group.count}
+        link = SpanLink(trace_id_for(self.salt, group.spawner_root), span_id_for(self.salt, group.spawner),
+                        {"go.goroutine.link": "creator"})
+        key = GROUP_BIT | group.serial
+        return GoroutineSpan(trace_id_for(self.salt, key), span_id_for(self.salt, key), None, f"short goroutines of {made_by}",
+                             group.first_ns + self.clock_offset_ns, group.last_ns + self.clock_offset_ns, attrs, [], [link])
 
     def mark_leak(self, span: GoroutineSpan, rec: GoroutineRecord, why: str, now_ns: int) -> None:
         """A checkpoint span of a suspected leak: flagged, with the wait it is stuck in."""
@@ -173,9 +206,8 @@ class SpanBuilder:
             if change.to_state == _WAITING:
                 ev_attrs["go.goroutine.wait_reason"] = self.wait_reason(change.wait_reason)
             events.append(SpanEvent(STATE_NAMES.get(change.to_state, str(change.to_state)), change.time_ns + offset, ev_attrs))
-        links = [self._previous_checkpoint(rec, before)] if before else []
         start_ns = before.until_ns if before else rec.create_ns
-        return GoroutineSpan(0, 0, None, name, start_ns + offset, end_ns + offset, attrs, events, links)
+        return GoroutineSpan(0, 0, None, name, start_ns + offset, end_ns + offset, attrs, events)
 
     def _previous_checkpoint(self, rec: GoroutineRecord, before: Checkpointed) -> SpanLink:
         return SpanLink(trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid), checkpoint_span_id(self.salt, rec.goid, before.count),

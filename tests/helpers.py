@@ -296,9 +296,19 @@ def of_run(spans: list[Span], marker: str) -> list[Span]:
     return [s for s in spans if s.resource.get("test.run.id") == marker]
 
 
+def group_spans(spans: list[Span]) -> dict[tuple[str, str], Span]:
+    """The spans of groups of short goroutines (--group-window), by (trace id, span id): they have no goroutine id."""
+    return {(s.trace_id, s.span_id): s for s in spans if "go.goroutine.group.goroutines" in s.attributes}
+
+
+def goroutine_spans(spans: list[Span]) -> list[Span]:
+    return [s for s in spans if "go.goroutine.group.goroutines" not in s.attributes]
+
+
 def by_goid(spans: list[Span]) -> dict[int, Span]:
+    """Goroutine spans by goroutine id (group spans, which have none, left out)."""
     out = {}
-    for s in spans:
+    for s in goroutine_spans(spans):
         goid = s.attributes["go.goroutine.id"]
         assert goid not in out, f"goroutine {goid} exported twice"
         out[goid] = s

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import AGENT, ROOT, SDK_NEWEST, Span, build_appservice, build_program, run_agent
+from helpers import AGENT, ROOT, SDK_NEWEST, Span, build_appservice, build_program, group_spans, run_agent
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import go_toolchains  # noqa: E402
@@ -187,8 +187,14 @@ def test_goroutines_outside_requests_keep_their_own_traces(traced):
     for span in [*ticks, *janitor]:
         assert span.trace_id not in app_traces
         assert span.attributes.get("go.goroutine.trace_reason") != "application_span"
+    groups = group_spans([s for s in traced.spans if s.resource.get("process.pid") == traced.pid])
     for tick in ticks:
-        assert tick.parent_span_id in ("", *(j.span_id for j in janitor))
+        if tick.attributes.get("go.goroutine.trace_reason") == "grouped":  # short, childless, its spawner's: grouped
+            group = groups[(tick.trace_id, tick.parent_span_id)]
+            assert group.trace_id not in app_traces
+            assert group.attributes["go.goroutine.group.spawner_id"] == tick.attributes["go.goroutine.parent_id"]
+        else:
+            assert tick.parent_span_id in ("", *(j.span_id for j in janitor))
     # In main: warmup started under the "startup" span; the janitor, after that span ended, is not in it.
     if traced.variant.endswith("attached"):
         return  # both predate the attach
