@@ -542,6 +542,27 @@ static __always_inline void account_state(struct gstate *st, u32 to, u64 now) {
     st->transitions++;
 }
 
+// A wake (waiting -> runnable): who was running on this thread. casgstatus for a wake runs on the
+// system stack (goready's systemstack(ready), the scheduler), where R14 is g0: the goroutine is
+// g0.m.curg, none when the scheduler or sysmon itself wakes it (timers, netpoll). User space names
+// the call site (wake_pc) and so tells the runtime's own wakes (injectglist) from a goroutine's.
+static __always_inline void note_waker(struct pt_regs *ctx, struct transition_event *ev, u32 tgid, struct g_lo *lo) {
+    ev->waitreason = G_WAITREASON(lo);  // still the ended wait's: the runtime clears it only in gdestroy
+    ev->wake_pc = GO_RETURN_ADDR(ctx);
+    u64 m = read_u64(GO_G(ctx) + OFF_G_M);
+    u64 curg = m ? read_u64(m + OFF_M_CURG) : 0;
+    struct gkey waker = {.tgid = tgid, .goid = curg ? read_u64(curg + OFF_G_GOID) : 0};
+    if (!waker.goid)
+        return;
+    ev->waker = WAKER_GOROUTINE;
+    ev->waker_goid = waker.goid;
+    struct gstate *st = goroutines.lookup(&waker);
+    if (!st)
+        return;
+    ev->waker |= st->app_flags & APP_IN_TRACE ? WAKER_APP_TRACE : WAKER_TRACED;
+    ev->waker_root = st->root_goid;
+}
+
 // At the entry of runtime.casgstatus(gp, oldval, newval): RAX = gp, RBX = oldval, RCX = newval.
 // With STATES_COVER_LIFECYCLE (Go 1.24+, where newproc1 assigns the goid before making the g
 // runnable) this one probe also sees creations and exits: no trap of their own.
@@ -600,7 +621,10 @@ int on_casgstatus(struct pt_regs *ctx) {
     ev->from = from;
     ev->to = to;
     ev->waitreason = reason;
-    ev->pad = 0;
+    ev->waker = 0;
+    ev->waker_goid = ev->waker_root = ev->wake_pc = 0;
+    if (from == G_WAITING && to == G_RUNNABLE)
+        note_waker(ctx, ev, tgid, &lo);
     events.ringbuf_submit(ev, wake_flags());
     st->events_sent++;
     return 0;

@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import wakes
 from .allocs import AllocMode
 from .goruntime import G_LEAKED, STATE_NAMES
-from .records import EndReason, GoroutineRecord, TraceReason
+from .kernel_records import WakerFlag
+from .records import EndReason, GoroutineRecord, StateChange, TraceReason
 
 _MASK64 = (1 << 64) - 1
-_WAITING = 4
+_RUNNABLE, _WAITING = 1, 4
 _TRACE_SALT = 0x5EED_0F_7A_CE_5A17   # second half of a trace id
 _HISTORY_SALT = 0x415_7041_C0DE    # traces that hold a long-lived goroutine's checkpoints
 _TRACE_REASONS = {TraceReason.UNTRACED_PARENT: "untraced_parent", TraceReason.SPAWNER: "spawner",
@@ -166,16 +168,40 @@ class SpanBuilder:
             if self.allocs is AllocMode.SAMPLED:  # the values are estimates resting on this many samples
                 attrs["go.goroutine.alloc.samples"] = rec.alloc_samples - done[2]
 
+        wake_links, left_out = self.wake_links(rec)
+        if left_out:
+            attrs["go.goroutine.waker_links_left_out"] = left_out
+
         offset = self.clock_offset_ns
         events = []
         for change in rec.changes:
             ev_attrs = {"go.goroutine.state.previous": STATE_NAMES.get(change.from_state, str(change.from_state))}
             if change.to_state == _WAITING:
                 ev_attrs["go.goroutine.wait_reason"] = self.wait_reason(change.wait_reason)
+            ev_attrs.update(wakes.event_attributes(self.waker(rec, change), change.waker_goid))
             events.append(SpanEvent(STATE_NAMES.get(change.to_state, str(change.to_state)), change.time_ns + offset, ev_attrs))
-        links = [self._previous_checkpoint(rec, before)] if before else []
+        links = ([self._previous_checkpoint(rec, before)] if before else []) + wake_links
         start_ns = before.until_ns if before else rec.create_ns
         return GoroutineSpan(0, 0, None, name, start_ns + offset, end_ns + offset, attrs, events, links)
+
+    def waker(self, rec: GoroutineRecord, change: StateChange) -> wakes.Waker:
+        if change.from_state != _WAITING or change.to_state != _RUNNABLE:
+            return wakes.Waker.NONE
+        return wakes.waker_of(change.waker, change.waker_goid, rec.goid, self.function_name(change.wake_pc),
+                              self.wait_reason(change.wait_reason))
+
+    def wake_links(self, rec: GoroutineRecord) -> tuple[list[SpanLink], int]:
+        """Links to the spans of the goroutines that woke this one: one per waker, the first
+        WAKE_LINKS_MAX wakers with a span; and how many wakers with a span got none (over the cap, or
+        their span is in an application's trace, whose id the kernel does not send)."""
+        first: dict[int, StateChange] = {}
+        for change in rec.changes:
+            if change.waker & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE) and change.waker_goid not in first \
+                    and self.waker(rec, change) is wakes.Waker.GOROUTINE:
+                first[change.waker_goid] = change
+        links = [SpanLink(trace_id_for(self.salt, c.waker_root), span_id_for(self.salt, c.waker_goid), dict(wakes.WAKER_LINK))
+                 for c in list(first.values())[:wakes.WAKE_LINKS_MAX] if c.waker & WakerFlag.WAKER_TRACED]
+        return links, len(first) - len(links)
 
     def _previous_checkpoint(self, rec: GoroutineRecord, before: Checkpointed) -> SpanLink:
         return SpanLink(trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid), checkpoint_span_id(self.salt, rec.goid, before.count),
