@@ -13,7 +13,8 @@
 //   ALLOC_WEIGHT_ENTRIES, ALLOC_RATE_CAP, DEFAULT_MEMPROFILERATE;
 //   application spans (otel_goroutines/gosdk.py): APP_SPANS, OFF_RSPAN_SC, OFF_NRSPAN_SC, OFF_SC_TRACEID,
 //   OFF_SC_SPANID, OFF_SC_FLAGS, OFF_ITAB_TYPE, OFF_TYPE_KIND, KIND_MASK, KIND_POINTER, KIND_STRUCT;
-//   pprof labels (goruntime.py): LABELS_SLICE or LABELS_MAP, with OFF_G_LABELS.
+//   pprof labels (goruntime.py): LABELS_SLICE or LABELS_MAP, with OFF_G_LABELS;
+//   WAKERS: name who woke each goroutine (note_waker).
 #include <uapi/linux/ptrace.h>
 
 // PIDs as the agent numbers them. In the kernel's own PID namespace they are the kernel's; when
@@ -623,8 +624,10 @@ int on_casgstatus(struct pt_regs *ctx) {
     ev->waitreason = reason;
     ev->waker = 0;
     ev->waker_goid = ev->waker_root = ev->wake_pc = 0;
+#ifdef WAKERS
     if (from == G_WAITING && to == G_RUNNABLE)
         note_waker(ctx, ev, tgid, &lo);
+#endif
     events.ringbuf_submit(ev, wake_flags());
     st->events_sent++;
     return 0;

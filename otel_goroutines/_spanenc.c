@@ -19,7 +19,7 @@ encode(rows, ints, offsets, changes, pieces, prefixes, skip_zero, head_ints, lin
   pieces    tuple of bytes that rows and changes index
   link_attrs  the creator link's encoded attributes
   link_offsets  int64 (n + 1): row i's waker links are links[link_offsets[i]:link_offsets[i+1]],
-            written before the creator link
+            written after the creator link
   links     uint64 (l, 3): a waker link's trace id (high, low) and span id
   waker_link_attrs  the waker links' encoded attributes
 lookup(keys, table_keys, table_values, out) -> misses: fastspans' per-process tables of pieces.
@@ -207,8 +207,8 @@ static char *put_span(char *o, const batch *b, Py_ssize_t i, const uint64_t *r, 
     o = put(o, pcs[r[TAIL]]);
     for (int64_t j = off[i]; j < off[i + 1]; j++) o = put_event(o, b, ch[3 * j], pcs[ch[3 * j + 1]], ch[3 * j + 2]);
     o = put_event(o, b, r[END_NS], pcs[r[END_BODY]], UINT64_MAX);
-    for (int64_t j = loff[i]; j < loff[i + 1]; j++) o = put_link(o, ln[3 * j], ln[3 * j + 1], ln[3 * j + 2], b->waker_link_attrs);
     if (r[LINK_SPAN]) o = put_link(o, r[LINK_HI], r[LINK_LO], r[LINK_SPAN], b->link_attrs);
+    for (int64_t j = loff[i]; j < loff[i + 1]; j++) o = put_link(o, ln[3 * j], ln[3 * j + 1], ln[3 * j + 2], b->waker_link_attrs);
     memcpy(o, "\x7a\x00\x85\x01", 4);  /* status {} (the SDK always sets it), flags (fixed32, tag 16) */
     memcpy(o + 4, SPAN_FLAGS, 4);
     return o + 8;

@@ -181,6 +181,7 @@ class Session:
                 wait_reason=self.support.wait_reason,
                 states_traced=self.options.probes.states,
                 allocs=self.options.probes.allocs,
+                wakers=self.options.probes.wakers,
             )
             encoder = getattr(sink, "encoder", None)  # sinks that take encoded spans
             self._flow = SpanFlow(builder, self.long_lived, self.budget, self.summary,

@@ -201,7 +201,7 @@ class BatchSpanEncoder:
     def _wakers(self, changes: Changes, woken_goid: np.ndarray) -> np.ndarray:
         """Each change's Waker code (NONE where it is not a wake)."""
         b = self._builder
-        is_wake = (changes.from_state == _WAITING) & (changes.to_state == _RUNNABLE)
+        is_wake = (changes.from_state == _WAITING) & (changes.to_state == _RUNNABLE) & b.wakers
         return wakers(is_wake, changes.waker, changes.waker_goid, woken_goid, changes.wake_pc, changes.wait_reason,
                       b.function_name, b.wait_reason)
 

@@ -89,6 +89,7 @@ class SpanBuilder:
     wait_reason: Callable[[int], str]
     states_traced: bool
     allocs: AllocMode = AllocMode.OFF
+    wakers: bool = True  # the kernel names wakers (probes' --wakers): else a wake is just a state change
 
     def build(self, rec: GoroutineRecord, before: Checkpointed | None = None) -> GoroutineSpan:
         """The goroutine's span, over its whole life: its children never start before it, even when
@@ -113,6 +114,7 @@ class SpanBuilder:
         if rec.end_reason is not EndReason.EXITED:
             span.attributes["go.goroutine.alive_at_end"] = True
         span.events.append(SpanEvent(rec.end_reason.value, rec.end_ns + self.clock_offset_ns, {}))
+        span.links += self.wake_links(rec)[0]
         return span
 
     def checkpoint(self, rec: GoroutineRecord, before: Checkpointed | None, now_ns: int) -> GoroutineSpan:
@@ -125,6 +127,7 @@ class SpanBuilder:
         span.span_id = checkpoint_span_id(self.salt, rec.goid, index)
         span.attributes["go.goroutine.checkpoint"] = index
         span.attributes["go.goroutine.partial"] = True
+        span.links += self.wake_links(rec)[0]
         return span
 
     def mark_leak(self, span: GoroutineSpan, rec: GoroutineRecord, why: str, now_ns: int) -> None:
@@ -168,7 +171,7 @@ class SpanBuilder:
             if self.allocs is AllocMode.SAMPLED:  # the values are estimates resting on this many samples
                 attrs["go.goroutine.alloc.samples"] = rec.alloc_samples - done[2]
 
-        wake_links, left_out = self.wake_links(rec)
+        left_out = self.wake_links(rec)[1]
         if left_out:
             attrs["go.goroutine.waker_links_left_out"] = left_out
 
@@ -180,12 +183,12 @@ class SpanBuilder:
                 ev_attrs["go.goroutine.wait_reason"] = self.wait_reason(change.wait_reason)
             ev_attrs.update(wakes.event_attributes(self.waker(rec, change), change.waker_goid))
             events.append(SpanEvent(STATE_NAMES.get(change.to_state, str(change.to_state)), change.time_ns + offset, ev_attrs))
-        links = ([self._previous_checkpoint(rec, before)] if before else []) + wake_links
+        links = [self._previous_checkpoint(rec, before)] if before else []
         start_ns = before.until_ns if before else rec.create_ns
         return GoroutineSpan(0, 0, None, name, start_ns + offset, end_ns + offset, attrs, events, links)
 
     def waker(self, rec: GoroutineRecord, change: StateChange) -> wakes.Waker:
-        if change.from_state != _WAITING or change.to_state != _RUNNABLE:
+        if not self.wakers or change.from_state != _WAITING or change.to_state != _RUNNABLE:
             return wakes.Waker.NONE
         return wakes.waker_of(change.waker, change.waker_goid, rec.goid, self.function_name(change.wake_pc),
                               self.wait_reason(change.wait_reason))

@@ -296,6 +296,11 @@ def of_run(spans: list[Span], marker: str) -> list[Span]:
     return [s for s in spans if s.resource.get("test.run.id") == marker]
 
 
+def creator_links(span: Span) -> list[tuple[str, str, dict]]:
+    """A span's links to its creator (not those to its wakers)."""
+    return [link for link in span.links if link[2].get("go.goroutine.link") == "creator"]
+
+
 def by_goid(spans: list[Span]) -> dict[int, Span]:
     out = {}
     for s in spans:

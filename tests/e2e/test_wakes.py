@@ -51,3 +51,15 @@ def test_each_wake_names_its_waker(go, stripped, tmp_path):
         else:
             assert attrs["go.goroutine.waker.kind"] == "runtime" and "go.goroutine.waker.id" not in attrs, wake
             assert attrs.get("go.goroutine.waker.cause") == wake["cause"], wake
+
+
+def test_no_wakers_option_names_none(tmp_path):
+    binary = build_program("wakes", go=str(go_toolchains.toolchain(NEWEST)))
+    spans_path = tmp_path / "spans.jsonl"
+    run = run_agent(["run", "--exporter", "file", "--output", str(spans_path), "--quiet", "--no-wakers", "--",
+                     str(binary), str(tmp_path / "manifest.json")])
+    assert run.returncode == 0, run.stderr
+    spans = spans_from_otlp_json(spans_path)
+    assert sum(name == "runnable" for s in spans for name, _, _ in s.events) > 10  # the wakes are there, unnamed
+    assert not any("go.goroutine.waker.kind" in attrs for s in spans for _, _, attrs in s.events)
+    assert not any(link[2].get("go.goroutine.link") == "waker" for s in spans for link in s.links)

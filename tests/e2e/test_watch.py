@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import AGENT, free_port, poll, spans_from_otlp_json, ticks_untraced_after_attach
+from helpers import AGENT, creator_links, free_port, poll, spans_from_otlp_json, ticks_untraced_after_attach
 
 pytestmark = pytest.mark.ebpf
 
@@ -172,7 +172,7 @@ def test_watch_finds_a_restarted_service_in_other_namespaces(programs, rotel, re
             if tick.attributes.get("go.goroutine.existed_at_attach"):
                 # A tick alive at the attach is a spawner by rule: its tock starts a trace, linked to it.
                 assert tock.attributes["go.goroutine.trace_reason"] == "spawner"
-                assert [l[:2] for l in tock.links] == [(tick.trace_id, tick.span_id)]
+                assert [l[:2] for l in creator_links(tock)] == [(tick.trace_id, tick.span_id)]
             else:
                 assert by_span[(tock.trace_id, tock.parent_span_id)] is tick
         # It exited by itself: what was still alive then ended with the process.

@@ -31,9 +31,9 @@ COLUMNS = {"tgid": np.uint32, "goid": np.uint64, "parent_goid": np.uint64, "crea
            "alloc_samples": np.uint64}
 
 
-def builder(states: bool, allocs: AllocMode = AllocMode.OFF) -> spans.SpanBuilder:
+def builder(states: bool, allocs: AllocMode = AllocMode.OFF, wakers: bool = True) -> spans.SpanBuilder:
     return spans.SpanBuilder(salt=SALT, clock_offset_ns=OFFSET, function_name=lambda pc: NAMES.get(pc, f"{pc:#x}"),
-                             creation_site=SITES.get, states_traced=states, allocs=allocs,
+                             creation_site=SITES.get, states_traced=states, allocs=allocs, wakers=wakers,
                              wait_reason=lambda i: WAIT_REASONS[i] if i < len(WAIT_REASONS) else f"waitreason({i})")
 
 
@@ -100,10 +100,10 @@ def records(cols: dict, end_reason: np.ndarray, changes: Changes) -> list[Gorout
         for i, (r, end) in enumerate(zip(rows, end_reason.tolist()))]
 
 
-@pytest.mark.parametrize("allocs", list(AllocMode))
+@pytest.mark.parametrize("allocs,wakers", [(a, True) for a in AllocMode] + [(AllocMode.OFF, False)])
 @pytest.mark.parametrize("states", [False, True])
-def test_same_bytes_as_the_reference_for_every_row(states, allocs):
-    b, encoder = builder(states, allocs), SpanEncoder(RESOURCE, SCOPE)
+def test_same_bytes_as_the_reference_for_every_row(states, allocs, wakers):
+    b, encoder = builder(states, allocs, wakers), SpanEncoder(RESOURCE, SCOPE)
     fast = BatchSpanEncoder(b, encoder)
     rng = np.random.default_rng(11 + states * 3 + list(AllocMode).index(allocs))
     for _ in range(2):  # a second batch reuses what the first interned
