@@ -917,8 +917,10 @@ def wakes_report(results) -> list[str]:
              "| mode | ns per wake | added to untraced |", "|---|---:|---:|"]
     for key, label in w["modes"].items():
         lines.append(f"| {label} | {median(ns[key]):,.0f} | {median([a - b for a, b in zip(ns[key], ns['none'])]):,.0f} |")
-    lines += ["", f"Naming the waker adds {median(added):,.0f} ns per wake (the median of each round's wakers - no_wakers), "
-              f"{per_change:,.0f} ns per state change of this workload.", ""]
+    lines += ["", f"Naming the waker adds {median(added):,.0f} ns per wake (the median of each round's wakers - no_wakers; "
+              f"rounds: {', '.join(f'{a:,.0f}' for a in added)}), {per_change:,.0f} ns per state change of this workload. "
+              "When the rounds scatter more than that, the kernel's own figure for the handler "
+              "(`scripts/measure_bpf_handlers.py --workload wakes`) is the one to trust.", ""]
     return lines
 
 
