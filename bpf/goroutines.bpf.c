@@ -562,6 +562,7 @@ static __always_inline void note_waker(struct pt_regs *ctx, struct transition_ev
         return;
     ev->waker |= st->app_flags & APP_IN_TRACE ? WAKER_APP_TRACE : WAKER_TRACED;
     ev->waker_root = st->root_goid;
+    ev->waker_start_pc = st->start_pc;
 }
 
 // At the entry of runtime.casgstatus(gp, oldval, newval): RAX = gp, RBX = oldval, RCX = newval.
@@ -623,7 +624,7 @@ int on_casgstatus(struct pt_regs *ctx) {
     ev->to = to;
     ev->waitreason = reason;
     ev->waker = 0;
-    ev->waker_goid = ev->waker_root = ev->wake_pc = 0;
+    ev->waker_goid = ev->waker_root = ev->wake_pc = ev->waker_start_pc = 0;
 #ifdef WAKERS
     if (from == G_WAITING && to == G_RUNNABLE)
         note_waker(ctx, ev, tgid, &lo);

@@ -122,6 +122,7 @@ struct transition_event {
     u64 waker_goid;
     u64 waker_root;  // the waker's trace (its root goroutine), when WAKER_TRACED
     u64 wake_pc;     // a wake: where casgstatus was called from (runtime.ready, injectglist, ...)
+    u64 waker_start_pc;  // the waker's start function, when WAKER_TRACED or WAKER_APP_TRACE (a runtime goroutine?)
 };
 
 // EV_END: a goroutine ended; its whole state.

@@ -46,6 +46,7 @@ class Changes(NamedTuple):
     waker_goid: np.ndarray | None = None  # uint64
     waker_root: np.ndarray | None = None  # uint64
     wake_pc: np.ndarray | None = None     # uint64
+    waker_start_pc: np.ndarray | None = None  # uint64
 
     @classmethod
     def none(cls, n: int) -> Changes:
@@ -56,7 +57,7 @@ class Changes(NamedTuple):
         """These changes with the waker columns filled (zeros where None)."""
         m = len(self.time_ns)
         return self._replace(**{name: np.zeros(m, np.uint32 if name == "waker" else _U64) if getattr(self, name) is None
-                                else getattr(self, name) for name in ("waker", "waker_goid", "waker_root", "wake_pc")})
+                                else getattr(self, name) for name in ("waker", "waker_goid", "waker_root", "wake_pc", "waker_start_pc")})
 
 
 def mix64(salt: int, n: np.ndarray) -> np.ndarray:
@@ -135,12 +136,12 @@ class BatchSpanEncoder:
         changes = changes.with_wakes()
         offsets = np.ascontiguousarray(changes.offsets, np.int64)
         woken = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-        code = self._wakers(changes, cols["goid"][woken])
-        linked, left_out = links_to_keep(woken, changes.waker_goid, (code == Waker.GOROUTINE) & (
+        code, named = self._wakers(changes, cols["goid"][woken])
+        linked, left_out = links_to_keep(woken, changes.waker_goid, named & (
             changes.waker & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE) != 0), changes.waker & WakerFlag.WAKER_TRACED != 0)
         ints = self._ints(cols, rows.shape[1], np.pad(left_out, (0, rows.shape[1] - len(left_out))))
         link_offsets = np.searchsorted(np.flatnonzero(linked), offsets).astype(np.int64)
-        return _spanenc.encode(rows, ints, offsets, self._changes(changes, code),
+        return _spanenc.encode(rows, ints, offsets, self._changes(changes, code, named),
                                tuple(self._pieces), self._prefixes, self._skip_zero, self._head_ints, self._link_attrs,
                                link_offsets, self._wake_links(changes, linked), self._waker_link_attrs, self._waker_id_prefix)
 
@@ -198,12 +199,12 @@ class BatchSpanEncoder:
         ints[j] = links_left_out
         return ints
 
-    def _wakers(self, changes: Changes, woken_goid: np.ndarray) -> np.ndarray:
-        """Each change's Waker code (NONE where it is not a wake)."""
+    def _wakers(self, changes: Changes, woken_goid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each change's Waker code (NONE where it is not a wake), and where the event names the waker's id."""
         b = self._builder
         is_wake = (changes.from_state == _WAITING) & (changes.to_state == _RUNNABLE) & b.wakers
-        return wakers(is_wake, changes.waker, changes.waker_goid, woken_goid, changes.wake_pc, changes.wait_reason,
-                      b.function_name, b.wait_reason)
+        return wakers(is_wake, changes.waker, changes.waker_goid, woken_goid, changes.wake_pc, changes.waker_start_pc,
+                      changes.wait_reason, b.function_name, b.wait_reason)
 
     def _wake_links(self, changes: Changes, linked: np.ndarray) -> np.ndarray:
         """The waker links' trace id halves and span ids, in change order."""
@@ -212,7 +213,7 @@ class BatchSpanEncoder:
         links[:, 0], links[:, 1], links[:, 2] = mix64(salt, root), mix64(salt ^ _TRACE_SALT, root), mix64(salt, goid)
         return links
 
-    def _changes(self, changes: Changes, waker: np.ndarray) -> np.ndarray:
+    def _changes(self, changes: Changes, waker: np.ndarray, named: np.ndarray) -> np.ndarray:
         """Each change's wall-clock time, event body piece and waker id (_MISSING: none)."""
         to, before = changes.to_state.astype(_U64), changes.from_state.astype(_U64)
         if len(to) and max(to.max(), before.max()) >= _STATE_LIMIT:
@@ -221,7 +222,7 @@ class BatchSpanEncoder:
         out = np.empty((len(to), 3), _U64)
         out[:, 0] = changes.time_ns + _U64(self._builder.clock_offset_ns & _MASK64)
         out[:, 1] = self._events(to << 48 | before << 32 | waker.astype(_U64) << 16 | reason)
-        out[:, 2] = np.where(waker == Waker.GOROUTINE, changes.waker_goid, _MISSING)
+        out[:, 2] = np.where(named, changes.waker_goid, _MISSING)
         return out
 
     # --- pieces: what repeats, encoded once by the reference encoder -------------------------------
@@ -266,8 +267,7 @@ class BatchSpanEncoder:
         attrs = {"go.goroutine.state.previous": STATE_NAMES.get(before, str(before))}
         if to == _WAITING:
             attrs["go.goroutine.wait_reason"] = self._builder.wait_reason(key & 0xFFFF)
-        attrs.update(event_attributes(Waker(key >> 16 & 0xFFFF), 0))
-        attrs.pop("go.goroutine.waker.id", None)
+        attrs.update(event_attributes(Waker(key >> 16 & 0xFFFF), None))
         return (self._event_body(STATE_NAMES.get(to, str(to)), attrs),)
 
     def _tail(self, reason: TraceReason, end: EndReason) -> bytes:

@@ -28,7 +28,7 @@ from .tracker import Summary
 END_REASONS = tuple(EndReason)  # end_reason codes of a batch: index into this
 _EXITED = END_REASONS.index(EndReason.EXITED)
 _WAITING = 4
-_CHANGE_FIELDS = ("ts", "from", "to", "waitreason", "waker", "waker_goid", "waker_root", "wake_pc")  # StateChange's order
+_CHANGE_FIELDS = ("ts", "from", "to", "waitreason", "waker", "waker_goid", "waker_root", "wake_pc", "waker_start_pc")  # StateChange's order
 _AGE_EVERY = 10  # batches (about a second) between moves of held changes from _young to _old
 
 

@@ -79,10 +79,10 @@ GSTATE_DTYPE = np.dtype({
 })
 
 TRANSITION_EVENT_DTYPE = np.dtype({
-    "names": ['kind', 'tgid', 'goid', 'ts', 'from', 'to', 'waitreason', 'waker', 'waker_goid', 'waker_root', 'wake_pc'],
-    "formats": ['<u4', '<u4', '<u8', '<u8', '<u4', '<u4', '<u4', '<u4', '<u8', '<u8', '<u8'],
-    "offsets": [0, 4, 8, 16, 24, 28, 32, 36, 40, 48, 56],
-    "itemsize": 64,
+    "names": ['kind', 'tgid', 'goid', 'ts', 'from', 'to', 'waitreason', 'waker', 'waker_goid', 'waker_root', 'wake_pc', 'waker_start_pc'],
+    "formats": ['<u4', '<u4', '<u8', '<u8', '<u4', '<u4', '<u4', '<u4', '<u8', '<u8', '<u8', '<u8'],
+    "offsets": [0, 4, 8, 16, 24, 28, 32, 36, 40, 48, 56, 64],
+    "itemsize": 72,
 })
 
 END_EVENT_DTYPE = np.dtype({

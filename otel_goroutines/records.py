@@ -33,6 +33,7 @@ class StateChange:
     waker_goid: int = 0  # the goroutine running when it was woken (WAKER_GOROUTINE)
     waker_root: int = 0  # its trace's root goroutine (WAKER_TRACED)
     wake_pc: int = 0     # where casgstatus was called from
+    waker_start_pc: int = 0  # the waker's start function (WAKER_TRACED or WAKER_APP_TRACE)
 
 
 @dataclass(slots=True)

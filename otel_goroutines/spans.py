@@ -181,17 +181,21 @@ class SpanBuilder:
             ev_attrs = {"go.goroutine.state.previous": STATE_NAMES.get(change.from_state, str(change.from_state))}
             if change.to_state == _WAITING:
                 ev_attrs["go.goroutine.wait_reason"] = self.wait_reason(change.wait_reason)
-            ev_attrs.update(wakes.event_attributes(self.waker(rec, change), change.waker_goid))
+            waker, named = self.waker(rec, change)
+            ev_attrs.update(wakes.event_attributes(waker, change.waker_goid if named else None))
             events.append(SpanEvent(STATE_NAMES.get(change.to_state, str(change.to_state)), change.time_ns + offset, ev_attrs))
         links = [self._previous_checkpoint(rec, before)] if before else []
         start_ns = before.until_ns if before else rec.create_ns
         return GoroutineSpan(0, 0, None, name, start_ns + offset, end_ns + offset, attrs, events, links)
 
-    def waker(self, rec: GoroutineRecord, change: StateChange) -> wakes.Waker:
+    def waker(self, rec: GoroutineRecord, change: StateChange) -> tuple[wakes.Waker, bool]:
+        """The waker of a change (NONE: not a wake), and whether the event names its goroutine."""
         if not self.wakers or change.from_state != _WAITING or change.to_state != _RUNNABLE:
-            return wakes.Waker.NONE
-        return wakes.waker_of(change.waker, change.waker_goid, rec.goid, self.function_name(change.wake_pc),
-                              self.wait_reason(change.wait_reason))
+            return wakes.Waker.NONE, False
+        named = wakes.named_goroutine(change.waker, change.waker_goid, rec.goid, self.function_name(change.wake_pc))
+        has_function = change.waker & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE)
+        function = self.function_name(change.waker_start_pc) if has_function and change.waker_start_pc else ""
+        return wakes.waker_of(named, function, self.wait_reason(change.wait_reason)), named
 
     def wake_links(self, rec: GoroutineRecord) -> tuple[list[SpanLink], int]:
         """Links to the spans of the goroutines that woke this one: one per waker, the first
@@ -200,7 +204,7 @@ class SpanBuilder:
         first: dict[int, StateChange] = {}
         for change in rec.changes:
             if change.waker & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE) and change.waker_goid not in first \
-                    and self.waker(rec, change) is wakes.Waker.GOROUTINE:
+                    and self.waker(rec, change)[1]:
                 first[change.waker_goid] = change
         links = [SpanLink(trace_id_for(self.salt, c.waker_root), span_id_for(self.salt, c.waker_goid), dict(wakes.WAKER_LINK))
                  for c in list(first.values())[:wakes.WAKE_LINKS_MAX] if c.waker & WakerFlag.WAKER_TRACED]

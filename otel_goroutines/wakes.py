@@ -1,13 +1,15 @@
 """Who woke a goroutine: the kernel's facts about a wake (waiting -> runnable) -> a waker, named.
 
-The kernel sends, with each wake, the goroutine running on the waking thread (if any), whether it
-has a span, and the call site of casgstatus (bpf/goroutines.bpf.c note_waker). A goroutine is the
-waker when it was running and the call site is runtime.ready (goready: a channel send or close, an
-unlock, a WaitGroup.Done...). The runtime is the waker when no goroutine ran (the scheduler running
-timers or polling the network, sysmon) or when the call site is the runtime's own (injectglist of
-the network poller's or the GC's lists, findRunnable, park_m): then a goroutine that happened to be
-on the thread (one that started the world after a GC, say) is not named. The wait reason tells
-what the runtime was doing, where it can: timer, netpoll, gc.
+The kernel sends, with each wake, the goroutine running on the waking thread (if any), its start
+function and trace when it has a span, and the call site of casgstatus (bpf/goroutines.bpf.c
+note_waker). That goroutine is the waker when the call site is not the runtime's own: runtime.ready
+(goready: a channel send or close, an unlock, a WaitGroup.Done...). It is named by its id, as kind
+`goroutine`, or `runtime` when it is one of the runtime's own goroutines (a GC worker, the sweeper).
+The runtime is the waker, with no id, when no goroutine ran (the scheduler running timers or
+polling the network, sysmon) or when the call site is the runtime's own (injectglist of the network
+poller's or the GC's lists, findRunnable, park_m): a goroutine that happened to be on the thread
+(one that started the world after a GC, say) is not named then. The cause, where it can be told
+from the ended wait's reason or the runtime goroutine: timer, netpoll, gc.
 """
 
 from __future__ import annotations
@@ -24,12 +26,13 @@ WAKER_LINK = {"go.goroutine.link": "waker"}
 # Callers of casgstatus(gp, _Gwaiting, _Grunnable) that are the runtime's own doing, whoever runs.
 _RUNTIME_CALL_SITES = frozenset({
     "runtime.injectglist", "runtime.findRunnable", "runtime.findrunnable", "runtime.park_m",
-    "runtime.(*gcControllerState).findRunnableGCWorker", "runtime.(*gcControllerState).findRunnableGCWorker.func1",
+    "runtime.(*gcControllerState).findRunnableGCWorker",
 })
+_GC_GOROUTINES = frozenset({"runtime.gcBgMarkWorker", "runtime.bgsweep", "runtime.bgscavenge", "runtime.forcegchelper"})
 
 
 class Waker(IntEnum):
-    """A wake's waker, as the span event names it (0: the change is not a wake)."""
+    """A wake's waker kind and cause, as the span event names them (0: the change is not a wake)."""
     NONE = 0
     GOROUTINE = 1
     RUNTIME = 2          # cause unknown
@@ -52,44 +55,69 @@ def runtime_cause(wait_reason: str) -> Waker:
     return Waker.RUNTIME
 
 
-def waker_of(flags: int, waker_goid: int, woken_goid: int, call_site: str, wait_reason: str) -> Waker:
-    """The waker of one wake (flags: the kernel's enum waker_flag)."""
-    if flags & WakerFlag.WAKER_GOROUTINE and waker_goid != woken_goid and call_site not in _RUNTIME_CALL_SITES:
+def is_runtime_goroutine(start_function: str) -> bool:
+    """One of the runtime's own goroutines (as Go's isSystemGoroutine, by start function)."""
+    return start_function.startswith("runtime.") and start_function != "runtime.main"
+
+
+def named_goroutine(flags: int, waker_goid: int, woken_goid: int, call_site: str) -> bool:
+    """The goroutine running at the wake woke it (the wake event names its id)."""
+    return bool(flags & WakerFlag.WAKER_GOROUTINE) and waker_goid != woken_goid and call_site not in _RUNTIME_CALL_SITES
+
+
+def waker_of(named: bool, waker_function: str, wait_reason: str) -> Waker:
+    """The waker of one wake: named is named_goroutine's answer, waker_function its start function
+    (when it has a span; else "")."""
+    if named and not is_runtime_goroutine(waker_function):
         return Waker.GOROUTINE
+    if named and waker_function in _GC_GOROUTINES:
+        return Waker.RUNTIME_GC
     return runtime_cause(wait_reason)
 
 
-def event_attributes(waker: Waker, waker_goid: int) -> dict:
+def event_attributes(waker: Waker, waker_goid: int | None) -> dict:
     """The wake event's attributes about its waker (the id last: the fast encoder appends it)."""
     if waker is Waker.NONE:
         return {}
-    if waker is Waker.GOROUTINE:
-        return {"go.goroutine.waker.kind": "goroutine", "go.goroutine.waker.id": waker_goid}
     cause = _CAUSES.get(waker)
-    return {"go.goroutine.waker.kind": "runtime", **({"go.goroutine.waker.cause": cause} if cause else {})}
+    attrs = {"go.goroutine.waker.kind": "goroutine" if waker is Waker.GOROUTINE else "runtime"}
+    if cause:
+        attrs["go.goroutine.waker.cause"] = cause
+    if waker_goid is not None:
+        attrs["go.goroutine.waker.id"] = waker_goid
+    return attrs
 
 
-def wakers(is_wake: np.ndarray, flags: np.ndarray, waker_goid: np.ndarray, woken_goid: np.ndarray,
-           wake_pc: np.ndarray, wait_reason: np.ndarray, function_name: Callable[[int], str],
-           reason_name: Callable[[int], str]) -> np.ndarray:
-    """waker_of on arrays of changes (uint8 Waker codes); names looked up once per distinct pc and reason."""
-    out = np.zeros(len(is_wake), np.uint8)
+def wakers(is_wake: np.ndarray, flags: np.ndarray, waker_goid: np.ndarray, woken_goid: np.ndarray, wake_pc: np.ndarray,
+           waker_start_pc: np.ndarray, wait_reason: np.ndarray, function_name: Callable[[int], str],
+           reason_name: Callable[[int], str]) -> tuple[np.ndarray, np.ndarray]:
+    """named_goroutine and waker_of on arrays of changes: (uint8 Waker codes, mask of the named
+    goroutines); names looked up once per distinct pc and reason."""
+    code, named = np.zeros(len(is_wake), np.uint8), np.zeros(len(is_wake), bool)
     rows = np.flatnonzero(is_wake)
     if not len(rows):
-        return out
-    pcs, pc_at = np.unique(wake_pc[rows], return_inverse=True)
-    runtime_site = np.array([function_name(int(pc)) in _RUNTIME_CALL_SITES for pc in pcs.tolist()])[pc_at]
-    reasons, reason_at = np.unique(wait_reason[rows], return_inverse=True)
-    cause = np.array([runtime_cause(reason_name(int(r))) for r in reasons.tolist()], np.uint8)[reason_at]
-    by_goroutine = ((flags[rows] & WakerFlag.WAKER_GOROUTINE) != 0) & (waker_goid[rows] != woken_goid[rows]) & ~runtime_site
-    out[rows] = np.where(by_goroutine, np.uint8(Waker.GOROUTINE), cause)
-    return out
+        return code, named
+
+    def per_distinct(values: np.ndarray, f: Callable[[int], object], dtype) -> np.ndarray:
+        distinct, at = np.unique(values, return_inverse=True)
+        return np.array([f(int(v)) for v in distinct.tolist()], dtype)[at]
+
+    runtime_site = per_distinct(wake_pc[rows], lambda pc: function_name(pc) in _RUNTIME_CALL_SITES, bool)
+    has_function = (flags[rows] & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE)) != 0
+    start = np.where(has_function, waker_start_pc[rows], 0)
+    system = per_distinct(start, lambda pc: pc != 0 and is_runtime_goroutine(function_name(pc)), bool)
+    gc_goroutine = per_distinct(start, lambda pc: pc != 0 and function_name(pc) in _GC_GOROUTINES, bool)
+    cause = per_distinct(wait_reason[rows], lambda r: runtime_cause(reason_name(r)), np.uint8)
+    named[rows] = ((flags[rows] & WakerFlag.WAKER_GOROUTINE) != 0) & (waker_goid[rows] != woken_goid[rows]) & ~runtime_site
+    code[rows] = np.where(named[rows] & ~system, np.uint8(Waker.GOROUTINE),
+                          np.where(named[rows] & gc_goroutine, np.uint8(Waker.RUNTIME_GC), cause))
+    return code, named
 
 
 def links_to_keep(woken: np.ndarray, waker_goid: np.ndarray, has_span: np.ndarray, traced: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The wakes that get a link, of changes grouped by woken goroutine (woken: each one's row,
     ascending, time order within). Each row's first wake by each distinct waker with a span
-    (has_span: a goroutine waker, with a span) counts, the first WAKE_LINKS_MAX of them are linked
+    (has_span: a named goroutine, with a span) counts, the first WAKE_LINKS_MAX of them are linked
     when that span is the agent's (traced), the others are left out. Returns (mask of the changes
     linked, per row index the number of wakers left out). SpanBuilder's wake_links, on arrays."""
     rows_n = int(woken.max()) + 1 if len(woken) else 0

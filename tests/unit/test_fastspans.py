@@ -19,7 +19,8 @@ RESOURCE = Resource({"service.name": "svc", "process.pid": 4242})
 OFFSET = 1_795_640_284_041_076_235  # wall clock - kernel clock
 SALT = 0xC0FFEE_1234_5678_9ABC
 NAMES = {0x401000: "main.worker", 0x402000: "runtime.main", 0x403000: "pkg.(*T).ünïcode-" + "x" * 150,
-         0x404000: "runtime.ready", 0x405000: "runtime.injectglist"}
+         0x404000: "runtime.ready", 0x405000: "runtime.injectglist", 0x406000: "runtime.gcBgMarkWorker",
+         0x407000: "runtime.runFinalizers"}
 SITES = {0x501005: ("main.main", "/src/main.go", 42), 0x502005: ("f", "", 0), 0x503005: ("main.spawn", "/s/x.go", 1 << 40)}
 WAIT_REASONS = ["", "GC assist marking", "IO wait", "chan receive", "select", "sleep"]
 INT64_MAX = (1 << 63) - 1
@@ -82,7 +83,7 @@ def generate(rng, n: int, many: int = 40) -> tuple[dict, np.ndarray, Changes]:
                                                                            np.uint64), m))
     changes = Changes(offsets, values(rng, m, INT64_MAX), before, to, rng.integers(0, 7, m, dtype=np.uint32),
                       np.where(wake, rng.integers(0, 8, m, dtype=np.uint32), 0), waker_goid, values(rng, m, U64_MAX),
-                      rng.choice(np.array([*NAMES, 0], np.uint64), m))
+                      rng.choice(np.array([*NAMES, 0], np.uint64), m), rng.choice(np.array([*NAMES, 0, 0x4ABCDE], np.uint64), m))
     return cols, rng.integers(0, len(EndReason), n, dtype=np.uint8), changes
 
 

@@ -9,7 +9,8 @@ from otel_goroutines.spans import SpanBuilder, span_id_for, trace_id_for
 from otel_goroutines.wakes import Waker
 
 GOROUTINE, TRACED, APP = WakerFlag.WAKER_GOROUTINE, WakerFlag.WAKER_TRACED, WakerFlag.WAKER_APP_TRACE
-SITES = {0x10: "runtime.ready", 0x20: "runtime.injectglist", 0x30: "runtime.findRunnable", 0x40: "runtime.goready.func1"}
+SITES = {0x10: "runtime.ready", 0x20: "runtime.injectglist", 0x30: "runtime.findRunnable", 0x40: "runtime.goready.func1",
+         0x50: "main.worker", 0x60: "runtime.gcBgMarkWorker"}
 REASONS = ["", "chan receive", "sleep", "IO wait", "GC assist wait", "sync.Mutex.Lock"]
 
 
@@ -19,27 +20,35 @@ def builder() -> SpanBuilder:
 
 
 def test_a_goroutine_woke_it_when_one_ran_and_the_call_site_is_not_the_runtimes():
-    assert wakes.waker_of(GOROUTINE | TRACED, 7, 9, "runtime.ready", "chan receive") is Waker.GOROUTINE
-    assert wakes.waker_of(GOROUTINE, 7, 9, "runtime.goready.func1", "semacquire") is Waker.GOROUTINE
-    # No goroutine on the thread: the scheduler's timers, the poller.
-    assert wakes.waker_of(0, 0, 9, "runtime.ready", "sleep") is Waker.RUNTIME_TIMER
-    assert wakes.waker_of(0, 0, 9, "runtime.findRunnable", "IO wait") is Waker.RUNTIME_NETPOLL
+    assert wakes.named_goroutine(GOROUTINE | TRACED, 7, 9, "runtime.ready")
+    assert wakes.named_goroutine(GOROUTINE, 7, 9, "runtime.goready.func1")
+    assert not wakes.named_goroutine(0, 0, 9, "runtime.ready")  # no goroutine on the thread: the scheduler, sysmon
     # The runtime's own lists, whoever started the world: not the goroutine that happened to run.
-    assert wakes.waker_of(GOROUTINE | TRACED, 7, 9, "runtime.injectglist", "IO wait") is Waker.RUNTIME_NETPOLL
-    assert wakes.waker_of(GOROUTINE, 7, 9, "runtime.injectglist", "GC assist wait") is Waker.RUNTIME_GC
-    assert wakes.waker_of(0, 0, 9, "runtime.ready", "chan receive") is Waker.RUNTIME
-    assert wakes.waker_of(GOROUTINE, 9, 9, "runtime.ready", "chan receive") is Waker.RUNTIME  # itself: not a waker
+    assert not wakes.named_goroutine(GOROUTINE | TRACED, 7, 9, "runtime.injectglist")
+    assert not wakes.named_goroutine(GOROUTINE, 9, 9, "runtime.ready")  # itself: not a waker
+    assert wakes.waker_of(True, "main.producer", "chan receive") is Waker.GOROUTINE
+    assert wakes.waker_of(True, "", "chan receive") is Waker.GOROUTINE  # no span: its start function is not known
+    assert wakes.waker_of(True, "runtime.main", "chan receive") is Waker.GOROUTINE
+    # The runtime's own goroutines are the runtime, named by their id too.
+    assert wakes.waker_of(True, "runtime.gcBgMarkWorker", "semacquire") is Waker.RUNTIME_GC
+    assert wakes.waker_of(True, "runtime.runFinalizers", "chan receive") is Waker.RUNTIME
+    assert wakes.waker_of(False, "", "sleep") is Waker.RUNTIME_TIMER
+    assert wakes.waker_of(False, "", "IO wait") is Waker.RUNTIME_NETPOLL
+    assert wakes.waker_of(False, "", "GC assist wait") is Waker.RUNTIME_GC
+    assert wakes.waker_of(False, "", "chan receive") is Waker.RUNTIME
 
 
 def test_event_attributes():
     assert wakes.event_attributes(Waker.GOROUTINE, 7) == {"go.goroutine.waker.kind": "goroutine", "go.goroutine.waker.id": 7}
-    assert wakes.event_attributes(Waker.RUNTIME_TIMER, 0) == {"go.goroutine.waker.kind": "runtime", "go.goroutine.waker.cause": "timer"}
-    assert wakes.event_attributes(Waker.RUNTIME, 0) == {"go.goroutine.waker.kind": "runtime"}
-    assert wakes.event_attributes(Waker.NONE, 0) == {}
+    assert wakes.event_attributes(Waker.RUNTIME_TIMER, None) == {"go.goroutine.waker.kind": "runtime", "go.goroutine.waker.cause": "timer"}
+    assert wakes.event_attributes(Waker.RUNTIME_GC, 3) == {"go.goroutine.waker.kind": "runtime", "go.goroutine.waker.cause": "gc",
+                                                         "go.goroutine.waker.id": 3}
+    assert wakes.event_attributes(Waker.RUNTIME, None) == {"go.goroutine.waker.kind": "runtime"}
+    assert wakes.event_attributes(Waker.NONE, None) == {}
 
 
 def wake(t: int, waker: int, flags=GOROUTINE | TRACED, site=0x10, root=None) -> StateChange:
-    return StateChange(t, 4, 1, 1, flags, waker, waker if root is None else root, site)
+    return StateChange(t, 4, 1, 1, flags, waker, waker if root is None else root, site, 0x50)
 
 
 def record(changes) -> GoroutineRecord:
