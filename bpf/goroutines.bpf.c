@@ -117,6 +117,13 @@ static __always_inline struct g_all *read_g_all(u64 gp) {
     return g;
 }
 
+// The goroutine this thread runs: the current g, or, on the system stack (newproc1, goready's
+// systemstack(ready), the scheduler), where R14 is the thread's g0, g0.m.curg (0: none).
+static __always_inline u64 running_goroutine(struct pt_regs *ctx) {
+    u64 m = read_u64(GO_G(ctx) + OFF_G_M);
+    return m ? read_u64(m + OFF_M_CURG) : 0;
+}
+
 static __always_inline u32 log2_bucket(u64 v) {
     u32 b = 0;
 #pragma unroll
@@ -456,9 +463,7 @@ static __always_inline void goroutine_created(struct pt_regs *ctx, u32 tgid, str
 #ifdef OFF_G_PARENTGOID
     st.parent_goid = G_FIELD(g, OFF_G_PARENTGOID, u64);
 #else
-    // newproc1 runs on the system stack: R14 is g0, and g0.m.curg is the creating goroutine.
-    u64 m = read_u64(GO_G(ctx) + OFF_G_M);
-    u64 curg = m ? read_u64(m + OFF_M_CURG) : 0;
+    u64 curg = running_goroutine(ctx);  // newproc1 runs on the system stack: the creator is g0.m.curg
     st.parent_goid = curg ? read_u64(curg + OFF_G_GOID) : 0;
 #endif
     u32 zero = 0;
@@ -543,15 +548,13 @@ static __always_inline void account_state(struct gstate *st, u32 to, u64 now) {
     st->transitions++;
 }
 
-// A wake (waiting -> runnable): who was running on this thread. casgstatus for a wake runs on the
-// system stack (goready's systemstack(ready), the scheduler), where R14 is g0: the goroutine is
-// g0.m.curg, none when the scheduler or sysmon itself wakes it (timers, netpoll). User space names
-// the call site (wake_pc) and so tells the runtime's own wakes (injectglist) from a goroutine's.
+// A wake (waiting -> runnable): who was running on this thread (casgstatus for a wake runs on the
+// system stack: m.curg; none when the scheduler or sysmon itself wakes it: timers, netpoll). User
+// space names the call site (wake_pc) and so tells the runtime's own wakes (injectglist) from a goroutine's.
 static __always_inline void note_waker(struct pt_regs *ctx, struct transition_event *ev, u32 tgid, struct g_lo *lo) {
     ev->waitreason = G_WAITREASON(lo);  // still the ended wait's: the runtime clears it only in gdestroy
     ev->wake_pc = GO_RETURN_ADDR(ctx);
-    u64 m = read_u64(GO_G(ctx) + OFF_G_M);
-    u64 curg = m ? read_u64(m + OFF_M_CURG) : 0;
+    u64 curg = running_goroutine(ctx);
     struct gkey waker = {.tgid = tgid, .goid = curg ? read_u64(curg + OFF_G_GOID) : 0};
     if (!waker.goid)
         return;
