@@ -137,7 +137,8 @@ class BatchSpanEncoder:
         offsets = np.ascontiguousarray(changes.offsets, np.int64)
         woken = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         code, named = self._wakers(changes, cols["goid"][woken])
-        linked, left_out = links_to_keep(woken, changes.waker_goid, named & (
+        parent = (cols["trace_reason"][woken] == TraceReason.JOINS_PARENT) & (changes.waker_goid == cols["parent_goid"][woken])
+        linked, left_out = links_to_keep(woken, changes.waker_goid, named & ~parent & (
             changes.waker & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE) != 0), changes.waker & WakerFlag.WAKER_TRACED != 0)
         ints = self._ints(cols, rows.shape[1], np.pad(left_out, (0, rows.shape[1] - len(left_out))))
         link_offsets = np.searchsorted(np.flatnonzero(linked), offsets).astype(np.int64)

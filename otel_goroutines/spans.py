@@ -200,11 +200,13 @@ class SpanBuilder:
     def wake_links(self, rec: GoroutineRecord) -> tuple[list[SpanLink], int]:
         """Links to the spans of the goroutines that woke this one: one per waker, the first
         WAKE_LINKS_MAX wakers with a span; and how many wakers with a span got none (over the cap, or
-        their span is in an application's trace, whose id the kernel does not send)."""
+        their span is in an application's trace, whose id the kernel does not send). None to the
+        parent span: the span is its child already (and Jaeger would turn its parent into a link)."""
+        parent = rec.parent_goid if _parent_is_creator(rec) else None
         first: dict[int, StateChange] = {}
         for change in rec.changes:
             if change.waker & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE) and change.waker_goid not in first \
-                    and self.waker(rec, change)[1]:
+                    and change.waker_goid != parent and self.waker(rec, change)[1]:
                 first[change.waker_goid] = change
         links = [SpanLink(trace_id_for(self.salt, c.waker_root), span_id_for(self.salt, c.waker_goid), dict(wakes.WAKER_LINK))
                  for c in list(first.values())[:wakes.WAKE_LINKS_MAX] if c.waker & WakerFlag.WAKER_TRACED]
@@ -213,6 +215,13 @@ class SpanBuilder:
     def _previous_checkpoint(self, rec: GoroutineRecord, before: Checkpointed) -> SpanLink:
         return SpanLink(trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid), checkpoint_span_id(self.salt, rec.goid, before.count),
                         {"go.goroutine.link": "previous_checkpoint"})
+
+
+def _parent_is_creator(rec: GoroutineRecord) -> bool:
+    """The span's parent is its creator's span (build's rule)."""
+    if rec.app_flags & APP_IN_TRACE:
+        return not rec.app_span_id
+    return rec.trace_reason is TraceReason.JOINS_PARENT
 
 
 def _place_in_app_trace(span: GoroutineSpan, rec: GoroutineRecord, creator_span_id: int) -> None:

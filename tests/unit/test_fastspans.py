@@ -79,8 +79,9 @@ def generate(rng, n: int, many: int = 40) -> tuple[dict, np.ndarray, Changes]:
     before[wake], to[wake] = 4, 1
     woken = np.repeat(cols["goid"], counts)
     # Wakers: a few goroutines (more than a span links in the long rows), edges, the woken one itself.
-    waker_goid = np.where(rng.random(m) < 0.1, woken, rng.choice(np.array([0, 7, 8, INT64_MAX, U64_MAX, *range(100, 112)],
-                                                                           np.uint64), m))
+    parent = np.repeat(cols["parent_goid"], counts)
+    waker_goid = np.where(rng.random(m) < 0.1, woken, np.where(rng.random(m) < 0.1, parent, rng.choice(np.array([0, 7, 8, INT64_MAX, U64_MAX, *range(100, 112)],
+                                                                           np.uint64), m)))
     changes = Changes(offsets, values(rng, m, INT64_MAX), before, to, rng.integers(0, 7, m, dtype=np.uint32),
                       np.where(wake, rng.integers(0, 8, m, dtype=np.uint32), 0), waker_goid, values(rng, m, U64_MAX),
                       rng.choice(np.array([*NAMES, 0], np.uint64), m), rng.choice(np.array([*NAMES, 0, 0x4ABCDE], np.uint64), m))

@@ -4,7 +4,7 @@ import numpy as np
 
 from otel_goroutines import wakes
 from otel_goroutines.kernel_records import WakerFlag
-from otel_goroutines.records import GoroutineRecord, StateChange
+from otel_goroutines.records import GoroutineRecord, StateChange, TraceReason
 from otel_goroutines.spans import SpanBuilder, span_id_for, trace_id_for
 from otel_goroutines.wakes import Waker
 
@@ -90,3 +90,14 @@ def test_links_to_keep_is_wake_links_on_arrays():
         want = [i for i in counted if traced[i]]
         assert np.flatnonzero(keep & (woken == row)).tolist() == want
         assert left_out[row] == len(first) - len(want)
+
+
+def test_no_waker_link_to_the_parent_span():
+    b = builder()
+    rec = record([wake(1, 1), wake(2, 30)])  # goroutine 1 created it: its span is the parent
+    rec.trace_reason = TraceReason.JOINS_PARENT
+    links, left_out = b.wake_links(rec)
+    assert [link.span_id for link in links] == [span_id_for(99, 30)] and left_out == 0
+    assert b.build(rec).events[0].attributes["go.goroutine.waker.id"] == 1  # still named on the event
+    rec.trace_reason = TraceReason.SPAWNER  # a trace of its own: the creator is a link, and so is the waker
+    assert [link.span_id for link in b.wake_links(rec)[0]] == [span_id_for(99, 1), span_id_for(99, 30)]
