@@ -13,7 +13,8 @@
 //   ALLOC_WEIGHT_ENTRIES, ALLOC_RATE_CAP, DEFAULT_MEMPROFILERATE;
 //   application spans (otel_goroutines/gosdk.py): APP_SPANS, OFF_RSPAN_SC, OFF_NRSPAN_SC, OFF_SC_TRACEID,
 //   OFF_SC_SPANID, OFF_SC_FLAGS, OFF_ITAB_TYPE, OFF_TYPE_KIND, KIND_MASK, KIND_POINTER, KIND_STRUCT;
-//   pprof labels (goruntime.py): LABELS_SLICE or LABELS_MAP, with OFF_G_LABELS.
+//   pprof labels (goruntime.py): LABELS_SLICE or LABELS_MAP, with OFF_G_LABELS;
+//   WAKERS: name who woke each goroutine (note_waker).
 #include <uapi/linux/ptrace.h>
 
 // PIDs as the agent numbers them. In the kernel's own PID namespace they are the kernel's; when
@@ -114,6 +115,13 @@ static __always_inline struct g_all *read_g_all(u64 gp) {
     if (!g || read_g(gp, g, sizeof(*g)) != 0)
         return NULL;
     return g;
+}
+
+// The goroutine this thread runs: the current g, or, on the system stack (newproc1, goready's
+// systemstack(ready), the scheduler), where R14 is the thread's g0, g0.m.curg (0: none).
+static __always_inline u64 running_goroutine(struct pt_regs *ctx) {
+    u64 m = read_u64(GO_G(ctx) + OFF_G_M);
+    return m ? read_u64(m + OFF_M_CURG) : 0;
 }
 
 static __always_inline u32 log2_bucket(u64 v) {
@@ -455,9 +463,7 @@ static __always_inline void goroutine_created(struct pt_regs *ctx, u32 tgid, str
 #ifdef OFF_G_PARENTGOID
     st.parent_goid = G_FIELD(g, OFF_G_PARENTGOID, u64);
 #else
-    // newproc1 runs on the system stack: R14 is g0, and g0.m.curg is the creating goroutine.
-    u64 m = read_u64(GO_G(ctx) + OFF_G_M);
-    u64 curg = m ? read_u64(m + OFF_M_CURG) : 0;
+    u64 curg = running_goroutine(ctx);  // newproc1 runs on the system stack: the creator is g0.m.curg
     st.parent_goid = curg ? read_u64(curg + OFF_G_GOID) : 0;
 #endif
     u32 zero = 0;
@@ -542,6 +548,26 @@ static __always_inline void account_state(struct gstate *st, u32 to, u64 now) {
     st->transitions++;
 }
 
+// A wake (waiting -> runnable): who was running on this thread (casgstatus for a wake runs on the
+// system stack: m.curg; none when the scheduler or sysmon itself wakes it: timers, netpoll). User
+// space names the call site (wake_pc) and so tells the runtime's own wakes (injectglist) from a goroutine's.
+static __always_inline void note_waker(struct pt_regs *ctx, struct transition_event *ev, u32 tgid, struct g_lo *lo) {
+    ev->waitreason = G_WAITREASON(lo);  // still the ended wait's: the runtime clears it only in gdestroy
+    ev->wake_pc = GO_RETURN_ADDR(ctx);
+    u64 curg = running_goroutine(ctx);
+    struct gkey waker = {.tgid = tgid, .goid = curg ? read_u64(curg + OFF_G_GOID) : 0};
+    if (!waker.goid)
+        return;
+    ev->waker = WAKER_GOROUTINE;
+    ev->waker_goid = waker.goid;
+    struct gstate *st = goroutines.lookup(&waker);
+    if (!st)
+        return;
+    ev->waker |= st->app_flags & APP_IN_TRACE ? WAKER_APP_TRACE : WAKER_TRACED;
+    ev->waker_root = st->root_goid;
+    ev->waker_start_pc = st->start_pc;
+}
+
 // At the entry of runtime.casgstatus(gp, oldval, newval): RAX = gp, RBX = oldval, RCX = newval.
 // With STATES_COVER_LIFECYCLE (Go 1.24+, where newproc1 assigns the goid before making the g
 // runnable) this one probe also sees creations and exits: no trap of their own.
@@ -600,7 +626,12 @@ int on_casgstatus(struct pt_regs *ctx) {
     ev->from = from;
     ev->to = to;
     ev->waitreason = reason;
-    ev->pad = 0;
+    ev->waker = 0;
+    ev->waker_goid = ev->waker_root = ev->wake_pc = ev->waker_start_pc = 0;
+#ifdef WAKERS
+    if (from == G_WAITING && to == G_RUNNABLE)
+        note_waker(ctx, ev, tgid, &lo);
+#endif
     events.ringbuf_submit(ev, wake_flags());
     st->events_sent++;
     return 0;

@@ -44,6 +44,13 @@ enum app_flag {
     APP_SAMPLED = 4,   // the application sampled that trace
 };
 
+// transition_event.waker: who made a waiting goroutine runnable (a wake: waiting -> runnable).
+enum waker_flag {
+    WAKER_GOROUTINE = 1,  // a goroutine was running on the waking thread (m.curg): waker_goid
+    WAKER_TRACED = 2,     // ...and it has a span, in the trace of waker_root
+    WAKER_APP_TRACE = 4,  // ...in an application's trace (its trace id is not sent: no link)
+};
+
 // Per-CPU counters of what could not be delivered (and goroutines created, for the live count).
 enum counter {
     C_MAP_FULL = 0,        // goroutine not tracked: the map was full (its span is lost, counted)
@@ -111,8 +118,12 @@ struct transition_event {
     u64 ts;
     u32 from;
     u32 to;
-    u32 waitreason;
-    u32 pad;
+    u32 waitreason;  // to waiting: the wait's reason; a wake: the reason of the wait it ends
+    u32 waker;       // a wake: enum waker_flag (0: no goroutine was running, the runtime woke it)
+    u64 waker_goid;
+    u64 waker_root;  // the waker's trace (its root goroutine), when WAKER_TRACED
+    u64 wake_pc;     // a wake: where casgstatus was called from (runtime.ready, injectglist, ...)
+    u64 waker_start_pc;  // the waker's start function, when WAKER_TRACED or WAKER_APP_TRACE (a runtime goroutine?)
 };
 
 // EV_END: a goroutine ended; its whole state.

@@ -185,6 +185,7 @@ class Session:
                 wait_reason=self.support.wait_reason,
                 states_traced=self.options.probes.states,
                 allocs=self.options.probes.allocs,
+                wakers=self.options.probes.wakers,
             )
             encoder = getattr(sink, "encoder", None)  # sinks that take encoded spans
             grouping = dataclasses.replace(self.options.groups, max_spans=self.options.probes.trace_max_spans)

@@ -120,6 +120,9 @@ def _tracing_options(func):
                           "(counted, not exported) or ignore it (exported, in that trace)."),
         click.option("--pprof-labels/--no-pprof-labels", default=True, show_default=True,
                      help="runtime/pprof goroutine labels (read when a goroutine ends) as go.goroutine.label.<key> attributes."),
+        click.option("--wakers/--no-wakers", default=True, show_default=True,
+                     help="With --detail states: name who woke each goroutine (go.goroutine.waker.* on the wake event) and "
+                          "link its span to the waker's."),
         click.option("--ring-buffer-mib", type=click.IntRange(1, 1024), default=8, show_default=True,
                      help="Kernel ring buffer for the probes' records, a power of two. Records wait there until the agent "
                           "reads them (every 100 ms, or at once when half full); what does not fit is counted, never silent."),
@@ -132,7 +135,7 @@ def _tracing_options(func):
 
 def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, trace_max_spans, spawner_children, spawner_age,
              group_window, group_shorter_than, checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet,
-             app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8) -> AgentOptions:
+             app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8, wakers=True) -> AgentOptions:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
         exporter = "otlp" if (endpoint or traces_endpoint) else "file"
@@ -155,7 +158,8 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
                               wire_encoder=os.environ.get("OTEL_GOROUTINES_OTLP_ENCODER", "wire") != "sdk"),
         probes=ProbeSettings(states=detail == "states", allocs=AllocMode(allocs), max_events=max_events, trace_max_spans=trace_max_spans,
                              spawner_children=spawner_children, spawner_age_s=spawner_age,
-                             app_traces=app_traces == "auto", labels=pprof_labels, ringbuf_pages=ring_buffer_mib * 256),
+                             app_traces=app_traces == "auto", labels=pprof_labels, ringbuf_pages=ring_buffer_mib * 256,
+                             wakers=wakers),
         long_lived=LongLivedSettings(checkpoint_after_s=checkpoint_after, leak_after_s=leak_after),
         groups=GroupSettings(window_s=group_window, shorter_than_s=group_shorter_than),
         spans_per_second=max_spans_per_second,

@@ -28,6 +28,7 @@ from .tracker import Summary
 END_REASONS = tuple(EndReason)  # end_reason codes of a batch: index into this
 _EXITED = END_REASONS.index(EndReason.EXITED)
 _WAITING = 4
+_CHANGE_FIELDS = ("ts", "from", "to", "waitreason", "waker", "waker_goid", "waker_root", "wake_pc", "waker_start_pc")  # StateChange's order
 _AGE_EVERY = 10  # batches (about a second) between moves of held changes from _young to _old
 _TR_SPAWNER = int(KernelTraceReason.TR_SPAWNER)
 _CLOSE_GRACE_NS = 1_000_000  # between a probe's end time and its record's submission: a group closes this much later
@@ -285,8 +286,7 @@ class SpanFlow:
         cols = {name: st[name] for name in st.dtype.names}
         cols["tgid"], cols["goid"] = ends["tgid"], ends["goid"]
         cols["alloc_count"] = allocs.whole_allocations(st["alloc_count"])
-        return self._batch_encoder.encode(cols, reasons, Changes(offsets, changes["ts"], changes["from"], changes["to"],
-                                                                 changes["waitreason"]))
+        return self._batch_encoder.encode(cols, reasons, Changes(offsets, *(changes[name] for name in _CHANGE_FIELDS)))
 
     def _interesting(self, st: np.ndarray, reasons: np.ndarray) -> np.ndarray:
         """SpanBudget.interesting, on arrays (the fast path's rows have no checkpoint, leak or error)."""
@@ -353,8 +353,7 @@ def _add_counts(by_pc: dict[int, int], pcs: np.ndarray, counts: np.ndarray) -> N
 
 
 def _state_changes(rows: np.ndarray) -> list[StateChange]:
-    return [StateChange(ts, f, t, w) for ts, f, t, w in
-            zip(rows["ts"].tolist(), rows["from"].tolist(), rows["to"].tolist(), rows["waitreason"].tolist())]
+    return [StateChange(*c) for c in zip(*(rows[name].tolist() for name in _CHANGE_FIELDS))]
 
 
 def _split(changes: np.ndarray, goids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

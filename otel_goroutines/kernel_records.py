@@ -37,6 +37,12 @@ class AppFlag(IntEnum):
     APP_SAMPLED = 4
 
 
+class WakerFlag(IntEnum):
+    WAKER_GOROUTINE = 1
+    WAKER_TRACED = 2
+    WAKER_APP_TRACE = 4
+
+
 class Counter(IntEnum):
     C_MAP_FULL = 0
     C_EVENTS_LOST = 1
@@ -74,10 +80,10 @@ GSTATE_DTYPE = np.dtype({
 })
 
 TRANSITION_EVENT_DTYPE = np.dtype({
-    "names": ['kind', 'tgid', 'goid', 'ts', 'from', 'to', 'waitreason', 'pad'],
-    "formats": ['<u4', '<u4', '<u8', '<u8', '<u4', '<u4', '<u4', '<u4'],
-    "offsets": [0, 4, 8, 16, 24, 28, 32, 36],
-    "itemsize": 40,
+    "names": ['kind', 'tgid', 'goid', 'ts', 'from', 'to', 'waitreason', 'waker', 'waker_goid', 'waker_root', 'wake_pc', 'waker_start_pc'],
+    "formats": ['<u4', '<u4', '<u8', '<u8', '<u4', '<u4', '<u4', '<u4', '<u8', '<u8', '<u8', '<u8'],
+    "offsets": [0, 4, 8, 16, 24, 28, 32, 36, 40, 48, 56, 64],
+    "itemsize": 72,
 })
 
 END_EVENT_DTYPE = np.dtype({

@@ -120,6 +120,7 @@ class ProbeSettings:
     allocs: allocs.AllocMode = allocs.AllocMode.OFF  # heap allocations per goroutine: exact, sampled or off
     app_traces: bool = True        # follow the application's OpenTelemetry SDK spans (when the target has the SDK)
     labels: bool = True            # send the runtime/pprof labels of ended goroutines
+    wakers: bool = True            # with states: who woke each goroutine (wakes.py)
 
 
 def check_privileges() -> None:
@@ -190,6 +191,8 @@ class GoroutineProbes:
         ]
         if self.states_cover_lifecycle:
             cflags.append("-DSTATES_COVER_LIFECYCLE")
+        if self.settings.states and self.settings.wakers:
+            cflags.append("-DWAKERS")
         cflags += pid_namespace_defines()
         if self.settings.allocs is not allocs.AllocMode.OFF:
             cflags += allocs.bpf_defines() + self.support.allocs.bpf_defines(self.settings.allocs is allocs.AllocMode.SAMPLED)

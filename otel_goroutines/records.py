@@ -30,7 +30,12 @@ class StateChange:
     time_ns: int      # kernel monotonic clock
     from_state: int
     to_state: int
-    wait_reason: int  # index into runtime.waitReasonStrings; meaningful when to_state is waiting
+    wait_reason: int  # index into runtime.waitReasonStrings; to waiting: its reason; a wake: the ended wait's
+    waker: int = 0       # a wake (waiting -> runnable): the kernel's waker flags (kernel_records.WakerFlag)
+    waker_goid: int = 0  # the goroutine running when it was woken (WAKER_GOROUTINE)
+    waker_root: int = 0  # its trace's root goroutine (WAKER_TRACED)
+    wake_pc: int = 0     # where casgstatus was called from
+    waker_start_pc: int = 0  # the waker's start function (WAKER_TRACED or WAKER_APP_TRACE)
 
 
 @dataclass(slots=True)

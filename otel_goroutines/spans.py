@@ -5,12 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import wakes
 from .allocs import AllocMode
 from .goruntime import G_LEAKED, STATE_NAMES
-from .records import EndReason, GoroutineRecord, TraceReason
+from .kernel_records import WakerFlag
+from .records import EndReason, GoroutineRecord, StateChange, TraceReason
 
 _MASK64 = (1 << 64) - 1
-_WAITING = 4
+_RUNNABLE, _WAITING = 1, 4
 _TRACE_SALT = 0x5EED_0F_7A_CE_5A17   # second half of a trace id
 _HISTORY_SALT = 0x415_7041_C0DE    # traces that hold a long-lived goroutine's checkpoints
 _TRACE_REASONS = {TraceReason.UNTRACED_PARENT: "untraced_parent", TraceReason.SPAWNER: "spawner",
@@ -103,6 +105,7 @@ class SpanBuilder:
     wait_reason: Callable[[int], str]
     states_traced: bool
     allocs: AllocMode = AllocMode.OFF
+    wakers: bool = True  # the kernel names wakers (probes' --wakers): else a wake is just a state change
 
     def build(self, rec: GoroutineRecord, before: Checkpointed | None = None) -> GoroutineSpan:
         """The goroutine's span, over its whole life: its children never start before it, even when
@@ -130,6 +133,7 @@ class SpanBuilder:
         if rec.end_reason is not EndReason.EXITED:
             span.attributes["go.goroutine.alive_at_end"] = True
         span.events.append(SpanEvent(rec.end_reason.value, rec.end_ns + self.clock_offset_ns, {}))
+        span.links += self.wake_links(rec)[0]
         return span
 
     def checkpoint(self, rec: GoroutineRecord, before: Checkpointed | None, now_ns: int) -> GoroutineSpan:
@@ -143,6 +147,7 @@ class SpanBuilder:
         span.span_id = checkpoint_span_id(self.salt, rec.goid, index)
         span.attributes["go.goroutine.checkpoint"] = index
         span.attributes["go.goroutine.partial"] = True
+        span.links += self.wake_links(rec)[0]
         return span
 
     def group(self, group: GroupWindow) -> GoroutineSpan:
@@ -199,19 +204,56 @@ class SpanBuilder:
             if self.allocs is AllocMode.SAMPLED:  # the values are estimates resting on this many samples
                 attrs["go.goroutine.alloc.samples"] = rec.alloc_samples - done[2]
 
+        left_out = self.wake_links(rec)[1]
+        if left_out:
+            attrs["go.goroutine.waker_links_left_out"] = left_out
+
         offset = self.clock_offset_ns
         events = []
         for change in rec.changes:
             ev_attrs = {"go.goroutine.state.previous": STATE_NAMES.get(change.from_state, str(change.from_state))}
             if change.to_state == _WAITING:
                 ev_attrs["go.goroutine.wait_reason"] = self.wait_reason(change.wait_reason)
+            waker, named = self.waker(rec, change)
+            ev_attrs.update(wakes.event_attributes(waker, change.waker_goid if named else None))
             events.append(SpanEvent(STATE_NAMES.get(change.to_state, str(change.to_state)), change.time_ns + offset, ev_attrs))
         start_ns = before.until_ns if before else rec.create_ns
         return GoroutineSpan(0, 0, None, name, start_ns + offset, end_ns + offset, attrs, events)
 
+    def waker(self, rec: GoroutineRecord, change: StateChange) -> tuple[wakes.Waker, bool]:
+        """The waker of a change (NONE: not a wake), and whether the event names its goroutine."""
+        if not self.wakers or change.from_state != _WAITING or change.to_state != _RUNNABLE:
+            return wakes.Waker.NONE, False
+        named = wakes.named_goroutine(change.waker, change.waker_goid, rec.goid, self.function_name(change.wake_pc))
+        has_function = change.waker & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE)
+        function = self.function_name(change.waker_start_pc) if has_function and change.waker_start_pc else ""
+        return wakes.waker_of(named, function, self.wait_reason(change.wait_reason)), named
+
+    def wake_links(self, rec: GoroutineRecord) -> tuple[list[SpanLink], int]:
+        """Links to the spans of the goroutines that woke this one: one per waker, the first
+        WAKE_LINKS_MAX wakers with a span; and how many wakers with a span got none (over the cap, or
+        their span is in an application's trace, whose id the kernel does not send). None to the
+        parent span: the span is its child already (and Jaeger would turn its parent into a link)."""
+        parent = rec.parent_goid if _parent_is_creator(rec) else None
+        first: dict[int, StateChange] = {}
+        for change in rec.changes:
+            if change.waker & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE) and change.waker_goid not in first \
+                    and change.waker_goid != parent and self.waker(rec, change)[1]:
+                first[change.waker_goid] = change
+        links = [SpanLink(trace_id_for(self.salt, c.waker_root), span_id_for(self.salt, c.waker_goid), dict(wakes.WAKER_LINK))
+                 for c in list(first.values())[:wakes.WAKE_LINKS_MAX] if c.waker & WakerFlag.WAKER_TRACED]
+        return links, len(first) - len(links)
+
     def _previous_checkpoint(self, rec: GoroutineRecord, before: Checkpointed) -> SpanLink:
         return SpanLink(trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid), checkpoint_span_id(self.salt, rec.goid, before.count),
                         {"go.goroutine.link": "previous_checkpoint"})
+
+
+def _parent_is_creator(rec: GoroutineRecord) -> bool:
+    """The span's parent is its creator's span (build's rule)."""
+    if rec.app_flags & APP_IN_TRACE:
+        return not rec.app_span_id
+    return rec.trace_reason is TraceReason.JOINS_PARENT
 
 
 def _place_in_app_trace(span: GoroutineSpan, rec: GoroutineRecord, creator_span_id: int) -> None:

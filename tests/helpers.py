@@ -305,6 +305,11 @@ def goroutine_spans(spans: list[Span]) -> list[Span]:
     return [s for s in spans if "go.goroutine.group.goroutines" not in s.attributes]
 
 
+def creator_links(span: Span) -> list[tuple[str, str, dict]]:
+    """A span's links to its creator (not those to its wakers)."""
+    return [link for link in span.links if link[2].get("go.goroutine.link") == "creator"]
+
+
 def by_goid(spans: list[Span]) -> dict[int, Span]:
     """Goroutine spans by goroutine id (group spans, which have none, left out)."""
     out = {}

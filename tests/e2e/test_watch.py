@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import AGENT, free_port, goroutine_spans, group_spans, poll, spans_from_otlp_json, ticks_untraced_after_attach
+from helpers import AGENT, creator_links, free_port, goroutine_spans, group_spans, poll, spans_from_otlp_json, ticks_untraced_after_attach
 
 pytestmark = pytest.mark.ebpf
 
@@ -173,7 +173,7 @@ def test_watch_finds_a_restarted_service_in_other_namespaces(programs, rotel, re
             if tick.attributes.get("go.goroutine.existed_at_attach"):
                 # A tick alive at the attach is a spawner by rule: its tock, short and childless, is in the
                 # group of that tick's short goroutines, whose span links to the tick.
-                assert tock.attributes["go.goroutine.trace_reason"] == "grouped" and not tock.links
+                assert tock.attributes["go.goroutine.trace_reason"] == "grouped" and not creator_links(tock)
                 group = groups[(tock.trace_id, tock.parent_span_id)]
                 assert [l[:2] for l in group.links] == [(tick.trace_id, tick.span_id)]
             else:
