@@ -152,7 +152,8 @@ class Session:
     # --- symbols and spans ---------------------------------------------------------------
     def symbolizer(self) -> Symbolizer:
         if self._symbolizer is None:
-            self._symbolizer = Symbolizer(self.binary.functions, self.binary.code, self._load_bias(), self.binary.isa)
+            self._symbolizer = Symbolizer(self.binary.functions, self.binary.code, self._load_bias(), self.binary.isa,
+                                          self.binary.inlined_call)
         return self._symbolizer
 
     def _load_bias(self) -> int:

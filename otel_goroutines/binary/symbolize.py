@@ -11,10 +11,11 @@ from .pclntab import Func, FuncTable
 
 class Symbolizer:
     def __init__(self, functions: FuncTable, code_of: Callable[[Func], bytes], load_bias: int = 0,
-                 isa: disasm.Isa = disasm.AMD64):
+                 isa: disasm.Isa = disasm.AMD64, inlined_call: Callable[[Func], str | None] = lambda func: None):
         self._functions = functions
         self._isa = isa
         self._code_of = code_of
+        self._inlined_call = inlined_call  # the function inlined first into a function's body (GoBinary.inlined_call)
         self.load_bias = load_bias  # runtime address - link-time address (non-zero for PIE)
 
     @lru_cache(maxsize=65536)
@@ -23,14 +24,15 @@ class Symbolizer:
         func = self._functions.lookup(pc - self.load_bias)
         if func is None:
             return f"0x{pc:x}"
-        # `go f(x)` starts a compiler-made wrapper closure that calls f(x).
+        # `go f(x)` starts a compiler-made wrapper closure that calls f(x), or holds it inlined: the
+        # inline tree then names f, whatever f calls first (Go's traceback shows f, not the wrapper).
         if self._functions.is_wrapper(func):
-            return self._wrapped(func) or func.name
+            return self._inlined_call(func) or self._wrapped(func) or func.name
         return func.name
 
     def _wrapped(self, wrapper: Func) -> str | None:
-        # The wrapper's first direct call outside the runtime (allocation, stack growth) is the
-        # function the `go` statement named, or, when that one was inlined, the first it calls.
+        # f was not inlined: the wrapper's first direct call outside the runtime (allocation,
+        # stack growth) is f.
         in_runtime = wrapper.name.startswith("runtime.")
         for target in self._isa.call_targets(self._code_of(wrapper), wrapper.entry):
             callee = self._functions.lookup(target)
