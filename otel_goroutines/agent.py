@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import numpy as np
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
@@ -82,8 +83,25 @@ def build_resource(binary: GoBinary, target: Target) -> Resource:
         "telemetry.sdk.name": "otel-goroutines",
         "telemetry.sdk.version": __version__,
     })
-    # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME override the defaults above.
-    return base.merge(OTELResourceDetector().detect())
+    # The application's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override the defaults
+    # above, and the agent's own override those.
+    return base.merge(target_otel_resource(target)).merge(OTELResourceDetector().detect())
+
+
+def target_otel_resource(target: Target) -> Resource:
+    """OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES from the traced process's own environment, so
+    that its goroutine spans land in the service its own spans use (parsed as the SDK parses them)."""
+    env = target.environment()
+    attributes = {}
+    for entry in filter(None, (e.strip() for e in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","))):
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            log.warning("OTEL_RESOURCE_ATTRIBUTES of PID %d: entry %r ignored: not key=value", target.pid, entry)
+            continue
+        attributes[key.strip()] = unquote(value.strip())
+    if env.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = env["OTEL_SERVICE_NAME"]
+    return Resource(attributes)
 
 
 def make_sink(settings: ExportSettings, resource: Resource, deadline: Deadline | None = None) -> SpanSink:

@@ -1,6 +1,7 @@
 """`otel-goroutines attach` to a Go program that has been running for a while."""
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -105,3 +106,30 @@ def test_attach_until_the_target_exits(programs, rotel, receiver, tmp_path):
     missed, spawned = ticks_untraced_after_attach(manifest, spans)
     assert spawned >= 49 and not missed, (missed, err)
     assert {s.attributes["go.goroutine.end_reason"] for s in spans} <= {"exited", "process_exited"}
+
+
+def test_attach_takes_the_service_from_the_target(programs, rotel, receiver, tmp_path):
+    """The target's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name the goroutine spans'
+    resource; the agent's own OTEL_RESOURCE_ATTRIBUTES override them."""
+    receiver.clear()
+    manifest = tmp_path / "ticker.json"
+    app_env = dict(os.environ, OTEL_SERVICE_NAME="ticker-svc", OTEL_RESOURCE_ATTRIBUTES="deployment.environment=test,team=app%20team")
+    ticker = subprocess.Popen([str(programs["ticker"]), str(manifest), "30s"], env=app_env)
+    agent_env = {k: v for k, v in os.environ.items() if k not in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES")}
+    try:
+        agent = subprocess.Popen(AGENT + ["attach", "--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc", "-q", str(ticker.pid)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=dict(agent_env, OTEL_RESOURCE_ATTRIBUTES="team=agent"))
+        _wait_attached(agent, receiver)
+        agent.send_signal(signal.SIGINT)
+        _, err = agent.communicate(timeout=30)
+        assert agent.returncode == 0, err
+    finally:
+        ticker.send_signal(signal.SIGTERM)
+        ticker.wait(10)
+    spans = [s for s in receiver.wait_for(lambda got: False, timeout=1.0) if s.resource["process.pid"] == ticker.pid]
+    assert spans
+    for span in spans:
+        assert span.resource["service.name"] == "ticker-svc"
+        assert span.resource["deployment.environment"] == "test"
+        assert span.resource["team"] == "agent"
