@@ -360,7 +360,7 @@ class Session:
         stats = pipeline.close(deadline.remaining())
         if sender is not None:
             sender.close(None, deadline.remaining())
-        self._report(stats, end)
+        self._report(stats, end, sender.not_sent if sender is not None else 0)
         return self.target.exit_status()
 
     def _attach(self) -> None:
@@ -416,12 +416,13 @@ class Session:
         return _End(self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None,
                     counters, self.probes.allocs_elsewhere(), self.probes.app_counters())
 
-    def _report(self, stats, end: "_End") -> None:
+    def _report(self, stats, end: "_End", metrics_not_sent: int) -> None:
         """The summary on stderr."""
         opts = self.options
         losses = dict(end.counters)
         created = losses.pop("goroutines_created")
-        losses = {"spans_not_exported": stats.dropped, "spans_sampled_out": self.budget.sampled_out, **losses}
+        losses = {"spans_not_exported": stats.dropped, "spans_sampled_out": self.budget.sampled_out, **losses,
+                  "metrics_not_sent": metrics_not_sent}
         # Exits of goroutines that predate the attach are expected, not a loss.
         untraced_exits = losses.pop("exits_of_untraced_goroutines")
         print(self.summary.render(losses, created), file=sys.stderr)

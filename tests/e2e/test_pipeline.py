@@ -154,3 +154,62 @@ def test_the_compose_demo_without_docker(peers, jaeger, tmp_path):
         assert all(spans[jaeger_parent(s)] is handle for s in lookups)
         complete += len(lookups) == 3
     assert complete >= len(requests) - 2  # the first request may have begun before the attach
+
+
+def _attach_to_ticker(programs, tmp_path, agent_args, app_env, until):
+    """A ticker started with app_env, the agent attached with agent_args until until() holds (or 60 s);
+    the agent's stderr."""
+    from helpers import AGENT, poll
+    ticker = subprocess.Popen([str(programs["ticker"]), str(tmp_path / "ticker.json"), "60s"], env=dict(os.environ, **app_env))
+    agent_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    agent = subprocess.Popen(AGENT + ["attach", "-q", *agent_args, str(ticker.pid)], env=agent_env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        poll(lambda: until() or agent.poll() is not None, 60, every=0.3)
+        agent.send_signal(signal.SIGINT)
+        _, err = agent.communicate(timeout=30)
+        assert agent.returncode == 0, err
+    finally:
+        ticker.send_signal(signal.SIGTERM)
+        ticker.wait(10)
+        if agent.poll() is None:
+            agent.kill()
+    return err
+
+
+def test_attach_lands_in_the_applications_service(peers, jaeger, programs, tmp_path):
+    """Attached, the goroutine spans take the service of the target's own OTEL_SERVICE_NAME (not the
+    executable's name) and its OTEL_RESOURCE_ATTRIBUTES, as Jaeger shows them."""
+    collector = Collector(peers["otelcol"], COLLECTOR_CONFIGS / "otelcol-jaeger.yaml", tmp_path / "otelcol.log",
+                          jaeger_grpc=jaeger.otlp_grpc)
+    service = f"ticker-svc-{secrets.token_hex(4)}"
+    ticks = lambda ts: sum(s["operationName"] == "main.tick" for t in ts for s in t["spans"])
+    try:
+        err = _attach_to_ticker(programs, tmp_path, ["--endpoint", collector.endpoint("grpc"), "--protocol", "grpc"],
+                                {"OTEL_SERVICE_NAME": service, "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging"},
+                                lambda: service in jaeger.services() and ticks(jaeger.traces(service)) >= 10)
+    finally:
+        collector.close()
+    traces = jaeger.wait_for_traces(service, lambda ts: ticks(ts) >= 10)
+    assert ticks(traces) >= 10, err
+    assert programs["ticker"].name not in jaeger.services()
+    for trace in traces:
+        for process in trace["processes"].values():
+            assert process["serviceName"] == service
+            assert {t["key"]: t["value"] for t in process["tags"]}["deployment.environment"] == "staging"
+
+
+def test_metrics_straight_to_jaeger_said_once(jaeger, programs, tmp_path):
+    """Jaeger takes no metrics (gRPC UNIMPLEMENTED): one warning, no error at every interval, metrics not
+    sent any more and counted; the spans still arrive."""
+    service = f"ticker-{secrets.token_hex(4)}"
+    # Traced until Jaeger holds 100 ticks: a second of ticks at least, five metrics intervals.
+    ticks = lambda: service in jaeger.services() and \
+        sum(s["operationName"] == "main.tick" for t in jaeger.traces(service) for s in t["spans"]) >= 100
+    err = _attach_to_ticker(programs, tmp_path, ["--endpoint", f"http://127.0.0.1:{jaeger.otlp_grpc}", "--protocol", "grpc",
+                                                 "--metrics-interval", "0.2"], {"OTEL_SERVICE_NAME": service}, ticks)
+    assert ticks(), err
+    assert err.count("takes no metrics (gRPC UNIMPLEMENTED)") == 1, err
+    assert "ERROR" not in err and "Failed to export" not in err, err
+    not_sent = int(err.split("losses: ")[1].split("metrics_not_sent=")[1].split()[0].rstrip(","))
+    assert not_sent >= 2, err  # the refused one, at least the final one
