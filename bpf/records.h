@@ -29,6 +29,7 @@ enum trace_reason {
     TR_SPAWNER = 2,          // the creator is a long-lived or prolific spawner
     TR_TRACE_FULL = 3,       // the creator's trace reached its span cap
     TR_APP_SPAN = 4,         // created under an application span: in that trace, its child
+    TR_NO_PARENT = 5,        // created by no goroutine (runtime.main): set by user space (flow.py), not here
 };
 
 // gstate.flags

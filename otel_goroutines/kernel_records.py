@@ -24,6 +24,7 @@ class TraceReason(IntEnum):
     TR_SPAWNER = 2
     TR_TRACE_FULL = 3
     TR_APP_SPAN = 4
+    TR_NO_PARENT = 5
 
 
 class GstateFlag(IntEnum):

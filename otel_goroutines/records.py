@@ -21,6 +21,7 @@ class TraceReason(int, Enum):
     SPAWNER = 2           # the creator is a long-lived or prolific spawner: accept loop, dispatcher, pool
     TRACE_FULL = 3        # the creator's trace reached its span cap
     APP_SPAN = 4          # created under an application span: in the application's trace, its child
+    NO_PARENT = 5         # created by no goroutine (runtime.main, by the runtime's start-up): set by the flow, not the kernel
 
 
 @dataclass(slots=True)

@@ -100,7 +100,7 @@ class SpanBuilder:
         span.span_id = span_id_for(self.salt, rec.goid)
         if rec.trace_reason is TraceReason.JOINS_PARENT:
             span.parent_span_id = span_id_for(self.salt, rec.parent_goid)
-        else:
+        elif rec.trace_reason is not TraceReason.NO_PARENT:
             if rec.trace_reason not in (TraceReason.UNTRACED_PARENT, TraceReason.APP_SPAN):
                 span.links.append(SpanLink(trace_id_for(self.salt, rec.parent_root_goid),
                                            span_id_for(self.salt, rec.parent_goid), {"go.goroutine.link": "creator"}))

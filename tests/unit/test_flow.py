@@ -164,3 +164,20 @@ def test_checkpoints_of_live_goroutines_then_the_final_span_links_them():
     [span] = decoded(f.ended(final))  # reference path: it has a checkpoint
     assert checkpoint.span_id in [link.span_id for link in span.links]
     assert span.start_time_unix_nano == checkpoint.start_time_unix_nano  # both from the creation: the whole life
+
+
+def test_the_first_goroutine_has_no_parent_no_trace_reason_and_no_creation_site():
+    """runtime.main (parent id 0, created by the runtime's start-up) roots the tree: neither an untraced
+    parent's child nor created at a `go` statement (its go_pc lies in newproc's ABI wrapper)."""
+    outputs = []
+    for fast in (True, False):
+        rows = ends([1, 7], parent=0)
+        rows["st"]["trace_reason"] = TraceReason.TR_UNTRACED_PARENT  # what the kernel says
+        outputs.append(flow(fast).ended(rows))
+    fast, reference = outputs
+    assert sorted(fast) == sorted(reference)
+    for span in decoded(fast):
+        keys = {a.key for a in span.attributes}
+        assert not span.parent_span_id and not span.links
+        assert not {"go.goroutine.trace_reason", "code.file.path", "code.line.number", "go.goroutine.created_by"} & keys
+        assert {a.key: a.value.int_value for a in span.attributes}["go.goroutine.parent_id"] == 0
