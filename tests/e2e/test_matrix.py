@@ -158,6 +158,8 @@ def test_attach_to_another_mount_namespace(toolchains, go, mode, tmp_path):
         assert not (private / "ticker").exists()  # not visible from here
         inspect = run_agent(["inspect", "--pid", str(target)])
         assert inspect.returncode == 0 and f"go{go}." in inspect.stdout, inspect.stderr
+        # The executable's path as the target sees it, not the /proc link it is read through.
+        assert f"binary:          {private}/ticker (PID {target}, read through /proc/{target}/exe)" in inspect.stdout
 
         spans_path = tmp_path / "spans.jsonl"
         agent = subprocess.Popen(AGENT + ["attach", "--exporter", "file", "--output", str(spans_path), "-q", str(target)],
