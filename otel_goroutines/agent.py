@@ -116,22 +116,38 @@ def make_sink(settings: ExportSettings, resource: Resource, deadline: Deadline |
 
 
 class StatusLine:
+    """The live status on the terminal's last line. A scroll region above it keeps the program's own
+    output (which shares the terminal under `run`) from being written into it, as apt's progress bar does."""
+
     def __init__(self, enabled: bool):
         self.enabled = enabled and sys.stderr.isatty()
         self._last = 0.0
+        self._size: os.terminal_size | None = None  # the terminal's, when the scroll region was set
 
     def due(self) -> bool:
         return self.enabled and time.monotonic() - self._last >= 1.0
 
     def update(self, text: str) -> None:
-        sys.stderr.write(f"\r\033[K{text}")
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+        except OSError:
+            return
+        out = []
+        if size != self._size:  # first time, or resized
+            if self._size is None:
+                out.append("\n\033[1A")  # room for the status line, if the cursor is on the last one
+            out.append(f"\0337\033[1;{size.lines - 1}r\0338")  # DECSTBM homes the cursor: saved around it
+            self._size = size
+        out.append(f"\0337\033[{size.lines};1H\033[K{text[:size.columns - 1]}\0338")
+        sys.stderr.write("".join(out))
         sys.stderr.flush()
         self._last = time.monotonic()
 
     def clear(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
+        if self._size is not None:
+            sys.stderr.write(f"\0337\033[r\033[{self._size.lines};1H\033[K\0338")  # whole screen scrolls again
             sys.stderr.flush()
+            self._size = None
 
 
 class Session:
