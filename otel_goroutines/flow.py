@@ -22,7 +22,7 @@ from .longlived import LongLived
 from .metrics import GoroutineMetrics
 from .records import EndReason, GoroutineRecord, StateChange, TraceReason, take
 from .sampling import SpanBudget
-from .spans import GoroutineSpan, SpanBuilder, app_unsampled
+from .spans import LEAKED_BY_RUNTIME, GoroutineSpan, SpanBuilder, app_unsampled
 from .tracker import Summary
 
 END_REASONS = tuple(EndReason)  # end_reason codes of a batch: index into this
@@ -202,10 +202,12 @@ class SpanFlow:
             goid = int(row["goid"])
             rec = record_of(row, END_REASONS[reason], _state_changes(changes[offsets[i]:offsets[i + 1]]),
                             self._labels.pop(goid, {}))
-            before, leak_flagged = self.long_lived.finish(rec)
+            before, leak_flagged, marked_leaked = self.long_lived.finish(rec)
             span = self.builder.build(rec, before)
             if leak_flagged:
                 span.attributes["go.goroutine.leak_suspected"] = True
+            if marked_leaked:
+                span.error = LEAKED_BY_RUNTIME
             if self._follow_app_sampling and app_unsampled(rec):
                 self.counts.app_unsampled += 1
                 continue

@@ -13,6 +13,7 @@ _MASK64 = (1 << 64) - 1
 _WAITING = 4
 _TRACE_SALT = 0x5EED_0F_7A_CE_5A17   # second half of a trace id
 _HISTORY_SALT = 0x415_7041_C0DE    # traces that hold a long-lived goroutine's checkpoints
+LEAKED_BY_RUNTIME = "goroutine leaked (detected by the Go runtime)"  # error status of its spans
 _TRACE_REASONS = {TraceReason.UNTRACED_PARENT: "untraced_parent", TraceReason.SPAWNER: "spawner",
                   TraceReason.TRACE_FULL: "trace_full", TraceReason.APP_SPAN: "application_span"}
 # GoroutineRecord.app_flags (bpf/goroutines.bpf.c): in the application's trace app_trace_id; or in a trace
@@ -132,7 +133,7 @@ class SpanBuilder:
                                      {"go.goroutine.wait_reason": self.wait_reason(rec.wait_reason),
                                       "go.goroutine.blocked_ns": now_ns - rec.since_ns, "go.goroutine.leak.reason": why}))
         if rec.status == G_LEAKED:
-            span.error = "goroutine leaked (detected by the Go runtime)"
+            span.error = LEAKED_BY_RUNTIME
 
     def _span(self, rec: GoroutineRecord, before: Checkpointed | None, end_ns: int) -> GoroutineSpan:
         """The part of rec's life after `before` (a checkpoint), or all of it."""

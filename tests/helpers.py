@@ -39,8 +39,8 @@ def go_release(minor: str) -> str:
 
 
 def build_program(name: str, go: str | None = None, flags: tuple[str, ...] = (), cgo: bool = False,
-                  goarch: str = "amd64") -> Path:
-    """Build tests/programs/NAME once per (its source, toolchain, flags, cgo, GOARCH); later runs reuse the binary."""
+                  goarch: str = "amd64", goexperiment: str = "") -> Path:
+    """Build tests/programs/NAME once per (its source, toolchain, flags, cgo, GOARCH, GOEXPERIMENT); later runs reuse the binary."""
     go = go or go_toolchain()
     digest = hashlib.sha256()
     sources = [*PROGRAMS.glob("go.*"), *(PROGRAMS / name).rglob("*"), *(PROGRAMS / "internal").rglob("*")]
@@ -50,10 +50,14 @@ def build_program(name: str, go: str | None = None, flags: tuple[str, ...] = (),
     digest.update(go.encode() + "\0".join(flags).encode() + (b"\0cgo" if cgo else b""))
     if goarch != "amd64":
         digest.update(b"\0GOARCH=" + goarch.encode())
+    if goexperiment:
+        digest.update(b"\0GOEXPERIMENT=" + goexperiment.encode())
     out = CACHE / f"{name}-{digest.hexdigest()[:16]}"
     if not out.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod", CGO_ENABLED="1" if cgo else "0", GOARCH=goarch)
+        if goexperiment:
+            env["GOEXPERIMENT"] = goexperiment
         tmp = out.with_suffix(".tmp")
         subprocess.run([go, "build", *flags, "-o", str(tmp), f"./{name}"], cwd=PROGRAMS, env=env, check=True)
         tmp.rename(out)
@@ -330,6 +334,8 @@ def build_appservice(sdk: str = SDK_NEWEST, go: str | None = None, flags: tuple[
     digest.update("\0".join((go, *modfile, *flags)).encode())
     if goarch != "amd64":
         digest.update(b"\0GOARCH=" + goarch.encode())
+    if goexperiment:
+        digest.update(b"\0GOEXPERIMENT=" + goexperiment.encode())
     out = CACHE / f"appservice-{digest.hexdigest()[:16]}"
     if not out.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
