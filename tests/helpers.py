@@ -334,8 +334,6 @@ def build_appservice(sdk: str = SDK_NEWEST, go: str | None = None, flags: tuple[
     digest.update("\0".join((go, *modfile, *flags)).encode())
     if goarch != "amd64":
         digest.update(b"\0GOARCH=" + goarch.encode())
-    if goexperiment:
-        digest.update(b"\0GOEXPERIMENT=" + goexperiment.encode())
     out = CACHE / f"appservice-{digest.hexdigest()[:16]}"
     if not out.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
