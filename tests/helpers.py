@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -283,6 +284,28 @@ def run_agent(args: list[str], timeout: float = 60.0, env: dict | None = None) -
     proc = subprocess.run(AGENT + args, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, **(env or {})))
     return AgentRun(proc.returncode, proc.stdout, proc.stderr)
+
+
+def attach_to_ticker(ticker: Path, tmp_path: Path, agent_args: list[str], app_env: dict, until,
+                     agent_env: dict | None = None) -> tuple[int, str]:
+    """tests/programs/ticker started with app_env added to this environment, the agent attached with
+    agent_args and agent_env (this environment without its OTEL_ variables, then agent_env) until
+    until() holds (or 60 s), then stopped with SIGINT: (the ticker's PID, the agent's stderr)."""
+    ticker_proc = subprocess.Popen([str(ticker), str(tmp_path / "ticker.json"), "60s"], env=dict(os.environ, **app_env))
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **(agent_env or {}))
+    agent = subprocess.Popen(AGENT + ["attach", "-q", *agent_args, str(ticker_proc.pid)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        poll(lambda: until() or agent.poll() is not None, 60, every=0.3)
+        agent.send_signal(signal.SIGINT)
+        _, err = agent.communicate(timeout=30)
+        assert agent.returncode == 0, err
+    finally:
+        ticker_proc.send_signal(signal.SIGTERM)
+        ticker_proc.wait(10)
+        if agent.poll() is None:
+            agent.kill()
+    return ticker_proc.pid, err
 
 
 def run_marker(env: dict | None = None) -> tuple[str, dict]:

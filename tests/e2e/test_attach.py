@@ -1,14 +1,13 @@
 """`otel-goroutines attach` to a Go program that has been running for a while."""
 
 import json
-import os
 import signal
 import subprocess
 import time
 
 import pytest
 
-from helpers import AGENT, by_goid, site_line, ticks_untraced_after_attach
+from helpers import AGENT, attach_to_ticker, by_goid, site_line, ticks_untraced_after_attach
 
 pytestmark = pytest.mark.ebpf
 
@@ -112,23 +111,12 @@ def test_attach_takes_the_service_from_the_target(programs, rotel, receiver, tmp
     """The target's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name the goroutine spans'
     resource; the agent's own OTEL_RESOURCE_ATTRIBUTES override them."""
     receiver.clear()
-    manifest = tmp_path / "ticker.json"
-    app_env = dict(os.environ, OTEL_SERVICE_NAME="ticker-svc", OTEL_RESOURCE_ATTRIBUTES="deployment.environment=test,team=app%20team")
-    ticker = subprocess.Popen([str(programs["ticker"]), str(manifest), "30s"], env=app_env)
-    agent_env = {k: v for k, v in os.environ.items() if k not in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES")}
-    try:
-        agent = subprocess.Popen(AGENT + ["attach", "--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc", "-q", str(ticker.pid)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 env=dict(agent_env, OTEL_RESOURCE_ATTRIBUTES="team=agent"))
-        _wait_attached(agent, receiver)
-        agent.send_signal(signal.SIGINT)
-        _, err = agent.communicate(timeout=30)
-        assert agent.returncode == 0, err
-    finally:
-        ticker.send_signal(signal.SIGTERM)
-        ticker.wait(10)
-    spans = [s for s in receiver.wait_for(lambda got: False, timeout=1.0) if s.resource["process.pid"] == ticker.pid]
-    assert spans
+    app_env = {"OTEL_SERVICE_NAME": "ticker-svc", "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test,team=app%20team"}
+    ticks = lambda: any(s.name == "main.tick" for s in list(receiver.spans))
+    pid, err = attach_to_ticker(programs["ticker"], tmp_path, ["--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc"],
+                                app_env, ticks, agent_env={"OTEL_RESOURCE_ATTRIBUTES": "team=agent"})
+    spans = [s for s in receiver.wait_for(lambda got: False, timeout=1.0) if s.resource["process.pid"] == pid]
+    assert spans, err
     for span in spans:
         assert span.resource["service.name"] == "ticker-svc"
         assert span.resource["deployment.environment"] == "test"

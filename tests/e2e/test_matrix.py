@@ -207,4 +207,7 @@ def test_inlined_go_statement_named_after_its_function(toolchains, go, mode, tmp
     names = [s.name for s in spans.values()]
     for func in ("main.handle", "main.holder", "main.drain"):
         assert names.count(func) == manifest["each"], names
+    # A literal capturing a variable, started with arguments: its wrapper calls it through the closure value.
+    (literal,) = [s for s in spans.values() if s.name == manifest["literal_traceback"][-2] == "main.main.func1"]
+    assert literal.attributes["code.line.number"] == site_line("inlined", "literal")
     assert not {"main.record", "sync.(*WaitGroup).Add"} & set(names) and not [n for n in names if ".gowrap" in n]

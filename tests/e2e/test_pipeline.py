@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from helpers import by_goid, run_agent
+from helpers import attach_to_ticker, by_goid, run_agent
 from otel_peers import COLLECTOR_CONFIGS, Collector, Jaeger, build_peers, jaeger_parent, jaeger_tag, validate_config
 
 pytestmark = pytest.mark.ebpf
@@ -156,27 +156,6 @@ def test_the_compose_demo_without_docker(peers, jaeger, tmp_path):
     assert complete >= len(requests) - 2  # the first request may have begun before the attach
 
 
-def _attach_to_ticker(programs, tmp_path, agent_args, app_env, until):
-    """A ticker started with app_env, the agent attached with agent_args until until() holds (or 60 s);
-    the agent's stderr."""
-    from helpers import AGENT, poll
-    ticker = subprocess.Popen([str(programs["ticker"]), str(tmp_path / "ticker.json"), "60s"], env=dict(os.environ, **app_env))
-    agent_env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
-    agent = subprocess.Popen(AGENT + ["attach", "-q", *agent_args, str(ticker.pid)], env=agent_env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        poll(lambda: until() or agent.poll() is not None, 60, every=0.3)
-        agent.send_signal(signal.SIGINT)
-        _, err = agent.communicate(timeout=30)
-        assert agent.returncode == 0, err
-    finally:
-        ticker.send_signal(signal.SIGTERM)
-        ticker.wait(10)
-        if agent.poll() is None:
-            agent.kill()
-    return err
-
-
 def test_attach_lands_in_the_applications_service(peers, jaeger, programs, tmp_path):
     """Attached, the goroutine spans take the service of the target's own OTEL_SERVICE_NAME (not the
     executable's name) and its OTEL_RESOURCE_ATTRIBUTES, as Jaeger shows them."""
@@ -185,9 +164,9 @@ def test_attach_lands_in_the_applications_service(peers, jaeger, programs, tmp_p
     service = f"ticker-svc-{secrets.token_hex(4)}"
     ticks = lambda ts: sum(s["operationName"] == "main.tick" for t in ts for s in t["spans"])
     try:
-        err = _attach_to_ticker(programs, tmp_path, ["--endpoint", collector.endpoint("grpc"), "--protocol", "grpc"],
-                                {"OTEL_SERVICE_NAME": service, "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging"},
-                                lambda: service in jaeger.services() and ticks(jaeger.traces(service)) >= 10)
+        _, err = attach_to_ticker(programs["ticker"], tmp_path, ["--endpoint", collector.endpoint("grpc"), "--protocol", "grpc"],
+                                  {"OTEL_SERVICE_NAME": service, "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging"},
+                                  lambda: service in jaeger.services() and ticks(jaeger.traces(service)) >= 10)
     finally:
         collector.close()
     traces = jaeger.wait_for_traces(service, lambda ts: ticks(ts) >= 10)
@@ -206,8 +185,8 @@ def test_metrics_straight_to_jaeger_said_once(jaeger, programs, tmp_path):
     # Traced until Jaeger holds 100 ticks: a second of ticks at least, five metrics intervals.
     ticks = lambda: service in jaeger.services() and \
         sum(s["operationName"] == "main.tick" for t in jaeger.traces(service) for s in t["spans"]) >= 100
-    err = _attach_to_ticker(programs, tmp_path, ["--endpoint", f"http://127.0.0.1:{jaeger.otlp_grpc}", "--protocol", "grpc",
-                                                 "--metrics-interval", "0.2"], {"OTEL_SERVICE_NAME": service}, ticks)
+    _, err = attach_to_ticker(programs["ticker"], tmp_path, ["--endpoint", f"http://127.0.0.1:{jaeger.otlp_grpc}", "--protocol",
+                                                             "grpc", "--metrics-interval", "0.2"], {"OTEL_SERVICE_NAME": service}, ticks)
     assert ticks(), err
     assert err.count("takes no metrics (gRPC UNIMPLEMENTED)") == 1, err
     assert "ERROR" not in err and "Failed to export" not in err, err
