@@ -91,7 +91,12 @@ def build_resource(binary: GoBinary, target: Target) -> Resource:
 def target_otel_resource(target: Target) -> Resource:
     """OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES from the traced process's own environment, so
     that its goroutine spans land in the service its own spans use (parsed as the SDK parses them)."""
-    env = target.environment()
+    try:
+        env = target.environment()
+    except OSError as exc:
+        log.warning("could not read the environment of PID %d (%s): its OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES "
+                    "are not used", target.pid, exc.strerror or exc)
+        return Resource({})
     attributes = {}
     for entry in filter(None, (e.strip() for e in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","))):
         key, sep, value = entry.partition("=")
