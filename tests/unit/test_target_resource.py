@@ -5,7 +5,9 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+from helpers import poll
 from otel_goroutines.agent import target_otel_resource
 from otel_goroutines.target import AttachedTarget
 
@@ -13,6 +15,8 @@ from otel_goroutines.target import AttachedTarget
 def _resource_of(env: dict):
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], env=env)
     try:
+        # Until its exec, the child has this process's environment.
+        assert poll(lambda: b"time.sleep" in Path(f"/proc/{proc.pid}/cmdline").read_bytes(), 30)
         target = AttachedTarget.from_pid(proc.pid)
         try:
             return target_otel_resource(target).attributes
