@@ -83,9 +83,10 @@ def build_resource(binary: GoBinary, target: Target) -> Resource:
         "telemetry.sdk.name": "otel-goroutines",
         "telemetry.sdk.version": __version__,
     })
-    # The application's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override the defaults
-    # above, and the agent's own override those.
-    return base.merge(target_otel_resource(target)).merge(OTELResourceDetector().detect())
+    # An attached program's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override the defaults
+    # above (a launched one has the agent's environment), and the agent's own override those.
+    own = target_otel_resource(target) if isinstance(target, AttachedTarget) else Resource({})
+    return base.merge(own).merge(OTELResourceDetector().detect())
 
 
 def target_otel_resource(target: Target) -> Resource:
