@@ -19,6 +19,7 @@ from opentelemetry.sdk.resources import OTELResourceDetector, Resource
 from . import __version__, allocs, goruntime, gosdk, target_memory
 from .binary.gobinary import GoBinary
 from .binary.symbolize import Symbolizer
+from .cgroup_identity import process_identity
 from .deadline import Deadline
 from .errors import AgentError
 from .exporters import ConsoleSink, FileSink, OtlpSink, SpanSink, open_output
@@ -45,6 +46,7 @@ class ExportSettings:
     endpoint: str | None
     protocol: str
     flush_timeout_s: float = 10.0
+    wire_encoder: bool = True  # False: the SDK's own span encoder (OTEL_GOROUTINES_OTLP_ENCODER=sdk, for the bench)
 
 
 @dataclass
@@ -82,6 +84,7 @@ def build_resource(binary: GoBinary, target: Target) -> Resource:
         "host.name": socket.gethostname(),
         "telemetry.sdk.name": "otel-goroutines",
         "telemetry.sdk.version": __version__,
+        **process_identity(target.pid),  # container.id, k8s.pod.uid: the Collector's k8sattributes adds the rest
     })
     # An attached program's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override the defaults
     # above (a launched one has the agent's environment), and the agent's own override those.
@@ -112,7 +115,7 @@ def target_otel_resource(target: Target) -> Resource:
 
 def make_sink(settings: ExportSettings, resource: Resource, deadline: Deadline | None = None) -> SpanSink:
     if settings.exporter == "otlp":
-        return OtlpSink(settings.protocol, settings.endpoint, resource, deadline=deadline)
+        return OtlpSink(settings.protocol, settings.endpoint, resource, deadline=deadline, fast=settings.wire_encoder)
     if settings.exporter == "file":
         return FileSink(settings.output, resource)
     if settings.exporter == "console":

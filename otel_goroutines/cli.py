@@ -145,7 +145,8 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
         raise AgentError(f"--ring-buffer-mib {ring_buffer_mib} is not a power of two (the kernel requires one), e.g. 8 or 16")
     warn_about_dropped_entries()
     return AgentOptions(
-        export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout),
+        export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout,
+                              wire_encoder=os.environ.get("OTEL_GOROUTINES_OTLP_ENCODER", "wire") != "sdk"),
         probes=ProbeSettings(states=detail == "states", allocs=AllocMode(allocs), max_events=max_events, trace_max_spans=trace_max_spans,
                              spawner_children=spawner_children, spawner_age_s=spawner_age,
                              app_traces=app_traces == "auto", labels=pprof_labels, ringbuf_pages=ring_buffer_mib * 256),

@@ -52,6 +52,8 @@ def test_console_names_the_parent_of_a_span_that_starts_a_trace():
 class FlakySink:
     """Fails until told to recover; records what it accepted."""
 
+    failure_hint = "told to fail"
+
     def __init__(self):
         self.healthy = threading.Event()
         self.accepted = []
