@@ -30,6 +30,7 @@ enum trace_reason {
     TR_TRACE_FULL = 3,       // the creator's trace reached its span cap
     TR_APP_SPAN = 4,         // created under an application span: in that trace, its child
     TR_GROUPED = 5,          // never set here: user space (flow.py) puts a spawner's short childless children in groups
+    TR_NO_PARENT = 6,        // created by no goroutine (runtime.main): set by user space (flow.py), not here
 };
 
 // gstate.flags

@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import numpy as np
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
@@ -86,8 +87,31 @@ def build_resource(binary: GoBinary, target: Target) -> Resource:
         "telemetry.sdk.version": __version__,
         **process_identity(target.pid),  # container.id, k8s.pod.uid: the Collector's k8sattributes adds the rest
     })
-    # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME override the defaults above.
-    return base.merge(OTELResourceDetector().detect())
+    # An attached program's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override the defaults
+    # above (a launched one has the agent's environment), and the agent's own override those.
+    own = target_otel_resource(target) if isinstance(target, AttachedTarget) else Resource({})
+    return base.merge(own).merge(OTELResourceDetector().detect())
+
+
+def target_otel_resource(target: Target) -> Resource:
+    """OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES from the traced process's own environment, so
+    that its goroutine spans land in the service its own spans use (parsed as the SDK parses them)."""
+    try:
+        env = target.environment()
+    except OSError as exc:
+        log.warning("could not read the environment of PID %d (%s): its OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES "
+                    "are not used", target.pid, exc.strerror or exc)
+        return Resource({})
+    attributes = {}
+    for entry in filter(None, (e.strip() for e in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","))):
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            log.warning("OTEL_RESOURCE_ATTRIBUTES of PID %d: entry %r ignored: not key=value", target.pid, entry)
+            continue
+        attributes[key.strip()] = unquote(value.strip())
+    if env.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = env["OTEL_SERVICE_NAME"]
+    return Resource(attributes)
 
 
 def make_sink(settings: ExportSettings, resource: Resource, deadline: Deadline | None = None) -> SpanSink:
@@ -102,22 +126,38 @@ def make_sink(settings: ExportSettings, resource: Resource, deadline: Deadline |
 
 
 class StatusLine:
+    """The live status on the terminal's last line. A scroll region above it keeps the program's own
+    output (which shares the terminal under `run`) from being written into it, as apt's progress bar does."""
+
     def __init__(self, enabled: bool):
         self.enabled = enabled and sys.stderr.isatty()
         self._last = 0.0
+        self._size: os.terminal_size | None = None  # the terminal's, when the scroll region was set
 
     def due(self) -> bool:
         return self.enabled and time.monotonic() - self._last >= 1.0
 
     def update(self, text: str) -> None:
-        sys.stderr.write(f"\r\033[K{text}")
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+        except OSError:
+            return
+        out = []
+        if size != self._size:  # first time, or resized
+            if self._size is None:
+                out.append("\n\033[1A")  # room for the status line, if the cursor is on the last one
+            out.append(f"\0337\033[1;{size.lines - 1}r\0338")  # DECSTBM homes the cursor: saved around it
+            self._size = size
+        out.append(f"\0337\033[{size.lines};1H\033[K{text[:size.columns - 1]}\0338")
+        sys.stderr.write("".join(out))
         sys.stderr.flush()
         self._last = time.monotonic()
 
     def clear(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
+        if self._size is not None:
+            sys.stderr.write(f"\0337\033[r\033[{self._size.lines};1H\033[K\0338")  # whole screen scrolls again
             sys.stderr.flush()
+            self._size = None
 
 
 class Session:
@@ -156,7 +196,8 @@ class Session:
     # --- symbols and spans ---------------------------------------------------------------
     def symbolizer(self) -> Symbolizer:
         if self._symbolizer is None:
-            self._symbolizer = Symbolizer(self.binary.functions, self.binary.code, self._load_bias(), self.binary.isa)
+            self._symbolizer = Symbolizer(self.binary.functions, self.binary.code, self._load_bias(), self.binary.isa,
+                                          self.binary.inlined_call)
         return self._symbolizer
 
     def _load_bias(self) -> int:
@@ -348,7 +389,7 @@ class Session:
         stats = pipeline.close(deadline.remaining())
         if sender is not None:
             sender.close(None, deadline.remaining())
-        self._report(stats, end)
+        self._report(stats, end, sender.not_sent if sender is not None else 0)
         return self.target.exit_status()
 
     def _attach(self) -> None:
@@ -409,12 +450,13 @@ class Session:
         return _End(self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None,
                     counters, self.probes.allocs_elsewhere(), self.probes.app_counters())
 
-    def _report(self, stats, end: "_End") -> None:
+    def _report(self, stats, end: "_End", metrics_not_sent: int) -> None:
         """The summary on stderr."""
         opts = self.options
         losses = dict(end.counters)
         created = losses.pop("goroutines_created")
-        losses = {"spans_not_exported": stats.dropped, "spans_sampled_out": self.budget.sampled_out, **losses}
+        losses = {"spans_not_exported": stats.dropped, "spans_sampled_out": self.budget.sampled_out, **losses,
+                  "metrics_not_sent": metrics_not_sent}
         # Exits of goroutines that predate the attach are expected, not a loss.
         untraced_exits = losses.pop("exits_of_untraced_goroutines")
         print(self.summary.render(losses, created), file=sys.stderr)

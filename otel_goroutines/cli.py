@@ -261,14 +261,15 @@ def inspect(binary, pid):
     if (binary is None) == (pid is None):
         raise AgentError("give either BINARY or --pid PID")
     path = AttachedTarget.from_pid(pid).exe_path if pid is not None else binary
+    shown = f"{os.readlink(path)} (PID {pid}, read through {path})" if pid is not None else path
     with _reading_binary(path):
-        _inspect(path)
+        _inspect(path, shown)
 
 
-def _inspect(path: str) -> None:
+def _inspect(path: str, shown: str) -> None:
     gobin = GoBinary(path)
     support = goruntime.support_for(gobin)
-    click.echo(f"binary:          {path}")
+    click.echo(f"binary:          {shown}")
     click.echo(f"Go version:      {gobin.go_version}")
     arch = support.arch
     click.echo(f"architecture:    {arch.name} (Go arguments in {arch.arg(1)}, {arch.arg(2)}, ...; g in {arch.show(arch.g)})"

@@ -237,7 +237,9 @@ class ConsoleSink:
         for s in spans:
             a = s.attributes
             site = f"{a.get('code.file.path', '?')}:{a.get('code.line.number', '?')}"
-            parent = f" parent={a['go.goroutine.parent_id']}" if s.parent_span_id else " (root)"
+            parent = f" parent={a['go.goroutine.parent_id']}" if a["go.goroutine.parent_id"] else " (root)"
+            if "go.goroutine.trace_reason" in a:  # its span starts a trace (or joins an application's)
+                parent += f" ({a['go.goroutine.trace_reason'].replace('_', ' ')})"
             outcome = a.get("go.goroutine.end_reason") or f"checkpoint {a.get('go.goroutine.checkpoint')}, still running"
             lines.append(f"goroutine {a['go.goroutine.id']}{parent} {s.name} {(s.end_ns - s.start_ns) / 1e6:.3f} ms, "
                          f"created at {site}, {outcome}{', ERROR: ' + s.error if s.error else ''}")

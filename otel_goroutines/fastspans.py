@@ -277,7 +277,7 @@ class BatchSpanEncoder:
     def _tail(self, reason: TraceReason, end: EndReason) -> bytes:
         """The attributes SpanBuilder.build adds after _span's."""
         attrs = {}
-        if reason is not TraceReason.JOINS_PARENT:
+        if reason not in (TraceReason.JOINS_PARENT, TraceReason.NO_PARENT):
             attrs["go.goroutine.trace_reason"] = _TRACE_REASONS[reason]
         attrs["go.goroutine.end_reason"] = end.value
         if end is not EndReason.EXITED:

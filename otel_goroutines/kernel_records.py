@@ -25,6 +25,7 @@ class TraceReason(IntEnum):
     TR_TRACE_FULL = 3
     TR_APP_SPAN = 4
     TR_GROUPED = 5
+    TR_NO_PARENT = 6
 
 
 class GstateFlag(IntEnum):

@@ -23,6 +23,7 @@ class TraceReason(int, Enum):
     APP_SPAN = 4          # created under an application span: in the application's trace, its child
     GROUPED = 5           # set by the flow, never by the kernel: a short childless child of a spawner, in the
                           # trace of its spawner's window (flow.ShortGoroutineGroups); root_goid names that group
+    NO_PARENT = 6         # created by no goroutine (runtime.main, by the runtime's start-up): set by the flow, not the kernel
 
 
 @dataclass(slots=True)

@@ -15,6 +15,7 @@ _MASK64 = (1 << 64) - 1
 _RUNNABLE, _WAITING = 1, 4
 _TRACE_SALT = 0x5EED_0F_7A_CE_5A17   # second half of a trace id
 _HISTORY_SALT = 0x415_7041_C0DE    # traces that hold a long-lived goroutine's checkpoints
+LEAKED_BY_RUNTIME = "goroutine leaked (detected by the Go runtime)"  # error status of its spans
 _TRACE_REASONS = {TraceReason.UNTRACED_PARENT: "untraced_parent", TraceReason.SPAWNER: "spawner",
                   TraceReason.TRACE_FULL: "trace_full", TraceReason.APP_SPAN: "application_span",
                   TraceReason.GROUPED: "grouped"}
@@ -122,7 +123,7 @@ class SpanBuilder:
         elif rec.trace_reason is TraceReason.GROUPED:  # under its group's span, which links to the spawner
             span.parent_span_id = span_id_for(self.salt, rec.root_goid)
             span.attributes["go.goroutine.trace_reason"] = _TRACE_REASONS[rec.trace_reason]
-        else:
+        elif rec.trace_reason is not TraceReason.NO_PARENT:
             if rec.trace_reason not in (TraceReason.UNTRACED_PARENT, TraceReason.APP_SPAN):
                 span.links.append(SpanLink(trace_id_for(self.salt, rec.parent_root_goid),
                                            span_id_for(self.salt, rec.parent_goid), {"go.goroutine.link": "creator"}))
@@ -170,7 +171,7 @@ class SpanBuilder:
                                      {"go.goroutine.wait_reason": self.wait_reason(rec.wait_reason),
                                       "go.goroutine.blocked_ns": now_ns - rec.since_ns, "go.goroutine.leak.reason": why}))
         if rec.status == G_LEAKED:
-            span.error = "goroutine leaked (detected by the Go runtime)"
+            span.error = LEAKED_BY_RUNTIME
 
     def _span(self, rec: GoroutineRecord, before: Checkpointed | None, end_ns: int) -> GoroutineSpan:
         """The part of rec's life after `before` (a checkpoint), or all of it."""

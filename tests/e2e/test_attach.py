@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import AGENT, by_goid, creator_links, goroutine_spans, group_spans, site_line, ticks_untraced_after_attach
+from helpers import AGENT, attach_to_ticker, by_goid, creator_links, goroutine_spans, group_spans, site_line, ticks_untraced_after_attach
 
 pytestmark = pytest.mark.ebpf
 
@@ -107,3 +107,19 @@ def test_attach_until_the_target_exits(programs, rotel, receiver, tmp_path):
     missed, spawned = ticks_untraced_after_attach(manifest, spans)
     assert spawned >= 49 and not missed, (missed, err)
     assert {s.attributes["go.goroutine.end_reason"] for s in spans} <= {"exited", "process_exited"}
+
+
+def test_attach_takes_the_service_from_the_target(programs, rotel, receiver, tmp_path):
+    """The target's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name the goroutine spans'
+    resource; the agent's own OTEL_RESOURCE_ATTRIBUTES override them."""
+    receiver.clear()
+    app_env = {"OTEL_SERVICE_NAME": "ticker-svc", "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test,team=app%20team"}
+    ticks = lambda: any(s.name == "main.tick" for s in list(receiver.spans))
+    pid, err = attach_to_ticker(programs["ticker"], tmp_path, ["--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc"],
+                                app_env, ticks, agent_env={"OTEL_RESOURCE_ATTRIBUTES": "team=agent"})
+    spans = [s for s in receiver.wait_for(lambda got: False, timeout=1.0) if s.resource["process.pid"] == pid]
+    assert spans, err
+    for span in spans:
+        assert span.resource["service.name"] == "ticker-svc"
+        assert span.resource["deployment.environment"] == "test"
+        assert span.resource["team"] == "agent"

@@ -14,7 +14,7 @@ from collections import Counter
 
 import pytest
 
-from helpers import by_goid, run_agent
+from helpers import attach_to_ticker, by_goid, run_agent
 from otel_peers import COLLECTOR_CONFIGS, Collector, Jaeger, build_peers, jaeger_parent, jaeger_tag, validate_config
 
 pytestmark = pytest.mark.ebpf
@@ -295,3 +295,41 @@ def test_jaeger_render_a_long_running_service(spawners_in_jaeger):
           f"{render_jaeger(main)}\n\n{render_jaeger(group, at_root=6)}")
     assert roots["short goroutines of main.ticker"] >= 2 and roots["main.fanout"] >= 20
     assert render_jaeger(group).splitlines()[1].startswith("short goroutines of main.dispatcher")
+
+
+def test_attach_lands_in_the_applications_service(peers, jaeger, programs, tmp_path):
+    """Attached, the goroutine spans take the service of the target's own OTEL_SERVICE_NAME (not the
+    executable's name) and its OTEL_RESOURCE_ATTRIBUTES, as Jaeger shows them."""
+    collector = Collector(peers["otelcol"], COLLECTOR_CONFIGS / "otelcol-jaeger.yaml", tmp_path / "otelcol.log",
+                          jaeger_grpc=jaeger.otlp_grpc)
+    service = f"ticker-svc-{secrets.token_hex(4)}"
+    ticks = lambda ts: sum(s["operationName"] == "main.tick" for t in ts for s in t["spans"])
+    try:
+        _, err = attach_to_ticker(programs["ticker"], tmp_path, ["--endpoint", collector.endpoint("grpc"), "--protocol", "grpc"],
+                                  {"OTEL_SERVICE_NAME": service, "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=staging"},
+                                  lambda: service in jaeger.services() and ticks(jaeger.traces(service)) >= 10)
+    finally:
+        collector.close()
+    traces = jaeger.wait_for_traces(service, lambda ts: ticks(ts) >= 10)
+    assert ticks(traces) >= 10, err
+    assert programs["ticker"].name not in jaeger.services()
+    for trace in traces:
+        for process in trace["processes"].values():
+            assert process["serviceName"] == service
+            assert {t["key"]: t["value"] for t in process["tags"]}["deployment.environment"] == "staging"
+
+
+def test_metrics_straight_to_jaeger_said_once(jaeger, programs, tmp_path):
+    """Jaeger takes no metrics (gRPC UNIMPLEMENTED): one warning, no error at every interval, metrics not
+    sent any more and counted; the spans still arrive."""
+    service = f"ticker-{secrets.token_hex(4)}"
+    # Traced until Jaeger holds 100 ticks: a second of ticks at least, five metrics intervals.
+    ticks = lambda: service in jaeger.services() and \
+        sum(s["operationName"] == "main.tick" for t in jaeger.traces(service) for s in t["spans"]) >= 100
+    _, err = attach_to_ticker(programs["ticker"], tmp_path, ["--endpoint", f"http://127.0.0.1:{jaeger.otlp_grpc}", "--protocol",
+                                                             "grpc", "--metrics-interval", "0.2"], {"OTEL_SERVICE_NAME": service}, ticks)
+    assert ticks(), err
+    assert err.count("takes no metrics (gRPC UNIMPLEMENTED)") == 1, err
+    assert "ERROR" not in err and "Failed to export" not in err, err
+    not_sent = int(err.split("losses: ")[1].split("metrics_not_sent=")[1].split()[0].rstrip(","))
+    assert not_sent >= 2, err  # the refused one, at least the final one

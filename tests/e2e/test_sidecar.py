@@ -86,6 +86,10 @@ def test_image_python_pins_are_what_the_tests_ran_with():
 def test_entrypoint_script_parses():
     subprocess.run(["sh", "-n", str(DOCKER / "entrypoint.sh")], check=True)
     assert os.access(DOCKER / "entrypoint.sh", os.X_OK)
+    # Its advice on tracefs is the compose file's and the manifest's: read-write (bcc writes uprobe_events).
+    advice = next(line for line in (DOCKER / "entrypoint.sh").read_text().splitlines() if "tracefs is not visible" in line)
+    assert "read-write" in advice and "(read-only)" not in advice
+    assert "/sys/kernel/tracing:/sys/kernel/tracing " in (DOCKER / "compose.yaml").read_text()  # no :ro
     assert "exec /opt/otel-goroutines/venv/bin/otel-goroutines \"$@\"" in (DOCKER / "entrypoint.sh").read_text()
 
 

@@ -144,6 +144,6 @@ def test_empty_batch_and_bad_reasons():
     assert fast.encode({k: v[:0] for k, v in cols.items()}, end_reason[:0], Changes.none(0)) == []
     with pytest.raises(ValueError):
         fast.encode(cols, end_reason + 3, changes)
-    cols["trace_reason"][0] = len(TraceReason)
+    cols["trace_reason"][0] = max(TraceReason) + 1
     with pytest.raises(ValueError):
         fast.encode(cols, end_reason, changes)

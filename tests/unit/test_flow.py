@@ -254,3 +254,20 @@ def test_no_grouping_without_a_window():
     f = flow()
     [span] = decoded(f.ended(ends([5], parent=2)))
     assert attr(span, "go.goroutine.trace_reason") == "spawner" and f.group_spans(None) == []
+
+
+def test_the_first_goroutine_has_no_parent_no_trace_reason_and_no_creation_site():
+    """runtime.main (parent id 0, created by the runtime's start-up) roots the tree: neither an untraced
+    parent's child nor created at a `go` statement (its go_pc lies in newproc's ABI wrapper)."""
+    outputs = []
+    for fast in (True, False):
+        rows = ends([1, 7], parent=0)
+        rows["st"]["trace_reason"] = TraceReason.TR_UNTRACED_PARENT  # what the kernel says
+        outputs.append(flow(fast).ended(rows))
+    fast, reference = outputs
+    assert sorted(fast) == sorted(reference)
+    for span in decoded(fast):
+        keys = {a.key for a in span.attributes}
+        assert not span.parent_span_id and not span.links
+        assert not {"go.goroutine.trace_reason", "code.file.path", "code.line.number", "go.goroutine.created_by"} & keys
+        assert {a.key: a.value.int_value for a in span.attributes}["go.goroutine.parent_id"] == 0
