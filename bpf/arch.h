@@ -16,6 +16,8 @@
 #define GO_ARG6(ctx) ((ctx)->r8)
 #define GO_G(ctx) ((ctx)->r14)
 #define GO_IP(ctx) ((ctx)->ip)
+// At a function's entry (where the casgstatus probe sits): where its caller resumes, on the stack.
+#define GO_RETURN_ADDR(ctx, cfg) read_u64(cfg, (ctx)->sp)
 #elif defined(bpf_target_arm64) || defined(__TARGET_ARCH_arm64)
 // Integer arguments and results in R0-R15; the current g in R28. The kernel's struct pt_regs
 // starts with struct user_pt_regs { u64 regs[31]; u64 sp; u64 pc; u64 pstate; }.
@@ -27,6 +29,8 @@
 #define GO_ARG6(ctx) ((ctx)->regs[5])
 #define GO_G(ctx) ((ctx)->regs[28])
 #define GO_IP(ctx) ((ctx)->pc)
+// Before the function calls anything: where its caller resumes, in the link register.
+#define GO_RETURN_ADDR(ctx, cfg) ((ctx)->regs[30])
 #else
 #error "Go probes are written for amd64 (__TARGET_ARCH_x86) and arm64 (__TARGET_ARCH_arm64) only"
 #endif

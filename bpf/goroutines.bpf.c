@@ -18,7 +18,8 @@
 //   heap allocations, from allocs.py: ALLOC_COUNT_SHIFT, ALLOC_WEIGHT_STEPS, ALLOC_WEIGHT_ENTRIES,
 //   ALLOC_RATE_CAP, DEFAULT_MEMPROFILERATE;
 //   Go's interface layout (otel_goroutines/gosdk.py): OFF_ITAB_TYPE, OFF_TYPE_KIND, KIND_MASK,
-//   KIND_POINTER, KIND_STRUCT.
+//   KIND_POINTER, KIND_STRUCT;
+//   WAKERS: name who woke each goroutine (note_waker).
 #include <uapi/linux/ptrace.h>
 
 // PIDs as the agent numbers them. In the kernel's own PID namespace they are the kernel's; when
@@ -113,6 +114,13 @@ static __always_inline struct g_win *read_g(struct proc_config *cfg, u64 gp, u32
         return NULL;
     }
     return g;
+}
+
+// The goroutine this thread runs: the current g, or, on the system stack (newproc1, goready's
+// systemstack(ready), the scheduler), where R14 is the thread's g0, g0.m.curg (0: none).
+static __always_inline u64 running_goroutine(struct pt_regs *ctx, struct proc_config *cfg) {
+    u64 m = read_u64(cfg, GO_G(ctx) + cfg->off_g_m);
+    return m ? read_u64(cfg, m + cfg->off_m_curg) : 0;
 }
 
 static __always_inline u32 log2_bucket(u64 v) {
@@ -477,9 +485,7 @@ static __always_inline void goroutine_created(struct pt_regs *ctx, struct proc_c
     if (cfg->flags & CFG_PARENT_GOID) {
         st.parent_goid = G_FIELD(g, cfg->g_parentgoid, u64);
     } else {
-        // newproc1 runs on the system stack: R14 is g0, and g0.m.curg is the creating goroutine.
-        u64 m = read_u64(cfg, GO_G(ctx) + cfg->off_g_m);
-        u64 curg = m ? read_u64(cfg, m + cfg->off_m_curg) : 0;
+        u64 curg = running_goroutine(ctx, cfg);  // newproc1 runs on the system stack: the creator is g0.m.curg
         st.parent_goid = curg ? read_u64(cfg, curg + cfg->off_g_goid) : 0;
     }
     if (!cfg->probe_ip)
@@ -571,6 +577,27 @@ static __always_inline void account_state(struct proc_config *cfg, struct gstate
     st->transitions++;
 }
 
+// A wake (waiting -> runnable): who was running on this thread (casgstatus for a wake runs on the
+// system stack: m.curg; none when the scheduler or sysmon itself wakes it: timers, netpoll). User
+// space names the call site (wake_pc) and so tells the runtime's own wakes (injectglist) from a goroutine's.
+static __always_inline void note_waker(struct pt_regs *ctx, struct proc_config *cfg, struct transition_event *ev, u32 tgid,
+                                       struct g_win *lo) {
+    ev->waitreason = G_WAITREASON(cfg, lo);  // still the ended wait's: the runtime clears it only in gdestroy
+    ev->wake_pc = GO_RETURN_ADDR(ctx, cfg);
+    u64 curg = running_goroutine(ctx, cfg);
+    struct gkey waker = {.tgid = tgid, .goid = curg ? read_u64(cfg, curg + cfg->off_g_goid) : 0};
+    if (!waker.goid)
+        return;
+    ev->waker = WAKER_GOROUTINE;
+    ev->waker_goid = waker.goid;
+    struct gstate *st = goroutines.lookup(&waker);
+    if (!st)
+        return;
+    ev->waker |= st->app_flags & APP_IN_TRACE ? WAKER_APP_TRACE : WAKER_TRACED;
+    ev->waker_root = st->root_goid;
+    ev->waker_start_pc = st->start_pc;
+}
+
 // At the entry of runtime.casgstatus(gp, oldval, newval): RAX = gp, RBX = oldval, RCX = newval.
 // With CFG_STATES_COVER_LIFECYCLE (Go 1.24+, where newproc1 assigns the goid before making the g
 // runnable) this one probe also sees creations and exits: no trap of their own.
@@ -627,7 +654,12 @@ int on_casgstatus(struct pt_regs *ctx) {
     ev->from = from;
     ev->to = to;
     ev->waitreason = reason;
-    ev->pad = 0;
+    ev->waker = 0;
+    ev->waker_goid = ev->waker_root = ev->wake_pc = ev->waker_start_pc = 0;
+#ifdef WAKERS
+    if (from == G_WAITING && to == G_RUNNABLE)
+        note_waker(ctx, cfg, ev, tgid, lo);
+#endif
     events.ringbuf_submit(ev, wake_flags());
     st->events_sent++;
     return 0;

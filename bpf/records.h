@@ -30,6 +30,8 @@ enum trace_reason {
     TR_SPAWNER = 2,          // the creator is a long-lived or prolific spawner
     TR_TRACE_FULL = 3,       // the creator's trace reached its span cap
     TR_APP_SPAN = 4,         // created under an application span: in that trace, its child
+    TR_GROUPED = 5,          // never set here: user space (flow.py) puts a spawner's short childless children in groups
+    TR_NO_PARENT = 6,        // created by no goroutine (runtime.main): set by user space (flow.py), not here
 };
 
 // gstate.flags
@@ -42,6 +44,13 @@ enum app_flag {
     APP_IN_TRACE = 1,  // in the application's trace app_trace_id
     APP_LINKED = 2,    // starts a trace of its own, linked to its creator's place in app_trace_id
     APP_SAMPLED = 4,   // the application sampled that trace
+};
+
+// transition_event.waker: who made a waiting goroutine runnable (a wake: waiting -> runnable).
+enum waker_flag {
+    WAKER_GOROUTINE = 1,  // a goroutine was running on the waking thread (m.curg): waker_goid
+    WAKER_TRACED = 2,     // ...and it has a span, in the trace of waker_root
+    WAKER_APP_TRACE = 4,  // ...in an application's trace (its trace id is not sent: no link)
 };
 
 // Per-CPU counters of what could not be delivered (and goroutines created, for the live count).
@@ -153,8 +162,12 @@ struct transition_event {
     u64 ts;
     u32 from;
     u32 to;
-    u32 waitreason;
-    u32 pad;
+    u32 waitreason;  // to waiting: the wait's reason; a wake: the reason of the wait it ends
+    u32 waker;       // a wake: enum waker_flag (0: no goroutine was running, the runtime woke it)
+    u64 waker_goid;
+    u64 waker_root;  // the waker's trace (its root goroutine), when WAKER_TRACED
+    u64 wake_pc;     // a wake: where casgstatus was called from (runtime.ready, injectglist, ...)
+    u64 waker_start_pc;  // the waker's start function, when WAKER_TRACED or WAKER_APP_TRACE (a runtime goroutine?)
 };
 
 // EV_END: a goroutine ended; its whole state.

@@ -17,7 +17,7 @@ if [ ! -e "$kdir/build/include/linux/kconfig.h" ] && [ ! -e "$kdir/source/includ
 fi
 
 if [ ! -d /sys/kernel/tracing/events ] && [ ! -d /sys/kernel/debug/tracing/events ]; then
-  echo "otel-goroutines-entrypoint: tracefs is not visible: mount the host's /sys/kernel/tracing (read-only)" >&2
+  echo "otel-goroutines-entrypoint: tracefs is not visible: mount the host's /sys/kernel/tracing read-write (bcc creates its uprobes there; read-only only with CAP_SYS_ADMIN)" >&2
 fi
 
 exec /opt/otel-goroutines/venv/bin/otel-goroutines "$@"

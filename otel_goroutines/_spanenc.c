@@ -6,15 +6,22 @@ repeats (names, creation sites, event bodies, attribute key prefixes) once per d
 the ids and times as uint64 columns; this file only lays those out in the fixed order of
 SpanEncoder.span(SpanBuilder.build(rec)): varints, fixed64 times, big-endian ids, copied pieces.
 
-encode(rows, ints, offsets, changes, pieces, prefixes, skip_zero, head_ints, link_attrs) -> list[bytes]
+encode(rows, ints, offsets, changes, pieces, prefixes, skip_zero, head_ints, link_attrs, link_offsets, links,
+       waker_link_attrs, waker_id_prefix) -> list[bytes]
   rows      uint64 (ROW_COLS, n): ids, times and piece indices, columns as in enum row_col
   ints      uint64 (k, n): integer attributes, column j keyed by prefixes[j] (KeyValue.key field +
             the value's tag); left out above INT64_MAX (the SDK drops them) and, where skip_zero[j],
             when zero. The first head_ints come before the FN/SITE/EXISTED pieces, the rest after.
   offsets   int64 (n + 1): row i's state changes are changes[offsets[i]:offsets[i+1]]
-  changes   uint64 (m, 2): event time, piece index of the event body (name + attributes)
+  changes   uint64 (m, 3): event time, piece index of the event body (name + attributes), and the
+            waker id, an integer attribute appended to the body (keyed by waker_id_prefix) unless
+            above INT64_MAX (UINT64_MAX: none)
   pieces    tuple of bytes that rows and changes index
   link_attrs  the creator link's encoded attributes
+  link_offsets  int64 (n + 1): row i's waker links are links[link_offsets[i]:link_offsets[i+1]],
+            written after the creator link
+  links     uint64 (l, 3): a waker link's trace id (high, low) and span id
+  waker_link_attrs  the waker links' encoded attributes
 lookup(keys, table_keys, table_values, out) -> misses: fastspans' per-process tables of pieces.
 */
 #define PY_SSIZE_T_CLEAN
@@ -34,11 +41,11 @@ enum row_col {
 typedef struct { const char *p; Py_ssize_t n; } piece;
 
 typedef struct {
-    Py_buffer rows, ints, offsets, changes;
+    Py_buffer rows, ints, offsets, changes, link_offsets, links;
     piece *pieces, *prefixes;
-    Py_ssize_t n, k, m, npieces, head_ints;
+    Py_ssize_t n, k, m, l, npieces, head_ints;
     const char *skip_zero;
-    piece link_attrs;
+    piece link_attrs, waker_link_attrs, waker_id_prefix;
 } batch;
 
 static const char SPAN_FLAGS[4] = {0x00, 0x01, 0x00, 0x00};  /* 0x100: the parent is local */
@@ -77,13 +84,13 @@ static inline int int_kept(const batch *b, Py_ssize_t j, uint64_t v) {
     return v <= (uint64_t)INT64_MAX && !(b->skip_zero[j] && v == 0);
 }
 
-/* Attributes field (tag 9): KeyValue{key, AnyValue{int_value (tag 3)}}. */
+/* Attributes field (a span's: tag 9, an event's: tag 3): KeyValue{key, AnyValue{int_value (tag 3)}}. */
 static inline Py_ssize_t int_attr_len(piece prefix, uint64_t v) {
     return field_len(prefix.n + 2 + vlen(v));
 }
 
-static char *put_int_attr(char *o, piece prefix, uint64_t v) {
-    *o++ = 0x4a;
+static char *put_int_attr(char *o, char tag, piece prefix, uint64_t v) {
+    *o++ = tag;
     o = put_varint(o, (uint64_t)(prefix.n + 2 + vlen(v)));
     o = put(o, prefix);
     *o++ = (char)(1 + vlen(v));
@@ -101,31 +108,37 @@ static Py_ssize_t ints_len(const batch *b, const uint64_t *v, Py_ssize_t from, P
 
 static char *put_ints(char *o, const batch *b, const uint64_t *v, Py_ssize_t from, Py_ssize_t to) {
     for (Py_ssize_t j = from; j < to; j++) {
-        if (int_kept(b, j, v[j])) o = put_int_attr(o, b->prefixes[j], v[j]);
+        if (int_kept(b, j, v[j])) o = put_int_attr(o, 0x4a, b->prefixes[j], v[j]);
     }
     return o;
 }
 
-/* Event field (tag 11): time_unix_nano (fixed64, tag 1), then the cached body. */
-static char *put_event(char *o, uint64_t time_ns, piece body) {
-    *o++ = 0x5a;
-    o = put_varint(o, (uint64_t)(9 + body.n));
-    *o++ = 0x09;
-    o = put_le64(o, time_ns);
-    return put(o, body);
+/* An Event message's size: time, cached body, the waker id attribute if any. */
+static inline Py_ssize_t event_len(const batch *b, piece body, uint64_t waker) {
+    return 9 + body.n + (waker <= (uint64_t)INT64_MAX ? int_attr_len(b->waker_id_prefix, waker) : 0);
 }
 
-static inline Py_ssize_t link_body_len(const batch *b) { return 18 + 10 + b->link_attrs.n + 5; }
+/* Event field (tag 11): time_unix_nano (fixed64, tag 1), then the cached body and the waker id. */
+static char *put_event(char *o, const batch *b, uint64_t time_ns, piece body, uint64_t waker) {
+    *o++ = 0x5a;
+    o = put_varint(o, (uint64_t)event_len(b, body, waker));
+    *o++ = 0x09;
+    o = put_le64(o, time_ns);
+    o = put(o, body);
+    return waker <= (uint64_t)INT64_MAX ? put_int_attr(o, 0x1a, b->waker_id_prefix, waker) : o;
+}
+
+static inline Py_ssize_t link_body_len(piece attrs) { return 18 + 10 + attrs.n + 5; }
 
 /* Link field (tag 13): trace_id 1, span_id 2, attributes 4, flags 6 (fixed32). */
-static char *put_link(char *o, const batch *b, const uint64_t *r) {
+static char *put_link(char *o, uint64_t trace_hi, uint64_t trace_lo, uint64_t span_id, piece attrs) {
     *o++ = 0x6a;
-    o = put_varint(o, (uint64_t)link_body_len(b));
+    o = put_varint(o, (uint64_t)link_body_len(attrs));
     memcpy(o, "\x0a\x10", 2);
-    o = put_be64(put_be64(o + 2, r[LINK_HI]), r[LINK_LO]);
+    o = put_be64(put_be64(o + 2, trace_hi), trace_lo);
     memcpy(o, "\x12\x08", 2);
-    o = put_be64(o + 2, r[LINK_SPAN]);
-    o = put(o, b->link_attrs);
+    o = put_be64(o + 2, span_id);
+    o = put(o, attrs);
     *o++ = 0x35;
     memcpy(o, SPAN_FLAGS, 4);
     return o + 4;
@@ -142,7 +155,7 @@ static int piece_at(const batch *b, uint64_t index, piece *out) {
 
 /* The Span message's size (without its own tag and length); -1 on a bad index. */
 static Py_ssize_t span_len(const batch *b, Py_ssize_t i, const uint64_t *r, const uint64_t *v) {
-    const int64_t *off = b->offsets.buf;
+    const int64_t *off = b->offsets.buf, *loff = b->link_offsets.buf;
     const uint64_t *ch = b->changes.buf;
     Py_ssize_t n = 18 + 10 + (r[PARENT_ID] ? 10 : 0) + 18 + 2 + 6;  /* ids, times, status, flags */
     piece pc;
@@ -156,17 +169,22 @@ static Py_ssize_t span_len(const batch *b, Py_ssize_t i, const uint64_t *r, cons
         return -1;
     }
     for (int64_t j = off[i]; j < off[i + 1]; j++) {
-        if (piece_at(b, ch[2 * j + 1], &pc) < 0) return -1;
-        n += field_len(9 + pc.n);
+        if (piece_at(b, ch[3 * j + 1], &pc) < 0) return -1;
+        n += field_len(event_len(b, pc, ch[3 * j + 2]));
     }
-    if (r[LINK_SPAN]) n += field_len(link_body_len(b));
+    if (loff[i] < 0 || loff[i] > loff[i + 1] || loff[i + 1] > b->l) {
+        PyErr_SetString(PyExc_ValueError, "link_offsets must rise from 0 to len(links)");
+        return -1;
+    }
+    n += (loff[i + 1] - loff[i]) * field_len(link_body_len(b->waker_link_attrs));
+    if (r[LINK_SPAN]) n += field_len(link_body_len(b->link_attrs));
     return n;
 }
 
 /* Writes row i's span, whose indices span_len has checked. */
 static char *put_span(char *o, const batch *b, Py_ssize_t i, const uint64_t *r, const uint64_t *v, Py_ssize_t body_len) {
-    const int64_t *off = b->offsets.buf;
-    const uint64_t *ch = b->changes.buf;
+    const int64_t *off = b->offsets.buf, *loff = b->link_offsets.buf;
+    const uint64_t *ch = b->changes.buf, *ln = b->links.buf;
     const piece *pcs = b->pieces;
     *o++ = 0x12;
     o = put_varint(o, (uint64_t)body_len);
@@ -187,9 +205,10 @@ static char *put_span(char *o, const batch *b, Py_ssize_t i, const uint64_t *r, 
     o = put(put(put(o, pcs[r[FN]]), pcs[r[SITE]]), pcs[r[EXISTED]]);
     o = put_ints(o, b, v, b->head_ints, b->k);
     o = put(o, pcs[r[TAIL]]);
-    for (int64_t j = off[i]; j < off[i + 1]; j++) o = put_event(o, ch[2 * j], pcs[ch[2 * j + 1]]);
-    o = put_event(o, r[END_NS], pcs[r[END_BODY]]);
-    if (r[LINK_SPAN]) o = put_link(o, b, r);
+    for (int64_t j = off[i]; j < off[i + 1]; j++) o = put_event(o, b, ch[3 * j], pcs[ch[3 * j + 1]], ch[3 * j + 2]);
+    o = put_event(o, b, r[END_NS], pcs[r[END_BODY]], UINT64_MAX);
+    if (r[LINK_SPAN]) o = put_link(o, r[LINK_HI], r[LINK_LO], r[LINK_SPAN], b->link_attrs);
+    for (int64_t j = loff[i]; j < loff[i + 1]; j++) o = put_link(o, ln[3 * j], ln[3 * j + 1], ln[3 * j + 2], b->waker_link_attrs);
     memcpy(o, "\x7a\x00\x85\x01", 4);  /* status {} (the SDK always sets it), flags (fixed32, tag 16) */
     memcpy(o + 4, SPAN_FLAGS, 4);
     return o + 8;
@@ -250,8 +269,8 @@ static piece *bytes_tuple(PyObject *tuple, Py_ssize_t *count) {
 }
 
 static void release(batch *b) {
-    Py_buffer *views[] = {&b->rows, &b->ints, &b->offsets, &b->changes};
-    for (int i = 0; i < 4; i++) {
+    Py_buffer *views[] = {&b->rows, &b->ints, &b->offsets, &b->changes, &b->link_offsets, &b->links};
+    for (int i = 0; i < 6; i++) {
         if (views[i]->obj) PyBuffer_Release(views[i]);
     }
     PyMem_Free(b->pieces);
@@ -259,7 +278,8 @@ static void release(batch *b) {
 }
 
 static int load(batch *b, PyObject *const *args) {
-    /* args: rows, ints, offsets, changes, pieces, prefixes, skip_zero, head_ints, link_attrs */
+    /* args: rows, ints, offsets, changes, pieces, prefixes, skip_zero, head_ints, link_attrs, link_offsets,
+       links, waker_link_attrs, waker_id_prefix */
     if (get_array(args[0], &b->rows, 2, ROW_COLS, -1, "rows") < 0) return -1;
     b->n = b->rows.shape[1];
     b->pieces = bytes_tuple(args[4], &b->npieces);
@@ -268,7 +288,7 @@ static int load(batch *b, PyObject *const *args) {
     if (b->k > MAX_INTS) { PyErr_SetString(PyExc_ValueError, "too many integer attributes"); return -1; }
     if (get_array(args[1], &b->ints, 2, b->k, b->n, "ints") < 0) return -1;
     if (get_array(args[2], &b->offsets, 1, b->n + 1, -1, "offsets") < 0) return -1;
-    if (get_array(args[3], &b->changes, 2, -1, 2, "changes") < 0) return -1;
+    if (get_array(args[3], &b->changes, 2, -1, 3, "changes") < 0) return -1;
     b->m = b->changes.shape[0];
     b->skip_zero = PyBytes_Check(args[6]) ? PyBytes_AS_STRING(args[6]) : NULL;
     b->head_ints = PyLong_AsSsize_t(args[7]);
@@ -276,14 +296,21 @@ static int load(batch *b, PyObject *const *args) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "skip_zero and head_ints must fit the prefixes");
         return -1;
     }
-    if (!PyBytes_Check(args[8])) { PyErr_SetString(PyExc_TypeError, "link_attrs: want bytes"); return -1; }
-    b->link_attrs = (piece){PyBytes_AS_STRING(args[8]), PyBytes_GET_SIZE(args[8])};
+    if (get_array(args[9], &b->link_offsets, 1, b->n + 1, -1, "link_offsets") < 0) return -1;
+    if (get_array(args[10], &b->links, 2, -1, 3, "links") < 0) return -1;
+    b->l = b->links.shape[0];
+    piece *attrs[] = {&b->link_attrs, &b->waker_link_attrs, &b->waker_id_prefix};
+    for (int a = 0; a < 3; a++) {
+        PyObject *arg = args[a == 0 ? 8 : 10 + a];
+        if (!PyBytes_Check(arg)) { PyErr_SetString(PyExc_TypeError, "link_attrs, waker_link_attrs, waker_id_prefix: want bytes"); return -1; }
+        *attrs[a] = (piece){PyBytes_AS_STRING(arg), PyBytes_GET_SIZE(arg)};
+    }
     return 0;
 }
 
 static PyObject *encode(PyObject *Py_UNUSED(self), PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 9) {
-        PyErr_SetString(PyExc_TypeError, "encode takes 9 arguments");
+    if (nargs != 13) {
+        PyErr_SetString(PyExc_TypeError, "encode takes 13 arguments");
         return NULL;
     }
     batch b = {0};

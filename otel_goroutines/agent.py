@@ -11,6 +11,7 @@ import socket
 import sys
 import time
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 import numpy as np
 from opentelemetry.sdk.resources import OTELResourceDetector, Resource
@@ -19,11 +20,12 @@ from . import __version__, allocs, goruntime, gosdk, target_memory
 from .analysis import AnalysisCache, analyse
 from .binary.gobinary import GoBinary
 from .binary.symbolize import Symbolizer
+from .cgroup_identity import process_identity
 from .deadline import Deadline
 from .errors import AgentError
 from .exporters import ConsoleSink, FileSink, OtlpSink, SpanSink, open_output
 from .fastspans import BatchSpanEncoder
-from .flow import END_REASONS, FlowCounts, SpanFlow
+from .flow import END_REASONS, FlowCounts, GroupSettings, ShortGoroutineGroups, SpanFlow
 from .kernel_records import GstateFlag
 from .longlived import LongLived, LongLivedSettings
 from .metrics import GoroutineMetrics, MetricsData, MetricsSender
@@ -45,6 +47,7 @@ class ExportSettings:
     endpoint: str | None
     protocol: str
     flush_timeout_s: float = 10.0
+    wire_encoder: bool = True  # False: the SDK's own span encoder (OTEL_GOROUTINES_OTLP_ENCODER=sdk, for the bench)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class AgentOptions:
     export: ExportSettings
     probes: ProbeSettings
     long_lived: LongLivedSettings = field(default_factory=LongLivedSettings)
+    groups: GroupSettings = field(default_factory=GroupSettings)  # max_spans is probes.trace_max_spans
     spans_per_second: float = 0.0    # 0: no budget
     metrics_interval_s: float = 10.0  # 0: no metrics
     quiet: bool = False
@@ -82,14 +86,38 @@ def build_resource(binary: GoBinary, target: Target) -> Resource:
         "host.name": socket.gethostname(),
         "telemetry.sdk.name": "otel-goroutines",
         "telemetry.sdk.version": __version__,
+        **process_identity(target.pid),  # container.id, k8s.pod.uid: the Collector's k8sattributes adds the rest
     })
-    # OTEL_RESOURCE_ATTRIBUTES and OTEL_SERVICE_NAME override the defaults above.
-    return base.merge(OTELResourceDetector().detect())
+    # An attached program's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES override the defaults
+    # above (a launched one has the agent's environment), and the agent's own override those.
+    own = target_otel_resource(target) if isinstance(target, AttachedTarget) else Resource({})
+    return base.merge(own).merge(OTELResourceDetector().detect())
+
+
+def target_otel_resource(target: Target) -> Resource:
+    """OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES from the traced process's own environment, so
+    that its goroutine spans land in the service its own spans use (parsed as the SDK parses them)."""
+    try:
+        env = target.environment()
+    except OSError as exc:
+        log.warning("could not read the environment of PID %d (%s): its OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES "
+                    "are not used", target.pid, exc.strerror or exc)
+        return Resource({})
+    attributes = {}
+    for entry in filter(None, (e.strip() for e in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","))):
+        key, sep, value = entry.partition("=")
+        if not sep or not key.strip():
+            log.warning("OTEL_RESOURCE_ATTRIBUTES of PID %d: entry %r ignored: not key=value", target.pid, entry)
+            continue
+        attributes[key.strip()] = unquote(value.strip())
+    if env.get("OTEL_SERVICE_NAME"):
+        attributes["service.name"] = env["OTEL_SERVICE_NAME"]
+    return Resource(attributes)
 
 
 def make_sink(settings: ExportSettings, resource: Resource, deadline: Deadline | None = None) -> SpanSink:
     if settings.exporter == "otlp":
-        return OtlpSink(settings.protocol, settings.endpoint, resource, deadline=deadline)
+        return OtlpSink(settings.protocol, settings.endpoint, resource, deadline=deadline, fast=settings.wire_encoder)
     if settings.exporter == "file":
         return FileSink(settings.output, resource)
     if settings.exporter == "console":
@@ -99,22 +127,38 @@ def make_sink(settings: ExportSettings, resource: Resource, deadline: Deadline |
 
 
 class StatusLine:
+    """The live status on the terminal's last line. A scroll region above it keeps the program's own
+    output (which shares the terminal under `run`) from being written into it, as apt's progress bar does."""
+
     def __init__(self, enabled: bool):
         self.enabled = enabled and sys.stderr.isatty()
         self._last = 0.0
+        self._size: os.terminal_size | None = None  # the terminal's, when the scroll region was set
 
     def due(self) -> bool:
         return self.enabled and time.monotonic() - self._last >= 1.0
 
     def update(self, text: str) -> None:
-        sys.stderr.write(f"\r\033[K{text}")
+        try:
+            size = os.get_terminal_size(sys.stderr.fileno())
+        except OSError:
+            return
+        out = []
+        if size != self._size:  # first time, or resized
+            if self._size is None:
+                out.append("\n\033[1A")  # room for the status line, if the cursor is on the last one
+            out.append(f"\0337\033[1;{size.lines - 1}r\0338")  # DECSTBM homes the cursor: saved around it
+            self._size = size
+        out.append(f"\0337\033[{size.lines};1H\033[K{text[:size.columns - 1]}\0338")
+        sys.stderr.write("".join(out))
         sys.stderr.flush()
         self._last = time.monotonic()
 
     def clear(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\r\033[K")
+        if self._size is not None:
+            sys.stderr.write(f"\0337\033[r\033[{self._size.lines};1H\033[K\0338")  # whole screen scrolls again
             sys.stderr.flush()
+            self._size = None
 
 
 class Session:
@@ -154,7 +198,8 @@ class Session:
     # --- symbols and spans ---------------------------------------------------------------
     def symbolizer(self) -> Symbolizer:
         if self._symbolizer is None:
-            self._symbolizer = Symbolizer(self.binary.functions, self.binary.code, self._load_bias(), self.binary.isa)
+            self._symbolizer = Symbolizer(self.binary.functions, self.binary.code, self._load_bias(), self.binary.isa,
+                                          self.binary.inlined_call)
         return self._symbolizer
 
     def _load_bias(self) -> int:
@@ -183,12 +228,15 @@ class Session:
                 wait_reason=self.support.wait_reason,
                 states_traced=self.options.probes.states,
                 allocs=self.options.probes.allocs,
+                wakers=self.options.probes.wakers,
             )
             encoder = getattr(sink, "encoder", None)  # sinks that take encoded spans
+            grouping = dataclasses.replace(self.options.groups, max_spans=self.options.probes.trace_max_spans)
             self._flow = SpanFlow(builder, self.long_lived, self.budget, self.summary,
                                   encoder.span if encoder is not None else None,
                                   BatchSpanEncoder(builder, encoder) if encoder is not None else None,
-                                  self.metrics, self.options.app_unsampled == "follow")
+                                  self.metrics, self.options.app_unsampled == "follow",
+                                  ShortGoroutineGroups(grouping, self.clock_offset_ns) if grouping.window_s else None)
             self._flow.imported = self._imported
         return self._flow
 
@@ -343,7 +391,7 @@ class Session:
         stats = pipeline.close(deadline.remaining())
         if sender is not None:
             sender.close(None, deadline.remaining())
-        self._report(stats, end)
+        self._report(stats, end, sender.not_sent if sender is not None else 0)
         return self.target.exit_status()
 
     def _attach(self) -> None:
@@ -367,7 +415,10 @@ class Session:
         metrics_every_ns = int(opts.metrics_interval_s * 1e9)
         next_scan, next_metrics = start_ns + scan_every_ns, start_ns + metrics_every_ns
         while self._stop_reason is None:
+            polled = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # every end before this is read by the poll
             self._take(self.probes.poll(opts.poll_interval_ms), pipeline)
+            if self._flow is not None:
+                pipeline.submit(self._flow.group_spans(polled))
             now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
             if self._scan_now or (scan_every_ns and now >= next_scan):
                 self._scan(pipeline, now)
@@ -398,16 +449,19 @@ class Session:
             left["st"] = st
             reasons = np.where(alive, END_REASONS.index(self._stop_reason), END_REASONS.index(EndReason.EXITED))
             pipeline.submit(self._span_flow(pipeline.sink).ended(left, reasons))
+        if self._flow is not None:
+            pipeline.submit(self._flow.group_spans(None))
         counters = self.probes.counters()
         return _End(self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None,
                     counters, self.probes.allocs_elsewhere(), self.probes.app_counters())
 
-    def _report(self, stats, end: "_End") -> None:
+    def _report(self, stats, end: "_End", metrics_not_sent: int) -> None:
         """The summary on stderr."""
         opts = self.options
         losses = dict(end.counters)
         created = losses.pop("goroutines_created")
-        losses = {"spans_not_exported": stats.dropped, "spans_sampled_out": self.budget.sampled_out, **losses}
+        losses = {"spans_not_exported": stats.dropped, "spans_sampled_out": self.budget.sampled_out, **losses,
+                  "metrics_not_sent": metrics_not_sent}
         # Exits of goroutines that predate the attach are expected, not a loss.
         untraced_exits = losses.pop("exits_of_untraced_goroutines")
         print(self.summary.render(losses, created), file=sys.stderr)
@@ -420,6 +474,10 @@ class Session:
             print(f"({self.existing_at_attach} goroutines existed at attach: their spans start at the attach)", file=sys.stderr)
         if untraced_exits:
             print(f"({untraced_exits} goroutines that existed before the attach exited untraced)", file=sys.stderr)
+        if self._flow is not None and self._flow.groups is not None and self._flow.groups.groups:
+            groups = self._flow.groups
+            print(f"short goroutines of spawners: {groups.grouped} in {groups.groups} group traces "
+                  f"(one per spawner per {opts.groups.window_s:g} s window)", file=sys.stderr)
         if self.long_lived.leaks_flagged:
             print(f"suspected goroutine leaks: {self.long_lived.leaks_flagged}", file=sys.stderr)
         if any(losses.values()):

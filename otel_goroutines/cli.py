@@ -18,6 +18,7 @@ from .binary.buildinfo import BuildInfoError
 from .binary.gobinary import GoBinary
 from .binary.pclntab import PclntabError
 from .errors import AgentError, UnsupportedTarget
+from .flow import GroupSettings
 from .longlived import LongLivedSettings
 from .probes import ProbeSettings, check_privileges
 from .settings_check import FiniteFloat, check_endpoints, warn_about_dropped_entries
@@ -95,6 +96,11 @@ def _tracing_options(func):
                      help="A goroutine that created more children than this is a spawner: its later children start traces of their own."),
         click.option("--spawner-age", type=FiniteFloat(0), default=1.0, show_default=True,
                      help="Seconds: a goroutine older than this is a spawner too (accept loops, dispatchers, pools)."),
+        click.option("--group-window", type=FiniteFloat(0), default=10.0, show_default=True,
+                     help="Seconds: a spawner's short goroutines that start none of their own share one trace per "
+                          "window, under a span of the group, instead of a trace each (0: a trace each)."),
+        click.option("--group-shorter-than", type=FiniteFloat(0), default=1.0, show_default=True,
+                     help="Seconds: the lifetime under which a spawner's childless goroutine is grouped (--group-window)."),
         click.option("--checkpoint-after", type=FiniteFloat(0), default=60.0, show_default=True,
                      help="Seconds: a goroutine alive this long is exported as a checkpoint span, and again every so long (0: never)."),
         click.option("--leak-after", type=FiniteFloat(0), default=300.0, show_default=True,
@@ -114,6 +120,9 @@ def _tracing_options(func):
                           "(counted, not exported) or ignore it (exported, in that trace)."),
         click.option("--pprof-labels/--no-pprof-labels", default=True, show_default=True,
                      help="runtime/pprof goroutine labels (read when a goroutine ends) as go.goroutine.label.<key> attributes."),
+        click.option("--wakers/--no-wakers", default=True, show_default=True,
+                     help="With --detail states: name who woke each goroutine (go.goroutine.waker.* on the wake event) and "
+                          "link its span to the waker's."),
         click.option("--ring-buffer-mib", type=click.IntRange(1, 1024), default=8, show_default=True,
                      help="Kernel ring buffer for the probes' records, a power of two. Records wait there until the agent "
                           "reads them (every 100 ms, or at once when half full); what does not fit is counted, never silent."),
@@ -125,8 +134,8 @@ def _tracing_options(func):
 
 
 def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, trace_max_spans, spawner_children, spawner_age,
-             checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet,
-             app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8) -> AgentOptions:
+             group_window, group_shorter_than, checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet,
+             app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8, wakers=True) -> AgentOptions:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
         exporter = "otlp" if (endpoint or traces_endpoint) else "file"
@@ -145,11 +154,14 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
         raise AgentError(f"--ring-buffer-mib {ring_buffer_mib} is not a power of two (the kernel requires one), e.g. 8 or 16")
     warn_about_dropped_entries()
     return AgentOptions(
-        export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout),
+        export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout,
+                              wire_encoder=os.environ.get("OTEL_GOROUTINES_OTLP_ENCODER", "wire") != "sdk"),
         probes=ProbeSettings(states=detail == "states", allocs=AllocMode(allocs), max_events=max_events, trace_max_spans=trace_max_spans,
                              spawner_children=spawner_children, spawner_age_s=spawner_age,
-                             app_traces=app_traces == "auto", labels=pprof_labels, ringbuf_pages=ring_buffer_mib * 256),
+                             app_traces=app_traces == "auto", labels=pprof_labels, ringbuf_pages=ring_buffer_mib * 256,
+                             wakers=wakers),
         long_lived=LongLivedSettings(checkpoint_after_s=checkpoint_after, leak_after_s=leak_after),
+        groups=GroupSettings(window_s=group_window, shorter_than_s=group_shorter_than),
         spans_per_second=max_spans_per_second,
         metrics_interval_s=metrics_interval,
         quiet=quiet,
@@ -249,14 +261,15 @@ def inspect(binary, pid):
     if (binary is None) == (pid is None):
         raise AgentError("give either BINARY or --pid PID")
     path = AttachedTarget.from_pid(pid).exe_path if pid is not None else binary
+    shown = f"{os.readlink(path)} (PID {pid}, read through {path})" if pid is not None else path
     with _reading_binary(path):
-        _inspect(path)
+        _inspect(path, shown)
 
 
-def _inspect(path: str) -> None:
+def _inspect(path: str, shown: str) -> None:
     gobin = GoBinary(path)
     support = goruntime.support_for(gobin)
-    click.echo(f"binary:          {path}")
+    click.echo(f"binary:          {shown}")
     click.echo(f"Go version:      {gobin.go_version}")
     arch = support.arch
     click.echo(f"architecture:    {arch.name} (Go arguments in {arch.arg(1)}, {arch.arg(2)}, ...; g in {arch.show(arch.g)})"

@@ -10,7 +10,6 @@ ExportTraceServiceRequest per line.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from typing import IO, Protocol, Sequence
 
@@ -35,6 +34,7 @@ _SAMPLED = TraceFlags(TraceFlags.SAMPLED)
 
 
 class SpanSink(Protocol):
+    failure_hint: str  # what a failed export most likely means, for the log
     def export(self, spans: Sequence[GoroutineSpan]) -> bool: ...
     def shutdown(self) -> None: ...
 
@@ -62,16 +62,17 @@ class OtlpSink:
     configuration (OTEL_EXPORTER_OTLP_* endpoint, headers, timeout, compression, TLS) and their
     transport (channel or session, retries). Only the encoding is replaced: spans go out as
     protobuf bytes written by otlp_wire, several times faster than building SDK ReadableSpans.
-    Set OTEL_GOROUTINES_OTLP_ENCODER=sdk for the SDK's own encoder (and where the installed SDK
-    does not offer the hooks used here)."""
+    fast=False (OTEL_GOROUTINES_OTLP_ENCODER=sdk, read by the CLI) uses the SDK's own encoder, as
+    does an installed SDK that does not offer the hooks used here."""
+
+    failure_hint = "collector down or refusing?"
 
     def __init__(self, protocol: str, endpoint: str | None, resource: Resource, timeout_s: float = 5.0,
-                 deadline: Deadline | None = None):
+                 deadline: Deadline | None = None, fast: bool = True):
         self._resource = resource
         self._timeout_s = timeout_s
         self._deadline = deadline or Deadline()
         self._encoder = SpanEncoder(resource, SCOPE)
-        fast = os.environ.get(ENCODER_ENV, "wire") != "sdk"
         if protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
             self._exporter = OTLPSpanExporter(endpoint=endpoint, timeout=timeout_s)
@@ -109,7 +110,6 @@ class OtlpSink:
         self._exporter.shutdown()
 
 
-ENCODER_ENV = "OTEL_GOROUTINES_OTLP_ENCODER"
 _TRACE_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 
 
@@ -204,6 +204,8 @@ class FileSink:
     spans encoded by `encoder` as OtlpSink does (so the agent's fast path serves it too), packs them
     into requests and transcodes each request's protobuf bytes to OTLP/JSON in C (_otlpjson)."""
 
+    failure_hint = "cannot write the file, see above"
+
     def __init__(self, path: str, resource: Resource):
         self._encoder = SpanEncoder(resource, SCOPE)
         self._file = JsonLinesFile(path)
@@ -225,6 +227,8 @@ class FileSink:
 class ConsoleSink:
     """One readable block per goroutine span."""
 
+    failure_hint = "cannot write the output"
+
     def __init__(self, stream: IO[str] = sys.stdout):
         self._stream = stream
 
@@ -233,7 +237,9 @@ class ConsoleSink:
         for s in spans:
             a = s.attributes
             site = f"{a.get('code.file.path', '?')}:{a.get('code.line.number', '?')}"
-            parent = f" parent={a['go.goroutine.parent_id']}" if s.parent_span_id else " (root)"
+            parent = f" parent={a['go.goroutine.parent_id']}" if a["go.goroutine.parent_id"] else " (root)"
+            if "go.goroutine.trace_reason" in a:  # its span starts a trace (or joins an application's)
+                parent += f" ({a['go.goroutine.trace_reason'].replace('_', ' ')})"
             outcome = a.get("go.goroutine.end_reason") or f"checkpoint {a.get('go.goroutine.checkpoint')}, still running"
             lines.append(f"goroutine {a['go.goroutine.id']}{parent} {s.name} {(s.end_ns - s.start_ns) / 1e6:.3f} ms, "
                          f"created at {site}, {outcome}{', ERROR: ' + s.error if s.error else ''}")

@@ -24,7 +24,9 @@ from .allocs import AllocMode
 from .goruntime import N_STATES, STATE_NAMES
 from .otlp_wire import _KIND_INTERNAL, SpanEncoder, _field, key_value
 from .records import EndReason, TraceReason
-from .spans import _TRACE_REASONS, _TRACE_SALT, _WAITING, SpanBuilder
+from .kernel_records import WakerFlag
+from .spans import _RUNNABLE, _TRACE_REASONS, _TRACE_SALT, _WAITING, SpanBuilder
+from .wakes import WAKER_LINK, Waker, event_attributes, links_to_keep, wakers
 
 _U64 = np.uint64
 _MASK64 = (1 << 64) - 1
@@ -39,12 +41,23 @@ class Changes(NamedTuple):
     time_ns: np.ndarray      # uint64 kernel monotonic clock
     from_state: np.ndarray   # uint32
     to_state: np.ndarray     # uint32
-    wait_reason: np.ndarray  # uint32, meaningful when to_state is waiting
+    wait_reason: np.ndarray  # uint32, meaningful when to_state is waiting, and for a wake
+    waker: np.ndarray | None = None       # uint32 kernel waker flags of a wake; None: no wakes
+    waker_goid: np.ndarray | None = None  # uint64
+    waker_root: np.ndarray | None = None  # uint64
+    wake_pc: np.ndarray | None = None     # uint64
+    waker_start_pc: np.ndarray | None = None  # uint64
 
     @classmethod
     def none(cls, n: int) -> Changes:
         empty = np.empty(0, np.uint32)
         return cls(np.zeros(n + 1, np.int64), np.empty(0, _U64), empty, empty, empty)
+
+    def with_wakes(self) -> Changes:
+        """These changes with the waker columns filled (zeros where None)."""
+        m = len(self.time_ns)
+        return self._replace(**{name: np.zeros(m, np.uint32 if name == "waker" else _U64) if getattr(self, name) is None
+                                else getattr(self, name) for name in ("waker", "waker_goid", "waker_root", "wake_pc", "waker_start_pc")})
 
 
 def mix64(salt: int, n: np.ndarray) -> np.ndarray:
@@ -111,6 +124,8 @@ class BatchSpanEncoder:
         self._skip_zero = bytes(skip for _, skip in self._int_keys)
         self._head_ints = 2  # id and parent id come before code.function.name
         self._link_attrs = self._attrs({"go.goroutine.link": "creator"}, b"\x22")
+        self._waker_link_attrs = self._attrs(WAKER_LINK, b"\x22")
+        self._waker_id_prefix = key_value("go.goroutine.waker.id", 0)[:-3]
         self._start_over()
 
     def encode(self, cols: Mapping[str, np.ndarray], end_reason: np.ndarray, changes: Changes) -> list[bytes]:
@@ -118,9 +133,18 @@ class BatchSpanEncoder:
         if len(self._pieces) > _PIECES_MAX:
             self._start_over()
         rows = self._rows(cols, end_reason)
-        ints = self._ints(cols, rows.shape[1])
-        return _spanenc.encode(rows, ints, np.ascontiguousarray(changes.offsets, np.int64), self._changes(changes),
-                               tuple(self._pieces), self._prefixes, self._skip_zero, self._head_ints, self._link_attrs)
+        changes = changes.with_wakes()
+        offsets = np.ascontiguousarray(changes.offsets, np.int64)
+        woken = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        code, named = self._wakers(changes, cols["goid"][woken])
+        parent = (cols["trace_reason"][woken] == TraceReason.JOINS_PARENT) & (changes.waker_goid == cols["parent_goid"][woken])
+        linked, left_out = links_to_keep(woken, changes.waker_goid, named & ~parent & (
+            changes.waker & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE) != 0), changes.waker & WakerFlag.WAKER_TRACED != 0)
+        ints = self._ints(cols, rows.shape[1], np.pad(left_out, (0, rows.shape[1] - len(left_out))))
+        link_offsets = np.searchsorted(np.flatnonzero(linked), offsets).astype(np.int64)
+        return _spanenc.encode(rows, ints, offsets, self._changes(changes, code, named),
+                               tuple(self._pieces), self._prefixes, self._skip_zero, self._head_ints, self._link_attrs,
+                               link_offsets, self._wake_links(changes, linked), self._waker_link_attrs, self._waker_id_prefix)
 
     # --- columns ----------------------------------------------------------------------------
     def _rows(self, cols: Mapping[str, np.ndarray], end_reason: np.ndarray) -> np.ndarray:
@@ -135,6 +159,9 @@ class BatchSpanEncoder:
         rows[_spanenc.SPAN_ID] = mix64(salt, cols["goid"])
         creator = mix64(salt, cols["parent_goid"])
         rows[_spanenc.PARENT_ID] = np.where(reason == TraceReason.JOINS_PARENT, creator, 0)
+        grouped = reason == TraceReason.GROUPED  # under its group's span: span_id_for(root_goid), the trace's high half
+        if grouped.any():
+            rows[_spanenc.PARENT_ID][grouped] = rows[_spanenc.TRACE_HI][grouped]
         linked = (reason == TraceReason.SPAWNER) | (reason == TraceReason.TRACE_FULL)
         rows[_spanenc.LINK_SPAN] = np.where(linked, creator, 0)
         rows[_spanenc.LINK_HI] = mix64(salt, cols["parent_root_goid"])
@@ -159,9 +186,10 @@ class BatchSpanEncoder:
             keys += [("go.goroutine.alloc.bytes", False), ("go.goroutine.alloc.count", False)]
             if self._builder.allocs is AllocMode.SAMPLED:
                 keys.append(("go.goroutine.alloc.samples", False))
+        keys.append(("go.goroutine.waker_links_left_out", True))
         return keys
 
-    def _ints(self, cols: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    def _ints(self, cols: Mapping[str, np.ndarray], n: int, links_left_out: np.ndarray) -> np.ndarray:
         ints = np.empty((len(self._int_keys), n), _U64)  # column-major, as rows
         ints[0], ints[1] = cols["goid"], cols["parent_goid"]
         j = 2
@@ -169,20 +197,36 @@ class BatchSpanEncoder:
             ints[j:j + N_STATES] = cols["state_ns"].T
             ints[j + N_STATES], ints[j + N_STATES + 1] = cols["transitions"], cols["events_left_out"]
             j += N_STATES + 2
-        for name in ("alloc_bytes", "alloc_count", "alloc_samples")[:len(self._int_keys) - j]:
+        for name in ("alloc_bytes", "alloc_count", "alloc_samples")[:len(self._int_keys) - 1 - j]:
             ints[j] = cols[name]
             j += 1
+        ints[j] = links_left_out
         return ints
 
-    def _changes(self, changes: Changes) -> np.ndarray:
-        """Each change's wall-clock time and event body piece."""
+    def _wakers(self, changes: Changes, woken_goid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Each change's Waker code (NONE where it is not a wake), and where the event names the waker's id."""
+        b = self._builder
+        is_wake = (changes.from_state == _WAITING) & (changes.to_state == _RUNNABLE) & b.wakers
+        return wakers(is_wake, changes.waker, changes.waker_goid, woken_goid, changes.wake_pc, changes.waker_start_pc,
+                      changes.wait_reason, b.function_name, b.wait_reason)
+
+    def _wake_links(self, changes: Changes, linked: np.ndarray) -> np.ndarray:
+        """The waker links' trace id halves and span ids, in change order."""
+        salt, root, goid = self._builder.salt, changes.waker_root[linked], changes.waker_goid[linked]
+        links = np.empty((len(goid), 3), _U64)
+        links[:, 0], links[:, 1], links[:, 2] = mix64(salt, root), mix64(salt ^ _TRACE_SALT, root), mix64(salt, goid)
+        return links
+
+    def _changes(self, changes: Changes, waker: np.ndarray, named: np.ndarray) -> np.ndarray:
+        """Each change's wall-clock time, event body piece and waker id (_MISSING: none)."""
         to, before = changes.to_state.astype(_U64), changes.from_state.astype(_U64)
         if len(to) and max(to.max(), before.max()) >= _STATE_LIMIT:
             raise ValueError("a state change between states above 2^16")
-        reason = np.where(to == _WAITING, changes.wait_reason, 0).astype(_U64)
-        out = np.empty((len(to), 2), _U64)
+        reason = np.where(to == _WAITING, changes.wait_reason & 0xFFFF, 0).astype(_U64)
+        out = np.empty((len(to), 3), _U64)
         out[:, 0] = changes.time_ns + _U64(self._builder.clock_offset_ns & _MASK64)
-        out[:, 1] = self._events(to << 48 | before << 32 | reason)
+        out[:, 1] = self._events(to << 48 | before << 32 | waker.astype(_U64) << 16 | reason)
+        out[:, 2] = np.where(named, changes.waker_goid, _MISSING)
         return out
 
     # --- pieces: what repeats, encoded once by the reference encoder -------------------------------
@@ -221,17 +265,19 @@ class BatchSpanEncoder:
         return (self._attrs(attrs),)
 
     def _event(self, key: int) -> tuple[bytes]:
-        """A state change event's body, from its key: to << 48 | from << 32 | wait reason."""
+        """A state change event's body, from its key: to << 48 | from << 32 | Waker << 16 | wait reason;
+        without the waker id, which _spanenc appends."""
         to, before = key >> 48, key >> 32 & 0xFFFF
         attrs = {"go.goroutine.state.previous": STATE_NAMES.get(before, str(before))}
         if to == _WAITING:
-            attrs["go.goroutine.wait_reason"] = self._builder.wait_reason(key & 0xFFFFFFFF)
+            attrs["go.goroutine.wait_reason"] = self._builder.wait_reason(key & 0xFFFF)
+        attrs.update(event_attributes(Waker(key >> 16 & 0xFFFF), None))
         return (self._event_body(STATE_NAMES.get(to, str(to)), attrs),)
 
     def _tail(self, reason: TraceReason, end: EndReason) -> bytes:
         """The attributes SpanBuilder.build adds after _span's."""
         attrs = {}
-        if reason is not TraceReason.JOINS_PARENT:
+        if reason not in (TraceReason.JOINS_PARENT, TraceReason.NO_PARENT):
             attrs["go.goroutine.trace_reason"] = _TRACE_REASONS[reason]
         attrs["go.goroutine.end_reason"] = end.value
         if end is not EndReason.EXITED:

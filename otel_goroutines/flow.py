@@ -22,13 +22,16 @@ from .longlived import LongLived
 from .metrics import GoroutineMetrics
 from .records import EndReason, GoroutineRecord, StateChange, TraceReason, take
 from .sampling import SpanBudget
-from .spans import GoroutineSpan, SpanBuilder, app_unsampled
+from .spans import GROUP_BIT, LEAKED_BY_RUNTIME, GoroutineSpan, GroupWindow, SpanBuilder, app_unsampled
 from .tracker import Summary
 
 END_REASONS = tuple(EndReason)  # end_reason codes of a batch: index into this
 _EXITED = END_REASONS.index(EndReason.EXITED)
 _WAITING = 4
+_CHANGE_FIELDS = ("ts", "from", "to", "waitreason", "waker", "waker_goid", "waker_root", "wake_pc", "waker_start_pc")  # StateChange's order
 _AGE_EVERY = 10  # batches (about a second) between moves of held changes from _young to _old
+_TR_SPAWNER = int(KernelTraceReason.TR_SPAWNER)
+_CLOSE_GRACE_NS = 1_000_000  # between a probe's end time and its record's submission: a group closes this much later
 
 
 def record_of(row: np.void, end_reason: EndReason, changes: list[StateChange], labels: dict) -> GoroutineRecord:
@@ -49,6 +52,100 @@ def record_of(row: np.void, end_reason: EndReason, changes: list[StateChange], l
         labels=labels, changes=changes)
 
 
+@dataclass(frozen=True)
+class GroupSettings:
+    window_s: float = 10.0       # 0: no grouping
+    shorter_than_s: float = 1.0  # lifetime under which a childless child of a spawner is grouped
+    max_spans: int = 1000        # spans of a group's trace, its own included (--trace-max-spans)
+
+
+class ShortGoroutineGroups:
+    """One trace per spawner per time window for its short childless goroutines.
+
+    A spawner's children start traces of their own (the kernel's TR_SPAWNER): a ticker or a dispatcher
+    of short workers made a trace per goroutine, thousands a minute. So, at its end, a goroutine that
+    the kernel cut from its spawner, that started no goroutine, ended within shorter_than_s of its
+    creation and is in no application trace, goes instead into its spawner's group for the window (of
+    window_s, aligned on the wall clock) it was created in: a trace whose root span (SpanBuilder.group)
+    covers its members, side by side. Nothing else changes trace: no trace was rooted at such a goroutine.
+    A group holds max_spans - 1 goroutines; the next ones start another. Its span goes out once full, or
+    once its window is over (every member has ended by then: window end + shorter_than_s); a member
+    reported later than that (its end record waited in the kernel map) starts a new group of the window."""
+
+    def __init__(self, settings: GroupSettings, clock_offset_ns: int):
+        self._window_ns = int(settings.window_s * 1e9)
+        self._shorter_ns = int(settings.shorter_than_s * 1e9)
+        self._capacity = max(1, settings.max_spans - 1)
+        self._offset = clock_offset_ns  # windows are aligned on the wall clock
+        self._open: dict[tuple[int, int], GroupWindow] = {}  # (spawner, window) -> its group being filled
+        self._full: list[GroupWindow] = []
+        self._serial = 0
+        self.grouped = 0  # goroutines put in groups
+        self.groups = 0   # groups made
+
+    def assign(self, ends: np.ndarray, reasons: np.ndarray) -> None:
+        """Puts the eligible rows of a batch (END_EVENT_DTYPE; end_reason codes) in groups, in place:
+        trace_reason GROUPED, root_goid their group's name (GROUP_BIT | serial)."""
+        st = ends["st"]
+        pick = st["trace_reason"] == _TR_SPAWNER  # (fields of nested records are strided: each test costs, cheapest first)
+        if not pick.any():
+            return
+        pick &= (st["children"] == 0) & (st["app_flags"] == 0) & (reasons == _EXITED)
+        pick &= st["end_ns"] - st["create_ns"] < np.uint64(self._shorter_ns)  # (an end before its creation: huge, not short)
+        rows = np.flatnonzero(pick)
+        if not len(rows):
+            return
+        spawner, create, end = st["parent_goid"][rows], st["create_ns"][rows].view(np.int64), st["end_ns"][rows].view(np.int64)
+        if spawner.min() == spawner.max() and self._window(create.min()) == self._window(create.max()):
+            runs = [((int(spawner[0]), int(self._window(create[0]))), 0, len(rows))]  # most batches: one spawner, one window
+        else:
+            window = self._window(create)
+            order = np.lexsort((window, spawner))  # stable: a key's rows keep their batch order
+            rows, spawner, create, end, window = rows[order], spawner[order], create[order], end[order], window[order]
+            bounds = np.flatnonzero(np.r_[True, (spawner[1:] != spawner[:-1]) | (window[1:] != window[:-1]), True]).tolist()
+            runs = [((int(spawner[a]), int(window[a])), a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        names = np.empty(len(rows), np.uint64)
+        for key, a, b in runs:
+            self._fill(key, st[rows[a]], create[a:b], end[a:b], names[a:b])
+        st["trace_reason"][rows] = TraceReason.GROUPED.value
+        st["root_goid"][rows] = names
+        self.grouped += len(rows)
+
+    def _window(self, create_ns):
+        """The window (of window_ns, on the wall clock) of kernel times create_ns."""
+        return (create_ns + self._offset) // self._window_ns
+
+    def _fill(self, key: tuple[int, int], first: np.void, create: np.ndarray, end: np.ndarray, names: np.ndarray) -> None:
+        """Goroutines of one key (their creation and end times), `first` the first's gstate, into that key's open
+        group and new ones as groups fill; names: where their group's name goes."""
+        start, stop = 0, len(create)
+        while start < stop:
+            group = self._open.get(key)
+            if group is None:
+                self._serial += 1
+                self.groups += 1
+                group = self._open[key] = GroupWindow(self._serial, key[0], int(first["parent_root_goid"]), int(first["go_pc"]),
+                                                      int(create[start]), 0)
+            n = min(stop - start, self._capacity - group.count)
+            group.first_ns = min(group.first_ns, int(create[start:start + n].min()))
+            group.last_ns = max(group.last_ns, int(end[start:start + n].max()))
+            group.count += n
+            names[start:start + n] = GROUP_BIT | group.serial
+            if group.count == self._capacity:
+                self._full.append(self._open.pop(key))
+            start += n
+
+    def due(self, now_ns: int | None) -> list[GroupWindow]:
+        """Groups complete at kernel time now_ns (every end record before it has been read), or all (None)."""
+        done, self._full = self._full, []
+        for key in [k for k in self._open if now_ns is None or now_ns >= self._closes_ns(k[1])]:
+            done.append(self._open.pop(key))
+        return done
+
+    def _closes_ns(self, window: int) -> int:
+        return (window + 1) * self._window_ns - self._offset + self._shorter_ns + _CLOSE_GRACE_NS
+
+
 @dataclass
 class FlowCounts:
     """Totals for the summary and metrics."""
@@ -65,8 +162,10 @@ class SpanFlow:
 
     def __init__(self, builder: SpanBuilder, long_lived: LongLived, budget: SpanBudget, summary: Summary,
                  encode: Callable[[GoroutineSpan], bytes] | None, batch_encoder: BatchSpanEncoder | None,
-                 metrics: GoroutineMetrics | None = None, follow_app_sampling: bool = True):
+                 metrics: GoroutineMetrics | None = None, follow_app_sampling: bool = True,
+                 groups: ShortGoroutineGroups | None = None):
         self.builder = builder
+        self.groups = groups
         self.long_lived = long_lived
         self.budget = budget
         self.summary = summary
@@ -119,8 +218,10 @@ class SpanFlow:
         if not len(ends):
             return []
         order = np.argsort(ends["goid"], kind="stable")
-        ends = self._adopted(take(ends, order))
+        ends = _first_goroutines(self._adopted(take(ends, order)))  # a copy: rows may change in place
         reasons = np.full(len(ends), _EXITED, np.uint8) if end_reason is None else np.asarray(end_reason, np.uint8)[order]
+        if self.groups is not None:
+            self.groups.assign(ends, reasons)
         changes, offsets = self._claim_changes(ends["goid"])
         self._count(ends, reasons)
         slow = self._needs_reference(ends)
@@ -185,8 +286,7 @@ class SpanFlow:
         cols = {name: st[name] for name in st.dtype.names}
         cols["tgid"], cols["goid"] = ends["tgid"], ends["goid"]
         cols["alloc_count"] = allocs.whole_allocations(st["alloc_count"])
-        return self._batch_encoder.encode(cols, reasons, Changes(offsets, changes["ts"], changes["from"], changes["to"],
-                                                                 changes["waitreason"]))
+        return self._batch_encoder.encode(cols, reasons, Changes(offsets, *(changes[name] for name in _CHANGE_FIELDS)))
 
     def _interesting(self, st: np.ndarray, reasons: np.ndarray) -> np.ndarray:
         """SpanBudget.interesting, on arrays (the fast path's rows have no checkpoint, leak or error)."""
@@ -202,10 +302,12 @@ class SpanFlow:
             goid = int(row["goid"])
             rec = record_of(row, END_REASONS[reason], _state_changes(changes[offsets[i]:offsets[i + 1]]),
                             self._labels.pop(goid, {}))
-            before, leak_flagged = self.long_lived.finish(rec)
+            before, leak_flagged, marked_leaked = self.long_lived.finish(rec)
             span = self.builder.build(rec, before)
             if leak_flagged:
                 span.attributes["go.goroutine.leak_suspected"] = True
+            if marked_leaked:
+                span.error = LEAKED_BY_RUNTIME
             if self._follow_app_sampling and app_unsampled(rec):
                 self.counts.app_unsampled += 1
                 continue
@@ -216,7 +318,7 @@ class SpanFlow:
     def checkpoints(self, live: np.ndarray, now_ns: int) -> list:
         """Checkpoint spans of live goroutines (END_EVENT_DTYPE rows, end_ns 0) that are due one or
         look leaked now."""
-        live = self._adopted(live)
+        live = _first_goroutines(self._adopted(live))
         candidates = take(live, self.long_lived.candidates(live["st"]["create_ns"], live["st"]["last_ns"],
                                                            live["st"]["status"], now_ns))
         records = [record_of(row, EndReason.EXITED, [], {}) for row in candidates]
@@ -235,9 +337,29 @@ class SpanFlow:
             spans.append(span)
         return self.prepared(self.budget.select(spans))
 
+    def group_spans(self, now_ns: int | None) -> list:
+        """The spans of the groups of short goroutines complete at kernel time now_ns (None: all, at the end)."""
+        if self.groups is None:
+            return []
+        return self.prepared([self.builder.group(g) for g in self.groups.due(now_ns)])
+
     def prepared(self, spans: list[GoroutineSpan]) -> list:
         """What the sink takes: encoded bytes, or the span objects."""
         return [self._encode(s) for s in spans] if self._encode is not None else spans
+
+
+def _first_goroutines(rows: np.ndarray) -> np.ndarray:
+    """runtime.main, created by the runtime's start-up on the system stack, has no creator: it roots the
+    program's tree (not an untraced parent's child), and its go_pc, inside newproc's ABI wrapper
+    (`<autogenerated>:1`), is no creation site."""
+    roots = rows["st"]["parent_goid"] == 0
+    if not roots.any():
+        return rows
+    rows = rows.copy()
+    st = rows["st"]
+    st["trace_reason"][roots] = TraceReason.NO_PARENT
+    st["go_pc"][roots] = 0
+    return rows
 
 
 def _add_counts(by_pc: dict[int, int], pcs: np.ndarray, counts: np.ndarray) -> None:
@@ -247,8 +369,7 @@ def _add_counts(by_pc: dict[int, int], pcs: np.ndarray, counts: np.ndarray) -> N
 
 
 def _state_changes(rows: np.ndarray) -> list[StateChange]:
-    return [StateChange(ts, f, t, w) for ts, f, t, w in
-            zip(rows["ts"].tolist(), rows["from"].tolist(), rows["to"].tolist(), rows["waitreason"].tolist())]
+    return [StateChange(*c) for c in zip(*(rows[name].tolist() for name in _CHANGE_FIELDS))]
 
 
 def _split(changes: np.ndarray, goids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

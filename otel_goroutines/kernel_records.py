@@ -26,6 +26,8 @@ class TraceReason(IntEnum):
     TR_SPAWNER = 2
     TR_TRACE_FULL = 3
     TR_APP_SPAN = 4
+    TR_GROUPED = 5
+    TR_NO_PARENT = 6
 
 
 class GstateFlag(IntEnum):
@@ -36,6 +38,12 @@ class AppFlag(IntEnum):
     APP_IN_TRACE = 1
     APP_LINKED = 2
     APP_SAMPLED = 4
+
+
+class WakerFlag(IntEnum):
+    WAKER_GOROUTINE = 1
+    WAKER_TRACED = 2
+    WAKER_APP_TRACE = 4
 
 
 class Counter(IntEnum):
@@ -91,10 +99,10 @@ GSTATE_DTYPE = np.dtype({
 })
 
 TRANSITION_EVENT_DTYPE = np.dtype({
-    "names": ['kind', 'tgid', 'goid', 'ts', 'from', 'to', 'waitreason', 'pad'],
-    "formats": ['<u4', '<u4', '<u8', '<u8', '<u4', '<u4', '<u4', '<u4'],
-    "offsets": [0, 4, 8, 16, 24, 28, 32, 36],
-    "itemsize": 40,
+    "names": ['kind', 'tgid', 'goid', 'ts', 'from', 'to', 'waitreason', 'waker', 'waker_goid', 'waker_root', 'wake_pc', 'waker_start_pc'],
+    "formats": ['<u4', '<u4', '<u8', '<u8', '<u4', '<u4', '<u4', '<u4', '<u8', '<u8', '<u8', '<u8'],
+    "offsets": [0, 4, 8, 16, 24, 28, 32, 36, 40, 48, 56, 64],
+    "itemsize": 72,
 })
 
 END_EVENT_DTYPE = np.dtype({

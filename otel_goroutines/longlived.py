@@ -38,6 +38,7 @@ class LongLived:
     settings: LongLivedSettings
     checkpointed: dict[tuple[int, int], Checkpointed] = field(default_factory=dict)
     _flagged_waits: dict[tuple[int, int], int] = field(default_factory=dict)  # goroutine -> since_ns of the flagged wait
+    _marked_by_runtime: set[tuple[int, int]] = field(default_factory=set)  # flagged goroutines the runtime marked _Gleaked
     leaks_flagged: int = 0
 
     def candidates(self, create_ns: np.ndarray, since_ns: np.ndarray, status: np.ndarray, now_ns: int) -> np.ndarray:
@@ -64,6 +65,7 @@ class LongLived:
             if key not in self._flagged_waits or self._flagged_waits[key] != rec.since_ns:
                 if rec.status == G_LEAKED:
                     leak = "the Go runtime marked it leaked"
+                    self._marked_by_runtime.add(key)
                 elif (leak_ns and rec.status == G_WAITING and now_ns - rec.since_ns >= leak_ns
                       and not is_runtime(rec.start_pc)):
                     leak = f"blocked in one wait for {(now_ns - rec.since_ns) / 1e9:.1f} s"
@@ -89,7 +91,10 @@ class LongLived:
         """Goroutines with checkpoints or a flagged leak: their final span needs what is noted here."""
         return {goid for _, goid in self.checkpointed} | {goid for _, goid in self._flagged_waits}
 
-    def finish(self, rec: GoroutineRecord) -> tuple[Checkpointed | None, bool]:
-        """At the goroutine's end: its checkpoints so far, and whether it was flagged as a leak."""
+    def finish(self, rec: GoroutineRecord) -> tuple[Checkpointed | None, bool, bool]:
+        """At the goroutine's end: its checkpoints so far, whether it was flagged as a leak, and whether
+        the Go runtime itself marked it leaked."""
         key = (rec.pid, rec.goid)
-        return self.checkpointed.pop(key, None), self._flagged_waits.pop(key, None) is not None
+        marked = key in self._marked_by_runtime
+        self._marked_by_runtime.discard(key)
+        return self.checkpointed.pop(key, None), self._flagged_waits.pop(key, None) is not None, marked

@@ -104,13 +104,42 @@ def metrics_json(data: MetricsData) -> str:
     return json.dumps(message, separators=(",", ":"))
 
 
+class _MetricsRefused(logging.Filter):
+    """Catches the SDK exporters' error for an endpoint that takes no metrics (Jaeger's OTLP receiver:
+    gRPC UNIMPLEMENTED, HTTP 404), which they would log at every export, and keeps it for one warning."""
+
+    LOGGERS = ("opentelemetry.exporter.otlp.proto.grpc.exporter", "opentelemetry.exporter.otlp.proto.http.metric_exporter")
+
+    def __init__(self):
+        super().__init__()
+        self.reason: str | None = None
+        self.thread: int | None = None  # the exporting thread: each target of `watch` has its own
+        for name in self.LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.thread == self.thread and record.msg.startswith("Failed to export") and args and args[0] == "metrics":
+            code = args[2] if record.msg.startswith("Failed to export %s to %s") else args[1]  # gRPC; HTTP
+            if getattr(code, "name", code) in ("UNIMPLEMENTED", 404):
+                self.reason = f"gRPC {code.name}" if hasattr(code, "name") else f"HTTP {code}"
+                return False
+        return True
+
+    def remove(self) -> None:
+        for name in self.LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
 class MetricsSender:
     """Exports the latest MetricsData from a thread, so a slow collector never blocks tracing.
-    Metrics are cumulative: when a send is still running, the next snapshot replaces the pending one."""
+    Metrics are cumulative: when a send is still running, the next snapshot replaces the pending one.
+    An OTLP endpoint that takes no metrics (a tracing backend) is said once and sent no more."""
 
     def __init__(self, exporter: str, protocol: str, endpoint: str | None, output: str | None,
                  deadline: Deadline | None = None):
         self._write = None
+        self._refused: _MetricsRefused | None = None
         deadline = deadline or Deadline()
         if exporter == "otlp":
             if protocol == "grpc":
@@ -120,20 +149,24 @@ class MetricsSender:
                 if endpoint:  # --endpoint: a base URL, as OTEL_EXPORTER_OTLP_ENDPOINT is
                     endpoint = endpoint.rstrip("/") + "/v1/metrics"
             otlp = OTLPMetricExporter(endpoint=endpoint, timeout=5)
+            self._refused = _MetricsRefused()
             self._write = lambda data: bound_sdk_exporter(otlp, deadline, 5) and otlp.export(data) is MetricExportResult.SUCCESS
-            self._shutdown = otlp.shutdown
+            self._shutdown = lambda: (otlp.shutdown(), self._refused.remove())
         elif exporter == "file" and output:
             lines = JsonLinesFile(output + ".metrics.jsonl")
             self._write = lambda data: lines.append(metrics_json(data).encode() + b"\n")
             self._shutdown = lines.close
         self.enabled = self._write is not None
         self.failures = 0
+        self.not_sent = 0  # snapshots not sent to an endpoint that refused metrics
         self._pending: MetricsData | None = None
         self._cond = threading.Condition()
         self._closing = False
         if self.enabled:
             self._thread = threading.Thread(target=self._run, name="metrics-export", daemon=True)
             self._thread.start()
+            if self._refused is not None:
+                self._refused.thread = self._thread.ident
 
     def send(self, data: MetricsData) -> None:
         with self._cond:
@@ -151,6 +184,9 @@ class MetricsSender:
         self._thread.join(timeout_s)
         self._shutdown()
 
+    def _refusal(self) -> str | None:
+        return None if self._refused is None else self._refused.reason
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -159,12 +195,20 @@ class MetricsSender:
                 data, self._pending = self._pending, None
                 if data is None:
                     return
+            if self._refusal() is not None:
+                self.not_sent += 1
+                continue
             try:
                 ok = self._write(data)
             except Exception as exc:
                 log.debug("metrics export raised %s", exc)
                 ok = False
-            if not ok:
+            if not ok and self._refusal() is not None:
+                self.not_sent += 1
+                log.warning("the OTLP endpoint takes no metrics (%s): metrics are not sent any more (the spans are); "
+                            "turn them off with --metrics-interval 0, or send them elsewhere with "
+                            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", self._refusal())
+            elif not ok:
                 self.failures += 1
                 if self.failures == 1:
                     log.warning("metrics export failed (collector down or refusing?); will send the next snapshot")

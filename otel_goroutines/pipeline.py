@@ -105,7 +105,7 @@ class ExportPipeline:
                 continue
             self.stats.failed_attempts += 1
             if not self._failing:
-                log.warning("span export failed (collector down or refusing?); retrying, buffering up to %d spans", self._max_buffered)
+                log.warning("span export failed (%s); retrying, buffering up to %d spans", self.sink.failure_hint, self._max_buffered)
             self._failing = True
             with self._cond:
                 self._buffer.extendleft(reversed(batch))

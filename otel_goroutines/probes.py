@@ -130,6 +130,7 @@ class ProbeSettings:
     allocs: allocs.AllocMode = allocs.AllocMode.OFF  # heap allocations per goroutine: exact, sampled or off
     app_traces: bool = True        # follow the application's OpenTelemetry SDK spans (when the target has the SDK)
     labels: bool = True            # send the runtime/pprof labels of ended goroutines
+    wakers: bool = True            # with states: who woke each goroutine (wakes.py)
     max_processes: int = 256       # processes traced at once by one agent (rows of the per-process kernel counters)
 
 
@@ -237,7 +238,8 @@ class BpfProgram:
                 f"-DMAX_PROCESSES={s.max_processes}", f"-DRINGBUF_PAGES={s.ringbuf_pages}",
                 f"-DTRACE_MAX_SPANS={s.trace_max_spans}", f"-DSPAWNER_CHILDREN={s.spawner_children}",
                 f"-DSPAWNER_AGE_NS={int(s.spawner_age_s * 1e9)}ULL", "-w"] + \
-            features + pid_namespace_defines() + allocs.bpf_defines() + GO_ABI_DEFINES
+            features + (["-DWAKERS"] if s.states and s.wakers else []) + pid_namespace_defines() + allocs.bpf_defines() + \
+            GO_ABI_DEFINES
 
     def handlers(self) -> tuple[str, ...]:
         """The handlers this program has: those of the features it was compiled with."""

@@ -21,6 +21,9 @@ class TraceReason(int, Enum):
     SPAWNER = 2           # the creator is a long-lived or prolific spawner: accept loop, dispatcher, pool
     TRACE_FULL = 3        # the creator's trace reached its span cap
     APP_SPAN = 4          # created under an application span: in the application's trace, its child
+    GROUPED = 5           # set by the flow, never by the kernel: a short childless child of a spawner, in the
+                          # trace of its spawner's window (flow.ShortGoroutineGroups); root_goid names that group
+    NO_PARENT = 6         # created by no goroutine (runtime.main, by the runtime's start-up): set by the flow, not the kernel
 
 
 @dataclass(slots=True)
@@ -28,7 +31,12 @@ class StateChange:
     time_ns: int      # kernel monotonic clock
     from_state: int
     to_state: int
-    wait_reason: int  # index into runtime.waitReasonStrings; meaningful when to_state is waiting
+    wait_reason: int  # index into runtime.waitReasonStrings; to waiting: its reason; a wake: the ended wait's
+    waker: int = 0       # a wake (waiting -> runnable): the kernel's waker flags (kernel_records.WakerFlag)
+    waker_goid: int = 0  # the goroutine running when it was woken (WAKER_GOROUTINE)
+    waker_root: int = 0  # its trace's root goroutine (WAKER_TRACED)
+    wake_pc: int = 0     # where casgstatus was called from
+    waker_start_pc: int = 0  # the waker's start function (WAKER_TRACED or WAKER_APP_TRACE)
 
 
 @dataclass(slots=True)

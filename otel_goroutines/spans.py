@@ -5,16 +5,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+from . import wakes
 from .allocs import AllocMode
 from .goruntime import G_LEAKED, STATE_NAMES
-from .records import EndReason, GoroutineRecord, TraceReason
+from .kernel_records import WakerFlag
+from .records import EndReason, GoroutineRecord, StateChange, TraceReason
 
 _MASK64 = (1 << 64) - 1
-_WAITING = 4
+_RUNNABLE, _WAITING = 1, 4
 _TRACE_SALT = 0x5EED_0F_7A_CE_5A17   # second half of a trace id
 _HISTORY_SALT = 0x415_7041_C0DE    # traces that hold a long-lived goroutine's checkpoints
+LEAKED_BY_RUNTIME = "goroutine leaked (detected by the Go runtime)"  # error status of its spans
 _TRACE_REASONS = {TraceReason.UNTRACED_PARENT: "untraced_parent", TraceReason.SPAWNER: "spawner",
-                  TraceReason.TRACE_FULL: "trace_full", TraceReason.APP_SPAN: "application_span"}
+                  TraceReason.TRACE_FULL: "trace_full", TraceReason.APP_SPAN: "application_span",
+                  TraceReason.GROUPED: "grouped"}
+# A group of short goroutines (flow.ShortGoroutineGroups) is named like a goroutine, by GROUP_BIT | its serial
+# number: its trace and span ids come from the same bijection as goroutines' and never meet theirs.
+GROUP_BIT = 1 << 62
 # GoroutineRecord.app_flags (bpf/goroutines.bpf.c): in the application's trace app_trace_id; or in a trace
 # of its own, linked to its creator there; and the application's sampling decision for that trace.
 APP_IN_TRACE, APP_LINKED, APP_SAMPLED = 1, 2, 4
@@ -46,6 +53,18 @@ class GoroutineSpan:
     events: list[SpanEvent] = field(default_factory=list)
     links: list[SpanLink] = field(default_factory=list)
     error: str | None = None  # span status ERROR with this description
+
+
+@dataclass(slots=True)
+class GroupWindow:
+    """Short childless goroutines of one spawner created in one time window (flow.ShortGoroutineGroups)."""
+    serial: int        # its name: GROUP_BIT | serial
+    spawner: int       # the creator's goroutine id
+    spawner_root: int  # the creator's trace (root goroutine), for the link
+    go_pc: int         # the go statement of its first goroutine
+    first_ns: int      # kernel time: the first one's creation
+    last_ns: int       # ...the last one's end
+    count: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +106,7 @@ class SpanBuilder:
     wait_reason: Callable[[int], str]
     states_traced: bool
     allocs: AllocMode = AllocMode.OFF
+    wakers: bool = True  # the kernel names wakers (probes' --wakers): else a wake is just a state change
 
     def build(self, rec: GoroutineRecord, before: Checkpointed | None = None) -> GoroutineSpan:
         """The goroutine's span, over its whole life: its children never start before it, even when
@@ -100,7 +120,10 @@ class SpanBuilder:
         span.span_id = span_id_for(self.salt, rec.goid)
         if rec.trace_reason is TraceReason.JOINS_PARENT:
             span.parent_span_id = span_id_for(self.salt, rec.parent_goid)
-        else:
+        elif rec.trace_reason is TraceReason.GROUPED:  # under its group's span, which links to the spawner
+            span.parent_span_id = span_id_for(self.salt, rec.root_goid)
+            span.attributes["go.goroutine.trace_reason"] = _TRACE_REASONS[rec.trace_reason]
+        elif rec.trace_reason is not TraceReason.NO_PARENT:
             if rec.trace_reason not in (TraceReason.UNTRACED_PARENT, TraceReason.APP_SPAN):
                 span.links.append(SpanLink(trace_id_for(self.salt, rec.parent_root_goid),
                                            span_id_for(self.salt, rec.parent_goid), {"go.goroutine.link": "creator"}))
@@ -111,19 +134,35 @@ class SpanBuilder:
         if rec.end_reason is not EndReason.EXITED:
             span.attributes["go.goroutine.alive_at_end"] = True
         span.events.append(SpanEvent(rec.end_reason.value, rec.end_ns + self.clock_offset_ns, {}))
+        span.links += self.wake_links(rec)[0]
         return span
 
     def checkpoint(self, rec: GoroutineRecord, before: Checkpointed | None, now_ns: int) -> GoroutineSpan:
         """A span for the part of a live goroutine's life since its last checkpoint. Checkpoints
-        go to a trace of their own per goroutine, each linked to the one before; the final span links
-        to the last one."""
+        go to a trace of their own per goroutine, side by side in time, numbered; the final span links
+        to the last one. (Not each to the one before: Jaeger takes a link within a trace for a parent,
+        and flags a later checkpoint shorter than the one before for clock skew.)"""
         span = self._span(rec, before, now_ns)
         index = before.count + 1 if before else 1
         span.trace_id = trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid)
         span.span_id = checkpoint_span_id(self.salt, rec.goid, index)
         span.attributes["go.goroutine.checkpoint"] = index
         span.attributes["go.goroutine.partial"] = True
+        span.links += self.wake_links(rec)[0]
         return span
+
+    def group(self, group: GroupWindow) -> GoroutineSpan:
+        """The span a group of short goroutines sits under: from its first one's creation to its last one's
+        end, named after the function whose go statement made them, linked to the spawner's span."""
+        site = self.creation_site(group.go_pc) if group.go_pc else None
+        made_by = site[0] if site else f"goroutine {group.spawner}"
+        attrs = {"go.goroutine.group.spawner_id": group.spawner, "go.goroutine.created_by": made_by,
+                 "go.goroutine.group.goroutines": group.count}
+        link = SpanLink(trace_id_for(self.salt, group.spawner_root), span_id_for(self.salt, group.spawner),
+                        {"go.goroutine.link": "creator"})
+        key = GROUP_BIT | group.serial
+        return GoroutineSpan(trace_id_for(self.salt, key), span_id_for(self.salt, key), None, f"short goroutines of {made_by}",
+                             group.first_ns + self.clock_offset_ns, group.last_ns + self.clock_offset_ns, attrs, [], [link])
 
     def mark_leak(self, span: GoroutineSpan, rec: GoroutineRecord, why: str, now_ns: int) -> None:
         """A checkpoint span of a suspected leak: flagged, with the wait it is stuck in."""
@@ -132,7 +171,7 @@ class SpanBuilder:
                                      {"go.goroutine.wait_reason": self.wait_reason(rec.wait_reason),
                                       "go.goroutine.blocked_ns": now_ns - rec.since_ns, "go.goroutine.leak.reason": why}))
         if rec.status == G_LEAKED:
-            span.error = "goroutine leaked (detected by the Go runtime)"
+            span.error = LEAKED_BY_RUNTIME
 
     def _span(self, rec: GoroutineRecord, before: Checkpointed | None, end_ns: int) -> GoroutineSpan:
         """The part of rec's life after `before` (a checkpoint), or all of it."""
@@ -166,20 +205,56 @@ class SpanBuilder:
             if self.allocs is AllocMode.SAMPLED:  # the values are estimates resting on this many samples
                 attrs["go.goroutine.alloc.samples"] = rec.alloc_samples - done[2]
 
+        left_out = self.wake_links(rec)[1]
+        if left_out:
+            attrs["go.goroutine.waker_links_left_out"] = left_out
+
         offset = self.clock_offset_ns
         events = []
         for change in rec.changes:
             ev_attrs = {"go.goroutine.state.previous": STATE_NAMES.get(change.from_state, str(change.from_state))}
             if change.to_state == _WAITING:
                 ev_attrs["go.goroutine.wait_reason"] = self.wait_reason(change.wait_reason)
+            waker, named = self.waker(rec, change)
+            ev_attrs.update(wakes.event_attributes(waker, change.waker_goid if named else None))
             events.append(SpanEvent(STATE_NAMES.get(change.to_state, str(change.to_state)), change.time_ns + offset, ev_attrs))
-        links = [self._previous_checkpoint(rec, before)] if before else []
         start_ns = before.until_ns if before else rec.create_ns
-        return GoroutineSpan(0, 0, None, name, start_ns + offset, end_ns + offset, attrs, events, links)
+        return GoroutineSpan(0, 0, None, name, start_ns + offset, end_ns + offset, attrs, events)
+
+    def waker(self, rec: GoroutineRecord, change: StateChange) -> tuple[wakes.Waker, bool]:
+        """The waker of a change (NONE: not a wake), and whether the event names its goroutine."""
+        if not self.wakers or change.from_state != _WAITING or change.to_state != _RUNNABLE:
+            return wakes.Waker.NONE, False
+        named = wakes.named_goroutine(change.waker, change.waker_goid, rec.goid, self.function_name(change.wake_pc))
+        has_function = change.waker & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE)
+        function = self.function_name(change.waker_start_pc) if has_function and change.waker_start_pc else ""
+        return wakes.waker_of(named, function, self.wait_reason(change.wait_reason)), named
+
+    def wake_links(self, rec: GoroutineRecord) -> tuple[list[SpanLink], int]:
+        """Links to the spans of the goroutines that woke this one: one per waker, the first
+        WAKE_LINKS_MAX wakers with a span; and how many wakers with a span got none (over the cap, or
+        their span is in an application's trace, whose id the kernel does not send). None to the
+        parent span: the span is its child already (and Jaeger would turn its parent into a link)."""
+        parent = rec.parent_goid if _parent_is_creator(rec) else None
+        first: dict[int, StateChange] = {}
+        for change in rec.changes:
+            if change.waker & (WakerFlag.WAKER_TRACED | WakerFlag.WAKER_APP_TRACE) and change.waker_goid not in first \
+                    and change.waker_goid != parent and self.waker(rec, change)[1]:
+                first[change.waker_goid] = change
+        links = [SpanLink(trace_id_for(self.salt, c.waker_root), span_id_for(self.salt, c.waker_goid), dict(wakes.WAKER_LINK))
+                 for c in list(first.values())[:wakes.WAKE_LINKS_MAX] if c.waker & WakerFlag.WAKER_TRACED]
+        return links, len(first) - len(links)
 
     def _previous_checkpoint(self, rec: GoroutineRecord, before: Checkpointed) -> SpanLink:
         return SpanLink(trace_id_for(self.salt ^ _HISTORY_SALT, rec.goid), checkpoint_span_id(self.salt, rec.goid, before.count),
                         {"go.goroutine.link": "previous_checkpoint"})
+
+
+def _parent_is_creator(rec: GoroutineRecord) -> bool:
+    """The span's parent is its creator's span (build's rule)."""
+    if rec.app_flags & APP_IN_TRACE:
+        return not rec.app_span_id
+    return rec.trace_reason is TraceReason.JOINS_PARENT
 
 
 def _place_in_app_trace(span: GoroutineSpan, rec: GoroutineRecord, creator_span_id: int) -> None:

@@ -25,6 +25,13 @@ class Target:
     def start(self) -> None:
         """Let the program run (a no-op for a process that already runs)."""
 
+    def environment(self) -> dict[str, str]:
+        """The process's environment as it was given at its exec (/proc/PID/environ); OSError if unreadable."""
+        with open(f"/proc/{self.pid}/environ", "rb") as f:
+            entries = f.read().split(b"\0")
+        pairs = (entry.decode("utf-8", "replace").partition("=") for entry in entries if b"=" in entry)
+        return {name: value for name, _, value in pairs}
+
     def has_exited(self) -> bool:
         return bool(self._poller.poll(0))
 

@@ -42,17 +42,29 @@ class Summary:
             lines.append(f"goroutines created while traced: {created}")
         rows = sorted(self.by_function.items(), key=lambda kv: -kv[1].count)
         if rows:
-            width = min(60, max(len(name) for name, _ in rows[:top]))
+            width = min(_NAME_WIDTH, max(len(name) for name, _ in rows[:top]))
             lines.append(f"  {'start function':<{width}}  {'count':>7}  {'alive':>5}  {'median':>10}  {'max':>10}")
             for name, s in rows[:top]:
                 lt = np.sort(np.concatenate(s.lifetimes_ns))
-                lines.append(f"  {name[:width]:<{width}}  {s.count:>7}  {s.alive_at_end:>5}  "
+                lines.append(f"  {_fit(name, width):<{width}}  {s.count:>7}  {s.alive_at_end:>5}  "
                              f"{_duration(int(lt[len(lt) // 2])):>10}  {_duration(int(lt[-1])):>10}")
             if len(rows) > top:
                 lines.append(f"  ... and {len(rows) - top} more start functions")
         lost = {k: v for k, v in losses.items() if v}
         lines.append("nothing dropped" if not lost else "dropped or degraded: " + ", ".join(f"{k}={v}" for k, v in lost.items()))
         return "\n".join(lines)
+
+
+_NAME_WIDTH = 60
+
+
+def _fit(name: str, width: int) -> str:
+    """name in width characters: a longer one keeps its package's start and its function's end, with
+    "..." between (the end names the function, the start its module)."""
+    if len(name) <= width:
+        return name
+    head = width // 3
+    return name[:head] + "..." + name[len(name) - (width - head - 3):]
 
 
 def _duration(ns: int) -> str:

@@ -62,7 +62,7 @@ def churn(n: int, changes_per_row: int) -> tuple[dict, np.ndarray, Changes]:
 
 def records(cols: dict, changes: Changes) -> list[GoroutineRecord]:
     lists = {k: v.tolist() for k, v in cols.items()}
-    moves = [StateChange(*c) for c in zip(*(np.asarray(a).tolist() for a in changes[1:]))]
+    moves = [StateChange(*c) for c in zip(*(np.asarray(a).tolist() for a in changes.with_wakes()[1:]))]
     offsets = changes.offsets.tolist()
     return [GoroutineRecord(pid=lists["tgid"][i], goid=lists["goid"][i], parent_goid=lists["parent_goid"][i],
                             parent_traced=True, create_ns=lists["create_ns"][i], end_ns=lists["end_ns"][i],

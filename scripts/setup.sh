@@ -9,8 +9,9 @@ say() { echo "setup: $*"; }
 # --- system packages -----------------------------------------------------------------
 # python3-bpfcc/libbpfcc: bcc (not on PyPI); linux-headers: bcc compiles C at run time;
 # golang-go: Debian's Go 1.19, one cell of the version matrix; bpftrace: the benchmark's baseline;
-# gcc, python3-dev: pip builds the package's compiled parts (otel_goroutines/*.c, setup.py).
-packages=(python3-bpfcc libbpfcc linux-headers-amd64 python3-venv golang-go bpftrace make gcc python3-dev)
+# gcc, python3-dev: pip builds the package's compiled parts (otel_goroutines/*.c, setup.py);
+# podman, debootstrap: the tests build the agent image (tests/image_build.py) on a Debian base.
+packages=(python3-bpfcc libbpfcc linux-headers-amd64 python3-venv golang-go bpftrace make gcc python3-dev podman debootstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

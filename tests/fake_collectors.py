@@ -44,14 +44,14 @@ class SilentCollector:
         self._listener.close()
 
 
-class Http503Collector:
-    """An OTLP/HTTP endpoint that always answers 503 Service Unavailable (a retryable status)."""
+class HttpStatusCollector:
+    """An OTLP/HTTP endpoint that always answers with one HTTP status."""
 
-    def __init__(self):
+    def __init__(self, status: int):
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                self.send_response(503)
+                self.send_response(status)
                 self.send_header("Content-Length", "0")
                 self.end_headers()
 
@@ -68,6 +68,13 @@ class Http503Collector:
     def __exit__(self, *exc):
         self._server.shutdown()
         self._server.server_close()
+
+
+class Http503Collector(HttpStatusCollector):
+    """503 Service Unavailable (a retryable status)."""
+
+    def __init__(self):
+        super().__init__(503)
 
 
 class GrpcHangingCollector:

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -39,8 +40,8 @@ def go_release(minor: str) -> str:
 
 
 def build_program(name: str, go: str | None = None, flags: tuple[str, ...] = (), cgo: bool = False,
-                  goarch: str = "amd64") -> Path:
-    """Build tests/programs/NAME once per (its source, toolchain, flags, cgo, GOARCH); later runs reuse the binary."""
+                  goarch: str = "amd64", goexperiment: str = "") -> Path:
+    """Build tests/programs/NAME once per (its source, toolchain, flags, cgo, GOARCH, GOEXPERIMENT); later runs reuse the binary."""
     go = go or go_toolchain()
     digest = hashlib.sha256()
     sources = [*PROGRAMS.glob("go.*"), *(PROGRAMS / name).rglob("*"), *(PROGRAMS / "internal").rglob("*")]
@@ -50,10 +51,14 @@ def build_program(name: str, go: str | None = None, flags: tuple[str, ...] = (),
     digest.update(go.encode() + "\0".join(flags).encode() + (b"\0cgo" if cgo else b""))
     if goarch != "amd64":
         digest.update(b"\0GOARCH=" + goarch.encode())
+    if goexperiment:
+        digest.update(b"\0GOEXPERIMENT=" + goexperiment.encode())
     out = CACHE / f"{name}-{digest.hexdigest()[:16]}"
     if not out.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=mod", CGO_ENABLED="1" if cgo else "0", GOARCH=goarch)
+        if goexperiment:
+            env["GOEXPERIMENT"] = goexperiment
         tmp = out.with_suffix(".tmp")
         subprocess.run([go, "build", *flags, "-o", str(tmp), f"./{name}"], cwd=PROGRAMS, env=env, check=True)
         tmp.rename(out)
@@ -281,6 +286,28 @@ def run_agent(args: list[str], timeout: float = 60.0, env: dict | None = None) -
     return AgentRun(proc.returncode, proc.stdout, proc.stderr)
 
 
+def attach_to_ticker(ticker: Path, tmp_path: Path, agent_args: list[str], app_env: dict, until,
+                     agent_env: dict | None = None) -> tuple[int, str]:
+    """tests/programs/ticker started with app_env added to this environment, the agent attached with
+    agent_args and agent_env (this environment without its OTEL_ variables, then agent_env) until
+    until() holds (or 60 s), then stopped with SIGINT: (the ticker's PID, the agent's stderr)."""
+    ticker_proc = subprocess.Popen([str(ticker), str(tmp_path / "ticker.json"), "60s"], env=dict(os.environ, **app_env))
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}, **(agent_env or {}))
+    agent = subprocess.Popen(AGENT + ["attach", "-q", *agent_args, str(ticker_proc.pid)], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        poll(lambda: until() or agent.poll() is not None, 60, every=0.3)
+        agent.send_signal(signal.SIGINT)
+        _, err = agent.communicate(timeout=30)
+        assert agent.returncode == 0, err
+    finally:
+        ticker_proc.send_signal(signal.SIGTERM)
+        ticker_proc.wait(10)
+        if agent.poll() is None:
+            agent.kill()
+    return ticker_proc.pid, err
+
+
 def run_marker(env: dict | None = None) -> tuple[str, dict]:
     """A marker for one agent run's spans and the environment that sets it (test.run.id, a resource
     attribute, added to any OTEL_RESOURCE_ATTRIBUTES in ENV). Goroutine ids repeat from one run of
@@ -296,9 +323,24 @@ def of_run(spans: list[Span], marker: str) -> list[Span]:
     return [s for s in spans if s.resource.get("test.run.id") == marker]
 
 
+def group_spans(spans: list[Span]) -> dict[tuple[str, str], Span]:
+    """The spans of groups of short goroutines (--group-window), by (trace id, span id): they have no goroutine id."""
+    return {(s.trace_id, s.span_id): s for s in spans if "go.goroutine.group.goroutines" in s.attributes}
+
+
+def goroutine_spans(spans: list[Span]) -> list[Span]:
+    return [s for s in spans if "go.goroutine.group.goroutines" not in s.attributes]
+
+
+def creator_links(span: Span) -> list[tuple[str, str, dict]]:
+    """A span's links to its creator (not those to its wakers)."""
+    return [link for link in span.links if link[2].get("go.goroutine.link") == "creator"]
+
+
 def by_goid(spans: list[Span]) -> dict[int, Span]:
+    """Goroutine spans by goroutine id (group spans, which have none, left out)."""
     out = {}
-    for s in spans:
+    for s in goroutine_spans(spans):
         goid = s.attributes["go.goroutine.id"]
         assert goid not in out, f"goroutine {goid} exported twice"
         out[goid] = s

@@ -73,6 +73,11 @@ def build_peers() -> dict[str, Path]:
     return build_go_module(PEERS_SRC, {"jaeger": JAEGER_PACKAGE, "otelcol": "./otelcol"})
 
 
+def build_k8s_collector() -> Path:
+    """otelcol-k8s: the collector with the contrib k8s_attributes processor (collector-config/otelcol-k8s.yaml)."""
+    return build_go_module(PEERS_SRC / "otelcol-k8s", {"otelcol-k8s": "."})["otelcol-k8s"]
+
+
 def build_compose_check() -> Path:
     """compose-check: `docker compose config` without Docker (compose-go, the loader Compose uses)."""
     return build_go_module(PEERS_SRC / "compose", {"compose-check": "."})["compose-check"]

@@ -11,7 +11,7 @@ from elftools.elf.elffile import ELFFile
 
 from ..errors import UnsupportedTarget
 from . import buildinfo, disasm
-from .pclntab import Func, FuncTable, PclntabError
+from .pclntab import Func, FuncTable, PclntabError, moduledata_word
 
 
 # ELF machine -> Go's GOARCH name, for the architectures whose Go code the agent reads.
@@ -79,6 +79,38 @@ class GoBinary:
             return FuncTable.from_elf(self.elf)
         except PclntabError as exc:
             raise UnsupportedTarget(f"{self.path}: cannot read the Go function table: {exc}") from None
+
+    @cached_property
+    def _gofunc(self) -> int | None:
+        """Address of go:func.*, the base of funcdata offsets: its symbol, or stripped, moduledata.gofunc
+        (a field that moved: Go 1.18-1.19 at 304, 1.20-1.26 at 320 after covctrs, 1.27 at 344)."""
+        symbol = self.symbol("go:func.*") or self.symbol("go.func.*")
+        if symbol is not None:
+            return symbol.address
+        minor = int(self.go_version.split(".")[1]) if self.go_version.startswith("go1.") else 0
+        return moduledata_word(self.elf, self.functions, 304 if minor < 20 else 320 if minor < 27 else 344)
+
+    def inlined_call(self, func: Func) -> str | None:
+        """The function the compiler inlined first into func's own body (the outermost of the
+        first inlined code in func, as the runtime's traceback unwinds it); None if none."""
+        inlining = self.functions.inlining(func)
+        if inlining is None or self._gofunc is None:
+            return None
+        for _pc, index in self.functions.inline_indexes(func, inlining):
+            for _ in range(64):  # the depth of inlining; a longer chain is a corrupt table
+                if index < 0:
+                    break
+                try:
+                    call = self.read(self._gofunc + inlining.tree + index * inlining.entry_size, inlining.entry_size)
+                except ValueError:
+                    return None
+                name_off, parent_pc = struct.unpack_from("<ii", call, inlining.name_at)[0], \
+                    struct.unpack_from("<i", call, inlining.parent_pc_at)[0]
+                parent = self.functions.inline_index(func, inlining, func.entry + parent_pc)
+                if parent < 0:
+                    return self.functions.name_at(name_off)
+                index = parent
+        return None
 
     def function(self, name: str) -> Func:
         func = self.functions.by_name(name)

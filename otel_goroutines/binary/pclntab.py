@@ -34,6 +34,10 @@ from typing import NamedTuple
 MAGIC_PRE116 = 0xFFFFFFFB
 _FORMATS = {0xFFFFFFFA: "1.16", 0xFFFFFFF0: "1.18", 0xFFFFFFF1: "1.20"}
 _NO_FILE = 0xFFFFFFFF  # cutab entry / cuOffset meaning "none"
+_NO_FUNCDATA = 0xFFFFFFFF  # funcdata offset meaning "none"
+# Indexes of the inline tree among a function's funcdata and pcdata (internal/abi/symtab.go).
+FUNCDATA_INLTREE = 3
+PCDATA_INLTREEINDEX = 2
 _CACHE_MAX = 4096  # entries per on-demand cache (pc tables, file names)
 
 
@@ -46,6 +50,15 @@ class Func:
     name: str  # as Go prints it, e.g. "main.worker", "net/http.(*conn).serve"
     entry: int  # link-time virtual address of the first instruction
     end: int  # address just past the function (the next function's entry)
+
+
+class Inlining(NamedTuple):
+    """Where a function's inline tree is: the functions the compiler inlined into it."""
+    tree: int  # offset of the tree (an array of runtime.inlinedCall) from go:func.* (moduledata.gofunc)
+    index_table: int  # pctab offset of the PC -> tree index table (-1: not inside inlined code)
+    entry_size: int  # of an inlinedCall: 20 bytes up to Go 1.19, 16 from 1.20
+    name_at: int  # offset of nameOff in an inlinedCall
+    parent_pc_at: int  # offset of parentPc: an instruction of the caller at the call site, from the entry
 
 
 class _Header(NamedTuple):
@@ -112,6 +125,7 @@ class FuncTable:
         self._wrapper_id: int | None = None
         self._pctables: dict[tuple[int, int], tuple[list[int], list[int]]] = {}
         self._files: dict[int, str | None] = {}
+        self.address: int | None = None  # link-time address of the table, when read from an ELF file
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -151,7 +165,9 @@ class FuncTable:
                 try:
                     hdr = _parse_header(data)
                     text_start = None if hdr.go_format == "1.16" else _text_start(elf, data, vaddr, hdr)
-                    return cls.parse(data, text_start)
+                    table = cls.parse(data, text_start)
+                    table.address = vaddr
+                    return table
                 except PclntabError as e:
                     if authoritative:
                         raise
@@ -215,6 +231,46 @@ class FuncTable:
             return None
         path = self._file((cu + fileno) * 4)
         return None if path is None else (path, line)
+
+    def inlining(self, func: Func) -> Inlining | None:
+        """func's inline tree, as the runtime's traceback finds it (runtime/symtabinl.go); None when
+        nothing was inlined into func, and in the 1.16 format (whose funcdata are pointers)."""
+        i = self._index(func.entry)
+        if i is None or self.go_format == "1.16" or not self._record_ok(i):
+            return None
+        # After the u32 fields (and startLine from 1.20): funcID, flag, pad, nfuncdata; then
+        # npcdata u32 pcdata offsets, then nfuncdata u32 funcdata offsets.
+        flags = self._hdr.pclntab + self._funcoffs[i] + (40 if self.go_format == "1.20" else 36)
+        (npcdata,) = self._fields(i, 7)
+        if npcdata is None or flags + 4 > len(self._data):
+            return None
+        nfuncdata = self._data[flags + 3]
+        tree_pos = flags + 4 + 4 * npcdata + 4 * FUNCDATA_INLTREE
+        if npcdata <= PCDATA_INLTREEINDEX or nfuncdata <= FUNCDATA_INLTREE or tree_pos + 4 > len(self._data):
+            return None
+        (table,) = struct.unpack_from("<I", self._data, flags + 4 + 4 * PCDATA_INLTREEINDEX)
+        (tree,) = struct.unpack_from("<I", self._data, tree_pos)
+        if not table or tree == _NO_FUNCDATA:
+            return None
+        if self.go_format == "1.20":  # funcID u8, pad, nameOff, parentPc, startLine
+            return Inlining(tree, table, 16, 4, 8)
+        return Inlining(tree, table, 20, 12, 16)  # parent i16, funcID, pad, file, line, nameOff, parentPc
+
+    def inline_indexes(self, func: Func, inlining: Inlining) -> list[tuple[int, int]]:
+        """(first pc, tree index) runs over func's code, in pc order (index -1: func's own code)."""
+        size = func.end - func.entry
+        self._pcvalue(inlining.index_table, size, 0)  # decodes and caches the table
+        ends, values = self._pctables[(inlining.index_table, size)]
+        return [(func.entry + start, index) for start, index in zip([0, *ends], values)]
+
+    def inline_index(self, func: Func, inlining: Inlining, pc: int) -> int:
+        """Index in func's inline tree of the inlined call the instruction at pc belongs to; -1 if none."""
+        value = self._pcvalue(inlining.index_table, func.end - func.entry, pc - func.entry)
+        return -1 if value is None else value
+
+    def name_at(self, name_off: int) -> str | None:
+        """A function name by its offset in funcnametab (as inlinedCall.nameOff gives it)."""
+        return self._cstring(self._hdr.funcnametab + name_off) if name_off >= 0 else None
 
     # ---- internals ----------------------------------------------------------------------------
 
@@ -437,9 +493,25 @@ def _text_start(elf, data: bytes, vaddr: int, hdr: _Header) -> int | None:
 
 
 def _moduledata_text(elf, data: bytes, vaddr: int, hdr: _Header) -> int | None:
-    """runtime.moduledata starts with pointers to the header and funcnametab; text follows minpc.
+    """runtime.moduledata's text field (see _moduledata)."""
+    found = _moduledata(elf, data, vaddr, hdr)
+    return None if found is None else struct.unpack_from("<Q", found[0], found[1] + 176)[0]
 
-    moduledata (runtime/symtab.go, same prefix Go 1.18-1.26): pcHeader *8, six slices *24,
+
+def moduledata_word(elf, table: FuncTable, offset: int) -> int | None:
+    """The pointer-sized word at offset in the runtime.moduledata of table's module; None if not found."""
+    if table.address is None:
+        return None
+    found = _moduledata(elf, table._data, table.address, table._hdr)
+    if found is None or found[1] + offset + 8 > len(found[0]):
+        return None
+    return struct.unpack_from("<Q", found[0], found[1] + offset)[0]
+
+
+def _moduledata(elf, data: bytes, vaddr: int, hdr: _Header) -> tuple[bytes, int] | None:
+    """(segment bytes, position) of runtime.moduledata, which starts with pointers to the header and funcnametab.
+
+    moduledata (runtime/symtab.go, same prefix Go 1.18-1.27): pcHeader *8, six slices *24,
     findfunctab 8, minpc @160, maxpc @168, text @176. Checked by minpc == text + first entry offset.
     """
     if hdr.pclntab + 4 > len(data):
@@ -452,6 +524,6 @@ def _moduledata_text(elf, data: bytes, vaddr: int, hdr: _Header) -> int | None:
         while pos >= 0 and pos + 184 <= len(seg_data):
             minpc, maxpc, text = struct.unpack_from("<QQQ", seg_data, pos + 160)
             if text + first_off == minpc < maxpc:
-                return text
+                return seg_data, pos
             pos = seg_data.find(needle, pos + 1)
     return None

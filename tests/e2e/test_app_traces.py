@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import AGENT, ROOT, SDK_NEWEST, Span, build_appservice, build_program, run_agent
+from helpers import AGENT, ROOT, SDK_NEWEST, Span, build_appservice, build_program, group_spans, run_agent
 
 sys.path.insert(0, str(ROOT / "scripts"))
 import go_toolchains  # noqa: E402
@@ -114,7 +114,8 @@ def _trace(variant: str, rotel, receiver, tmp: Path, extra: tuple[str, ...] = ()
         _, err = agent.communicate(timeout=60)
     assert agent.returncode == 0, err
     manifest = json.loads(manifest_path.read_text())
-    follows_app = "--app-traces" not in extra  # off: every request's goroutines are exported, sampled or not
+    # --app-traces off, --app-unsampled ignore: every request's goroutines are exported, sampled or not
+    follows_app = "--app-traces" not in extra and "--app-unsampled" not in extra
     expected = {g["goid"] for rid, r in manifest["requests"].items() if sent[rid][1] or not follows_app for g in r["goroutines"]}
     server_spans = {r["server_span"] for rid, r in manifest["requests"].items() if sent[rid][1]}
     spans = receiver.wait_for(lambda got: expected <= {s.attributes.get("go.goroutine.id") for s in got
@@ -187,8 +188,14 @@ def test_goroutines_outside_requests_keep_their_own_traces(traced):
     for span in [*ticks, *janitor]:
         assert span.trace_id not in app_traces
         assert span.attributes.get("go.goroutine.trace_reason") != "application_span"
+    groups = group_spans([s for s in traced.spans if s.resource.get("process.pid") == traced.pid])
     for tick in ticks:
-        assert tick.parent_span_id in ("", *(j.span_id for j in janitor))
+        if tick.attributes.get("go.goroutine.trace_reason") == "grouped":  # short, childless, its spawner's: grouped
+            group = groups[(tick.trace_id, tick.parent_span_id)]
+            assert group.trace_id not in app_traces
+            assert group.attributes["go.goroutine.group.spawner_id"] == tick.attributes["go.goroutine.parent_id"]
+        else:
+            assert tick.parent_span_id in ("", *(j.span_id for j in janitor))
     # In main: warmup started under the "startup" span; the janitor, after that span ended, is not in it.
     if traced.variant.endswith("attached"):
         return  # both predate the attach
@@ -213,6 +220,31 @@ def test_pprof_labels_become_span_attributes(traced):
         assert by_func["main.labelled"]["go.goroutine.label.request.id"] == rid
         assert by_func["main.labelled"]["go.goroutine.label.stage"] == "labelled"
         assert not any(k.startswith("go.goroutine.label.") for k in by_func["main.query"])
+
+
+@pytest.fixture(scope="module")
+def traced_ignoring_sampling(rotel, receiver, tmp_path_factory):
+    """The newest SDK's service traced with --app-unsampled ignore."""
+    return _trace("newest", rotel, receiver, tmp_path_factory.mktemp("ignoring"), ("--app-unsampled", "ignore"))
+
+
+def test_app_unsampled_ignore_exports_unsampled_requests_in_their_trace(traced_ignoring_sampling):
+    """The application did not sample these requests (its own spans are not exported): their goroutine
+    spans are exported anyway, in the request's trace, under the spans the application would have had."""
+    traced = traced_ignoring_sampling
+    spans, app = traced.goroutine_spans(), traced.app_spans()
+    unsampled = {rid: r for rid, r in traced.manifest["requests"].items() if not traced.sent[rid][1]}
+    assert len(unsampled) == UNSAMPLED_REQUESTS
+    for rid, request in unsampled.items():
+        trace_id = traced.sent[rid][0]
+        assert request["trace_id"] == trace_id and not request["sampled"]
+        assert request["server_span"] not in app  # the application exported nothing of it
+        assert len(request["goroutines"]) == 10
+        for g in request["goroutines"]:
+            span = spans[g["goid"]]
+            assert span.name == g["func"] and span.trace_id == trace_id, (rid, g)
+            assert span.parent_span_id == _expected_parent(traced, g), (rid, g)
+    assert "goroutine spans not exported" not in traced.agent_stderr
 
 
 @pytest.fixture(scope="module")

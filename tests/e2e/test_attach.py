@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from helpers import AGENT, by_goid, site_line, ticks_untraced_after_attach
+from helpers import AGENT, attach_to_ticker, by_goid, creator_links, goroutine_spans, group_spans, site_line, ticks_untraced_after_attach
 
 pytestmark = pytest.mark.ebpf
 
@@ -47,7 +47,8 @@ def test_attach_until_sigint(programs, rotel, receiver, tmp_path):
     finally:
         ticker.send_signal(signal.SIGTERM)
         ticker.wait(10)
-    spans = [s for s in receiver.wait_for(lambda got: False, timeout=1.0) if s.resource["process.pid"] == ticker.pid]
+    received = [s for s in receiver.wait_for(lambda got: False, timeout=1.0) if s.resource["process.pid"] == ticker.pid]
+    spans, groups = goroutine_spans(received), group_spans(received)
     spans_by_goid = by_goid(spans)
     ticks = [s for s in spans if s.name == "main.tick"]
     tocks = [s for s in spans if s.name == "main.tock"]
@@ -60,23 +61,24 @@ def test_attach_until_sigint(programs, rotel, receiver, tmp_path):
     # It is a spawner: each tick starts a trace of its own, linked to the dispatcher's span
     # (ticks created while the goroutine list was being read, a few ms, may lack the link).
     assert {s.attributes["go.goroutine.parent_id"] for s in ticks} == {dispatcher.attributes["go.goroutine.id"]}
-    linked = [t for t in ticks if t.links]
+    linked = [t for t in ticks if creator_links(t)]
     assert len(linked) >= len(ticks) - 1
     for tick in linked:
         assert tick.parent_span_id == "" and tick.attributes["go.goroutine.trace_reason"] == "spawner"
         assert tick.links[0][:2] == (dispatcher.trace_id, dispatcher.span_id)
     assert len({t.trace_id for t in ticks}) == len(ticks)
     # A tock joins its tick's trace, as the child of the tick's span; one started by a tick that
-    # existed at attach while the goroutine list was read starts a trace of its own, linked to it.
+    # existed at attach (a spawner by rule) is short and starts none: it is in the group of that
+    # tick's short goroutines (--group-window), whose span links to the tick.
     by_span = {(s.trace_id, s.span_id): s for s in spans}
     traced_parent_tocks = [t for t in tocks if t.attributes["go.goroutine.parent_id"] in spans_by_goid]
     assert len(traced_parent_tocks) >= len(ticks) - 2
     for tock in traced_parent_tocks:
         parent = spans_by_goid[tock.attributes["go.goroutine.parent_id"]]
         assert parent.name == "main.tick"
-        if tock.parent_span_id == "":
-            assert parent.attributes.get("go.goroutine.existed_at_attach") and tock.attributes["go.goroutine.trace_reason"] == "spawner"
-            assert tock.links[0][:2] == (parent.trace_id, parent.span_id)
+        if (tock.trace_id, tock.parent_span_id) in groups:
+            assert parent.attributes.get("go.goroutine.existed_at_attach") and tock.attributes["go.goroutine.trace_reason"] == "grouped"
+            assert groups[(tock.trace_id, tock.parent_span_id)].links[0][:2] == (parent.trace_id, parent.span_id)
         else:
             assert by_span[(tock.trace_id, tock.parent_span_id)] is parent
     # Goroutines alive when the agent stopped are ended then, and marked.
@@ -105,6 +107,22 @@ def test_attach_until_the_target_exits(programs, rotel, receiver, tmp_path):
     missed, spawned = ticks_untraced_after_attach(manifest, spans)
     assert spawned >= 49 and not missed, (missed, err)
     assert {s.attributes["go.goroutine.end_reason"] for s in spans} <= {"exited", "process_exited"}
+
+
+def test_attach_takes_the_service_from_the_target(programs, rotel, receiver, tmp_path):
+    """The target's own OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES name the goroutine spans'
+    resource; the agent's own OTEL_RESOURCE_ATTRIBUTES override them."""
+    receiver.clear()
+    app_env = {"OTEL_SERVICE_NAME": "ticker-svc", "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test,team=app%20team"}
+    ticks = lambda: any(s.name == "main.tick" for s in list(receiver.spans))
+    pid, err = attach_to_ticker(programs["ticker"], tmp_path, ["--endpoint", rotel.endpoint("grpc"), "--protocol", "grpc"],
+                                app_env, ticks, agent_env={"OTEL_RESOURCE_ATTRIBUTES": "team=agent"})
+    spans = [s for s in receiver.wait_for(lambda got: False, timeout=1.0) if s.resource["process.pid"] == pid]
+    assert spans, err
+    for span in spans:
+        assert span.resource["service.name"] == "ticker-svc"
+        assert span.resource["deployment.environment"] == "test"
+        assert span.resource["team"] == "agent"
 
 
 def test_probe_groups_detach_and_attach_again_on_one_process(programs, tmp_path):

@@ -48,9 +48,11 @@ def test_bench_smoke_runs_and_reports(tmp_path):
         assert run["loss_counters"] is not None and run["cpu_after_attach_s"] > 0 and run["maxrss_mb"] > 0, run
     assert all(r["received"] is None for r in steady)  # the file exporter
     assert all(r["received"] >= r["created"] for r in [*burst, results["rate"]]), (burst, results["rate"])
+    wakes = results["wakes"]["ns_per_wake"]
+    assert set(wakes) == {"none", "no_wakers", "wakers"} and all(len(runs) == rounds and all(v > 0 for v in runs) for runs in wakes.values())
     report = (tmp_path / "RESULTS.md").read_text()
     for heading in ("## 1. Goroutine churn", "## 2. HTTP server under load", "## 3. The agent", "## Targets",
                     "### 4. Pinned churn", "### 5. Agent CPU per goroutine", "### 6. Agent memory", "### 7. Sustained rate",
-                    "## Goals (issue 11)"):
+                    "## 8. Wake-up edges", "## Goals (issue 11)"):
         assert heading in report
     assert all(label in report for label in results["modes"].values()), results["modes"]

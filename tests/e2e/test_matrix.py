@@ -158,6 +158,8 @@ def test_attach_to_another_mount_namespace(toolchains, go, mode, tmp_path):
         assert not (private / "ticker").exists()  # not visible from here
         inspect = run_agent(["inspect", "--pid", str(target)])
         assert inspect.returncode == 0 and f"go{go}." in inspect.stdout, inspect.stderr
+        # The executable's path as the target sees it, not the /proc link it is read through.
+        assert f"binary:          {private}/ticker (PID {target}, read through /proc/{target}/exe)" in inspect.stdout
 
         spans_path = tmp_path / "spans.jsonl"
         agent = subprocess.Popen(AGENT + ["attach", "--exporter", "file", "--output", str(spans_path), "-q", str(target)],
@@ -182,3 +184,30 @@ def test_attach_to_another_mount_namespace(toolchains, go, mode, tmp_path):
     assert all(s.attributes["code.line.number"] == site_line("ticker", "tick") for s in ticks)
     tocks = [s for s in spans if s.name == "main.tock"]
     assert tocks and all(s.attributes["go.goroutine.created_by"] == "main.tick" for s in tocks)
+
+
+INLINED_CELLS = [(go, mode) for go in (TOOLCHAINS[0], TOOLCHAINS[-1]) for mode in ("default", "pie-stripped")]
+
+
+@pytest.mark.parametrize("go,mode", INLINED_CELLS, ids=[f"go{go}-{mode}" for go, mode in INLINED_CELLS])
+def test_inlined_go_statement_named_after_its_function(toolchains, go, mode, tmp_path):
+    """`go handle(...)` whose handle the compiler inlined into the go statement's wrapper (Go 1.22+),
+    handle calling record first: the span says main.handle, as the runtime's own traceback does."""
+    binary = _binary(toolchains, "inlined", go, mode)
+    manifest_path, spans_path = tmp_path / "manifest.json", tmp_path / "spans.jsonl"
+    run = run_agent(["run", "--exporter", "file", "--output", str(spans_path), "--quiet", "--",
+                     str(binary), str(manifest_path)])
+    assert run.returncode == 0, run.stderr
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["traceback"][-2] == "main.handle"  # the frame under runtime.goexit: what the go statement started
+    spans = by_goid(spans_from_otlp_json(spans_path))
+    for g in manifest["goroutines"]:
+        assert spans[g["goid"]].name == "main.handle"
+        assert spans[g["goid"]].attributes["code.line.number"] == site_line("inlined", "handle")
+    names = [s.name for s in spans.values()]
+    for func in ("main.handle", "main.holder", "main.drain"):
+        assert names.count(func) == manifest["each"], names
+    # A literal capturing a variable, started with arguments: its wrapper calls it through the closure value.
+    (literal,) = [s for s in spans.values() if s.name == manifest["literal_traceback"][-2] == "main.main.func1"]
+    assert literal.attributes["code.line.number"] == site_line("inlined", "literal")
+    assert not {"main.record", "sync.(*WaitGroup).Add"} & set(names) and not [n for n in names if ".gowrap" in n]

@@ -85,7 +85,7 @@ def test_max_events_keeps_that_many_and_counts_the_rest(programs, tmp_path, max_
             assert attrs["go.goroutine.events_left_out"] == attrs["go.goroutine.transitions"] - max_events
 
 
-CONSOLE_LINE = re.compile(r"^goroutine (\d+)(?: parent=(\d+)| \(root\)) (\S+) [\d.]+ ms, created at (.*):(\d+|\?), (\w+)$")
+CONSOLE_LINE = re.compile(r"^goroutine (\d+)(?: parent=(\d+)(?: \([a-z ]+\))?| \(root\)) (\S+) [\d.]+ ms, created at (.*):(\d+|\?), (\w+)$")
 
 
 def test_console_exporter_prints_one_line_per_goroutine(programs, tmp_path):

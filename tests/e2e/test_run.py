@@ -149,3 +149,46 @@ def test_panicking_target_still_has_its_spans(programs, rotel, receiver, tmp_pat
         assert spans[goid].attributes["go.goroutine.end_reason"] == "process_exited"
     doomed = next(s for s in spans.values() if s.name == "main.doomed")
     assert doomed.attributes["go.goroutine.alive_at_end"] is True
+
+
+def test_status_line_keeps_clear_of_the_programs_output(tmp_path):
+    """On a terminal the program under `run` writes to the same screen as the live status line: a
+    terminal emulator (pyte) fed what the terminal got shows every line of the program whole, the
+    status never written into one, and the status gone from the screen at the end."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    import pyte
+
+    from helpers import AGENT, build_program
+    lines, rows, cols = 30, 24, 100
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    agent = subprocess.Popen(AGENT + ["run", "--exporter", "file", "--output", str(tmp_path / "spans.jsonl"), "--",
+                                      str(build_program("chatty")), str(lines)],
+                             stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
+    os.close(slave)
+    got = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: every writer is gone
+            break
+        if not chunk:
+            break
+        got += chunk
+    os.close(master)
+    assert agent.wait(30) == 0, got.decode(errors="replace")
+    assert got.count(b"goroutines live") >= 2, got  # the status line was up while the program wrote
+    screen = pyte.HistoryScreen(cols, rows, history=1000)
+    stream = pyte.ByteStream(screen)
+    stream.feed(got)
+    history = [("".join(line[x].data for x in range(cols))).rstrip() for line in screen.history.top]
+    everything = history + [screen.display[y].rstrip() for y in range(rows)]
+    program = [line for line in everything if "chatty line" in line]
+    assert program == [f"chatty line {n} of the program" for n in range(1, lines + 1)], everything
+    assert not [line for line in screen.display if "goroutines live" in line], screen.display

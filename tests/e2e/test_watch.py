@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import AGENT, free_port, poll, spans_from_otlp_json, ticks_untraced_after_attach
+from helpers import AGENT, creator_links, free_port, goroutine_spans, group_spans, poll, spans_from_otlp_json, ticks_untraced_after_attach
 
 pytestmark = pytest.mark.ebpf
 
@@ -146,7 +146,8 @@ def test_watch_finds_a_restarted_service_in_other_namespaces(programs, rotel, re
     spans = receiver.wait_for(lambda got: {s.resource.get("process.pid") for s in got} >= {pid for pid, _ in runs}, 10)
     for pid, manifest in runs:
         assert manifest["pid"] == 1  # it ran as PID 1 of its own namespace
-        mine = [s for s in spans if s.resource.get("process.pid") == pid]
+        received = [s for s in spans if s.resource.get("process.pid") == pid]
+        mine, groups = goroutine_spans(received), group_spans(received)
         assert mine, f"no spans for run PID {pid}"
         assert {s.resource["service.name"] for s in mine} == {name}
         by_goid = {}
@@ -170,9 +171,11 @@ def test_watch_finds_a_restarted_service_in_other_namespaces(programs, rotel, re
             tick = by_goid[tock.attributes["go.goroutine.parent_id"]]
             assert tick.name == "main.tick"
             if tick.attributes.get("go.goroutine.existed_at_attach"):
-                # A tick alive at the attach is a spawner by rule: its tock starts a trace, linked to it.
-                assert tock.attributes["go.goroutine.trace_reason"] == "spawner"
-                assert [l[:2] for l in tock.links] == [(tick.trace_id, tick.span_id)]
+                # A tick alive at the attach is a spawner by rule: its tock, short and childless, is in the
+                # group of that tick's short goroutines, whose span links to the tick.
+                assert tock.attributes["go.goroutine.trace_reason"] == "grouped" and not creator_links(tock)
+                group = groups[(tock.trace_id, tock.parent_span_id)]
+                assert [l[:2] for l in group.links] == [(tick.trace_id, tick.span_id)]
             else:
                 assert by_span[(tock.trace_id, tock.parent_span_id)] is tick
         # It exited by itself: what was still alive then ended with the process.
@@ -379,7 +382,7 @@ def test_watch_traces_twenty_processes_that_start_at_once(programs, tmp_path, ag
         manifest = json.loads((tmp_path / f"manifest{n}.json").read_text())
         spans = spans_from_otlp_json(tmp_path / f"spans.{p.pid}.jsonl")
         assert {s.resource["process.pid"] for s in spans} == {p.pid}
-        goids = [s.attributes["go.goroutine.id"] for s in spans]
+        goids = [s.attributes["go.goroutine.id"] for s in spans if "go.goroutine.id" in s.attributes]  # not group spans
         assert len(goids) == len(set(goids)), f"PID {p.pid}: a goroutine exported twice (another process's?)"
         ticks = {g["goid"]: g for g in manifest["goroutines"] if g["func"] == "main.tick"}
         traced = {s.attributes["go.goroutine.id"] for s in spans if s.name == "main.tick"}

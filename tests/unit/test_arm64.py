@@ -203,10 +203,11 @@ def _compile(exe: Path, allocs: str, env: dict[str, str]) -> dict[str, list[int]
 # (arch/x86/include/asm/ptrace.h: r15, r14, r13, r12, bp, bx, r11, r10, r9, r8, ax, cx, dx, si, di,
 # orig_ax, ip) and arm64's (it begins with struct user_pt_regs { regs[31]; sp; pc; pstate; }).
 PT_REGS = {
-    "amd64": {80: "arg1", 40: "arg2", 88: "arg3", 112: "arg4", 104: "arg5", 72: "arg6", 8: "g", 128: "ip"},
-    "arm64": {**{8 * n: f"arg{n + 1}" for n in range(6)}, 224: "g", 256: "ip"},
+    "amd64": {80: "arg1", 40: "arg2", 88: "arg3", 112: "arg4", 104: "arg5", 72: "arg6", 8: "g", 128: "ip", 152: "return"},
+    "arm64": {**{8 * n: f"arg{n + 1}" for n in range(6)}, 224: "g", 256: "ip", 240: "return"},
 }
-READS = {"on_goroutine_exit": {"arg1", "arg3"}, "on_casgstatus": {"arg1", "arg2", "arg3", "g", "ip"},
+# "return": where the caller resumes (the waker's call site): amd64's stack pointer, arm64's link register
+READS = {"on_goroutine_exit": {"arg1", "arg3"}, "on_casgstatus": {"arg1", "arg2", "arg3", "g", "ip", "return"},
          "on_app_span_start": {"arg5", "arg6", "g"}, "on_app_span_end": {"arg1"}, "on_mallocgc": {"arg1", "g"},
          "on_profilealloc": {"arg3", "g", "ip"}}
 

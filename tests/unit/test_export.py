@@ -7,7 +7,7 @@ import time
 from opentelemetry.sdk.resources import Resource
 
 from helpers import spans_from_otlp_json
-from otel_goroutines.exporters import FileSink
+from otel_goroutines.exporters import ConsoleSink, FileSink
 from otel_goroutines.pipeline import ExportPipeline
 from otel_goroutines.spans import GoroutineSpan, SpanEvent
 
@@ -34,8 +34,25 @@ def test_otlp_json_round_trip(tmp_path):
     assert back[0].resource["service.name"] == "svc"
 
 
+def test_console_names_the_parent_of_a_span_that_starts_a_trace():
+    """A goroutine whose span starts a trace of its own still has a parent goroutine: only one
+    created by no goroutine (runtime.main) is the root."""
+    import io
+    out = io.StringIO()
+    main, dispatched, child = span(1), span(2), span(3, parent=0x1002)
+    main.attributes["go.goroutine.parent_id"] = 0
+    dispatched.attributes.update({"go.goroutine.parent_id": 1, "go.goroutine.trace_reason": "spawner"})
+    child.attributes["go.goroutine.parent_id"] = 2
+    ConsoleSink(out).export([main, dispatched, child])
+    lines = [line for line in out.getvalue().splitlines() if line.startswith("goroutine")]
+    assert [line.split(" main.worker")[0] for line in lines] == [
+        "goroutine 1 (root)", "goroutine 2 parent=1 (spawner)", "goroutine 3 parent=2"]
+
+
 class FlakySink:
     """Fails until told to recover; records what it accepted."""
+
+    failure_hint = "told to fail"
 
     def __init__(self):
         self.healthy = threading.Event()

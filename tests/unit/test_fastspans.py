@@ -18,9 +18,11 @@ from otel_goroutines.records import EndReason, GoroutineRecord, StateChange, Tra
 RESOURCE = Resource({"service.name": "svc", "process.pid": 4242})
 OFFSET = 1_795_640_284_041_076_235  # wall clock - kernel clock
 SALT = 0xC0FFEE_1234_5678_9ABC
-NAMES = {0x401000: "main.worker", 0x402000: "runtime.main", 0x403000: "pkg.(*T).ünïcode-" + "x" * 150}
+NAMES = {0x401000: "main.worker", 0x402000: "runtime.main", 0x403000: "pkg.(*T).ünïcode-" + "x" * 150,
+         0x404000: "runtime.ready", 0x405000: "runtime.injectglist", 0x406000: "runtime.gcBgMarkWorker",
+         0x407000: "runtime.runFinalizers"}
 SITES = {0x501005: ("main.main", "/src/main.go", 42), 0x502005: ("f", "", 0), 0x503005: ("main.spawn", "/s/x.go", 1 << 40)}
-WAIT_REASONS = ["", "GC assist marking", "IO wait", "chan receive", "select"]
+WAIT_REASONS = ["", "GC assist marking", "IO wait", "chan receive", "select", "sleep"]
 INT64_MAX = (1 << 63) - 1
 U64_MAX = (1 << 64) - 1
 COLUMNS = {"tgid": np.uint32, "goid": np.uint64, "parent_goid": np.uint64, "create_ns": np.uint64,
@@ -30,9 +32,9 @@ COLUMNS = {"tgid": np.uint32, "goid": np.uint64, "parent_goid": np.uint64, "crea
            "alloc_samples": np.uint64}
 
 
-def builder(states: bool, allocs: AllocMode = AllocMode.OFF) -> spans.SpanBuilder:
+def builder(states: bool, allocs: AllocMode = AllocMode.OFF, wakers: bool = True) -> spans.SpanBuilder:
     return spans.SpanBuilder(salt=SALT, clock_offset_ns=OFFSET, function_name=lambda pc: NAMES.get(pc, f"{pc:#x}"),
-                             creation_site=SITES.get, states_traced=states, allocs=allocs,
+                             creation_site=SITES.get, states_traced=states, allocs=allocs, wakers=wakers,
                              wait_reason=lambda i: WAIT_REASONS[i] if i < len(WAIT_REASONS) else f"waitreason({i})")
 
 
@@ -72,14 +74,23 @@ def generate(rng, n: int, many: int = 40) -> tuple[dict, np.ndarray, Changes]:
     counts[-1] = 500  # a span over 16 KiB: a three-byte length
     offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     m = int(offsets[-1])
-    changes = Changes(offsets, values(rng, m, INT64_MAX), rng.integers(0, N_STATES + 2, m, dtype=np.uint32),
-                      rng.integers(0, N_STATES + 2, m, dtype=np.uint32), rng.integers(0, 7, m, dtype=np.uint32))
+    before, to = (rng.integers(0, N_STATES + 2, m, dtype=np.uint32) for _ in range(2))
+    wake = rng.random(m) < 0.5  # waiting -> runnable
+    before[wake], to[wake] = 4, 1
+    woken = np.repeat(cols["goid"], counts)
+    # Wakers: a few goroutines (more than a span links in the long rows), edges, the woken one itself.
+    parent = np.repeat(cols["parent_goid"], counts)
+    waker_goid = np.where(rng.random(m) < 0.1, woken, np.where(rng.random(m) < 0.1, parent, rng.choice(np.array([0, 7, 8, INT64_MAX, U64_MAX, *range(100, 112)],
+                                                                           np.uint64), m)))
+    changes = Changes(offsets, values(rng, m, INT64_MAX), before, to, rng.integers(0, 7, m, dtype=np.uint32),
+                      np.where(wake, rng.integers(0, 8, m, dtype=np.uint32), 0), waker_goid, values(rng, m, U64_MAX),
+                      rng.choice(np.array([*NAMES, 0], np.uint64), m), rng.choice(np.array([*NAMES, 0, 0x4ABCDE], np.uint64), m))
     return cols, rng.integers(0, len(EndReason), n, dtype=np.uint8), changes
 
 
 def records(cols: dict, end_reason: np.ndarray, changes: Changes) -> list[GoroutineRecord]:
     rows = [dict(zip(cols, values)) for values in zip(*(c.tolist() for c in cols.values()))]
-    moves = list(zip(*(np.asarray(c).tolist() for c in changes[1:])))
+    moves = list(zip(*(np.asarray(c).tolist() for c in changes.with_wakes()[1:])))
     offsets = changes.offsets.tolist()
     return [GoroutineRecord(
         pid=r["tgid"], goid=r["goid"], parent_goid=r["parent_goid"], parent_traced=True, create_ns=r["create_ns"],
@@ -91,10 +102,10 @@ def records(cols: dict, end_reason: np.ndarray, changes: Changes) -> list[Gorout
         for i, (r, end) in enumerate(zip(rows, end_reason.tolist()))]
 
 
-@pytest.mark.parametrize("allocs", list(AllocMode))
+@pytest.mark.parametrize("allocs,wakers", [(a, True) for a in AllocMode] + [(AllocMode.OFF, False)])
 @pytest.mark.parametrize("states", [False, True])
-def test_same_bytes_as_the_reference_for_every_row(states, allocs):
-    b, encoder = builder(states, allocs), SpanEncoder(RESOURCE, SCOPE)
+def test_same_bytes_as_the_reference_for_every_row(states, allocs, wakers):
+    b, encoder = builder(states, allocs, wakers), SpanEncoder(RESOURCE, SCOPE)
     fast = BatchSpanEncoder(b, encoder)
     rng = np.random.default_rng(11 + states * 3 + list(AllocMode).index(allocs))
     for _ in range(2):  # a second batch reuses what the first interned
@@ -133,6 +144,6 @@ def test_empty_batch_and_bad_reasons():
     assert fast.encode({k: v[:0] for k, v in cols.items()}, end_reason[:0], Changes.none(0)) == []
     with pytest.raises(ValueError):
         fast.encode(cols, end_reason + 3, changes)
-    cols["trace_reason"][0] = 5
+    cols["trace_reason"][0] = max(TraceReason) + 1
     with pytest.raises(ValueError):
         fast.encode(cols, end_reason, changes)

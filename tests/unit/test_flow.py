@@ -8,7 +8,7 @@ from opentelemetry.sdk.resources import Resource
 from otel_goroutines.allocs import AllocMode
 from otel_goroutines.exporters import SCOPE
 from otel_goroutines.fastspans import BatchSpanEncoder
-from otel_goroutines.flow import END_REASONS, SpanFlow
+from otel_goroutines.flow import END_REASONS, GroupSettings, ShortGoroutineGroups, SpanFlow
 from otel_goroutines.kernel_records import END_EVENT_DTYPE, TRANSITION_EVENT_DTYPE, EventKind, TraceReason
 from otel_goroutines.longlived import LongLived, LongLivedSettings
 from otel_goroutines.otlp_wire import SpanEncoder
@@ -28,10 +28,11 @@ def builder(states=True) -> SpanBuilder:
                        allocs=AllocMode.SAMPLED)
 
 
-def flow(fast=True, budget=0.0, states=True) -> SpanFlow:
+def flow(fast=True, budget=0.0, states=True, groups: GroupSettings | None = None) -> SpanFlow:
     b = builder(states)
     return SpanFlow(b, LongLived(LongLivedSettings(checkpoint_after_s=1.0, leak_after_s=0)), SpanBudget(budget), Summary(),
-                    ENCODER.span, BatchSpanEncoder(b, ENCODER) if fast else None)
+                    ENCODER.span, BatchSpanEncoder(b, ENCODER) if fast else None,
+                    groups=ShortGoroutineGroups(groups, b.clock_offset_ns) if groups else None)
 
 
 def ends(goids, start_pc=0x1000, parent=1, created=1_000, lifetime=5_000) -> np.ndarray:
@@ -164,3 +165,109 @@ def test_checkpoints_of_live_goroutines_then_the_final_span_links_them():
     [span] = decoded(f.ended(final))  # reference path: it has a checkpoint
     assert checkpoint.span_id in [link.span_id for link in span.links]
     assert span.start_time_unix_nano == checkpoint.start_time_unix_nano  # both from the creation: the whole life
+
+
+# --- groups of short goroutines ------------------------------------------------------------------
+SECOND = 10**9
+WINDOW = GroupSettings(window_s=10.0, shorter_than_s=1.0, max_spans=1000)
+# builder's clock offset is 10**18 ns, a multiple of the window: kernel time 0 starts a window
+
+
+def attr(span, key):
+    return next((getattr(a.value, a.value.WhichOneof("value")) for a in span.attributes if a.key == key), None)
+
+
+def test_short_childless_children_of_a_spawner_share_a_trace_per_window_under_a_group_span():
+    outputs = []
+    for fast in (True, False):
+        f = flow(fast, groups=WINDOW)
+        batch = np.concatenate([ends([5, 6], parent=2, created=1 * SECOND), ends([7], parent=2, created=9 * SECOND)])
+        out = f.ended(batch)
+        assert f.group_spans(10 * SECOND) == []  # not before the window's last member may have ended
+        [group] = f.group_spans(11 * SECOND + 2_000_000)
+        outputs.append((out, group))
+    (fast, fast_group), (reference, reference_group) = outputs
+    assert sorted(fast) == sorted(reference) and fast_group == reference_group
+    members, [group] = decoded(fast), decoded([fast_group])
+    assert {m.trace_id for m in members} == {group.trace_id} and {m.parent_span_id for m in members} == {group.span_id}
+    assert all(attr(m, "go.goroutine.trace_reason") == "grouped" and not m.links for m in members)
+    assert group.name == "short goroutines of main.main" and group.parent_span_id == b""
+    assert attr(group, "go.goroutine.group.goroutines") == 3 and attr(group, "go.goroutine.group.spawner_id") == 2
+    # It covers its members, from the first creation to the last end, and links to the spawner's span.
+    assert group.start_time_unix_nano == min(m.start_time_unix_nano for m in members) == 10**18 + SECOND
+    assert group.end_time_unix_nano == max(m.end_time_unix_nano for m in members) == 10**18 + 9 * SECOND + 5_000
+    from otel_goroutines.spans import span_id_for, trace_id_for
+    [link] = group.links
+    assert (link.trace_id, link.span_id) == (trace_id_for(99, 2).to_bytes(16, "big"), span_id_for(99, 2).to_bytes(8, "big"))
+
+
+def test_goroutines_with_children_long_ones_joined_ones_and_application_ones_keep_their_traces():
+    f = flow(groups=WINDOW)
+    rows = ends([10, 11, 12, 13, 14, 15], parent=2)
+    st = rows["st"]
+    st["children"][0] = 1                                  # started a goroutine of its own
+    st["end_ns"][1] = st["create_ns"][1] + 2 * SECOND      # lived longer than --group-shorter-than
+    st["trace_reason"][2] = TraceReason.TR_JOINS_PARENT    # in its creator's trace already
+    st["app_flags"][3] = 4 | 2                             # linked to an application trace
+    reasons = np.full(6, END_REASONS.index(EndReason.EXITED), np.uint8)
+    reasons[4] = END_REASONS.index(EndReason.AGENT_STOPPED)  # alive at the end
+    out = decoded(f.ended(rows, reasons))
+    assert f.group_spans(None) != []  # only goroutine 15
+    by_goid = {attr(s, "go.goroutine.id"): s for s in out}
+    assert attr(by_goid[15], "go.goroutine.trace_reason") == "grouped"
+    for goid in (10, 11, 13, 14):
+        assert attr(by_goid[goid], "go.goroutine.trace_reason") == "spawner" and by_goid[goid].parent_span_id == b""
+    assert by_goid[12].parent_span_id != b"" and attr(by_goid[12], "go.goroutine.trace_reason") is None
+    assert len({s.trace_id for s in out}) == 6
+
+
+def test_one_group_per_spawner_and_window_and_at_most_max_spans_a_trace():
+    f = flow(groups=GroupSettings(window_s=10.0, shorter_than_s=1.0, max_spans=4))  # 3 goroutines + the group's span
+    batch = np.concatenate([ends(range(100, 107), parent=2, created=SECOND),   # 7 in one window: 3 groups
+                            ends([200], parent=3, created=SECOND),             # another spawner
+                            ends([300], parent=2, created=12 * SECOND)])       # the next window
+    members = decoded(f.ended(batch))
+    full = decoded(f.group_spans(2 * SECOND))  # full groups go at once
+    assert [attr(g, "go.goroutine.group.goroutines") for g in full] == [3, 3]
+    rest = decoded(f.group_spans(None))  # the end: every open group
+    groups = full + rest
+    assert sorted(attr(g, "go.goroutine.group.goroutines") for g in groups) == [1, 1, 1, 3, 3]
+    by_trace = {}
+    for m in members:
+        by_trace.setdefault(m.trace_id, []).append(attr(m, "go.goroutine.id"))
+    assert sorted(map(sorted, by_trace.values())) == [[100, 101, 102], [103, 104, 105], [106], [200], [300]]
+    assert {g.trace_id for g in groups} == set(by_trace) and f.groups.grouped == 9 and f.groups.groups == 5
+    assert f.group_spans(None) == []
+
+
+def test_a_member_reported_after_its_window_closed_starts_another_group_of_that_window():
+    f = flow(groups=WINDOW)
+    first = decoded(f.ended(ends([5], parent=2, created=SECOND)))
+    [closed] = decoded(f.group_spans(12 * SECOND))
+    late = decoded(f.ended(ends([6], parent=2, created=2 * SECOND)))  # its end record waited in the kernel map
+    [reopened] = decoded(f.group_spans(12 * SECOND))
+    assert late[0].parent_span_id == reopened.span_id != closed.span_id == first[0].parent_span_id
+    assert reopened.start_time_unix_nano <= late[0].start_time_unix_nano and reopened.end_time_unix_nano >= late[0].end_time_unix_nano
+
+
+def test_no_grouping_without_a_window():
+    f = flow()
+    [span] = decoded(f.ended(ends([5], parent=2)))
+    assert attr(span, "go.goroutine.trace_reason") == "spawner" and f.group_spans(None) == []
+
+
+def test_the_first_goroutine_has_no_parent_no_trace_reason_and_no_creation_site():
+    """runtime.main (parent id 0, created by the runtime's start-up) roots the tree: neither an untraced
+    parent's child nor created at a `go` statement (its go_pc lies in newproc's ABI wrapper)."""
+    outputs = []
+    for fast in (True, False):
+        rows = ends([1, 7], parent=0)
+        rows["st"]["trace_reason"] = TraceReason.TR_UNTRACED_PARENT  # what the kernel says
+        outputs.append(flow(fast).ended(rows))
+    fast, reference = outputs
+    assert sorted(fast) == sorted(reference)
+    for span in decoded(fast):
+        keys = {a.key for a in span.attributes}
+        assert not span.parent_span_id and not span.links
+        assert not {"go.goroutine.trace_reason", "code.file.path", "code.line.number", "go.goroutine.created_by"} & keys
+        assert {a.key: a.value.int_value for a in span.attributes}["go.goroutine.parent_id"] == 0

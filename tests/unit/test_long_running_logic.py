@@ -38,6 +38,7 @@ def test_runtime_goroutines_are_not_suspects_but_runtime_leaks_are():
     assert ll.due([rec(1, G_WAITING)], 10 * S, lambda pc: True) == []
     leaked = ll.due([rec(2, G_LEAKED, since=9 * S)], 10 * S, never_runtime)
     assert leaked and leaked[0].leak == "the Go runtime marked it leaked"
+    assert ll.finish(leaked[0].record)[1:] == (True, True)  # its final span: flagged, and an error
 
 
 def test_checkpoints_come_every_interval():
@@ -49,8 +50,8 @@ def test_checkpoints_come_every_interval():
     assert ll.due([g], 3 * S, never_runtime) == []
     assert ll.due([g], 4 * S, never_runtime)
     assert ll.record_checkpoint(g, 4 * S).count == 1
-    before, flagged = ll.finish(g)
-    assert before.count == 2 and before.until_ns == 4 * S and not flagged
+    before, flagged, marked = ll.finish(g)
+    assert before.count == 2 and before.until_ns == 4 * S and not flagged and not marked
 
 
 def test_scan_interval_follows_the_thresholds():

@@ -61,6 +61,9 @@ def test_checkpoints_chain_and_split_the_totals():
     assert first.attributes["go.goroutine.checkpoint"] == 1 and first.attributes["go.goroutine.partial"] is True
     assert first.attributes["go.goroutine.waiting_ns"] == 300
     before = Checkpointed(1, 5_000, (0, 100, 200, 0, 300) + (0,) * 7)
+    second = b.checkpoint(record(end_ns=0), before, 9_000)
+    assert (second.trace_id, second.start_ns - OFFSET, second.attributes["go.goroutine.checkpoint"]) == (first.trace_id, 5_000, 2)
+    assert not first.links and not second.links  # within one trace, a link would be a parent to Jaeger
     final = b.build(record(), before)
     # The final span covers the whole life (its children never start before it), with whole-life totals.
     assert (final.start_ns - OFFSET, final.end_ns - OFFSET) == (1_000, 11_000)
