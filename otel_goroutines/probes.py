@@ -13,7 +13,9 @@ import ctypes as ct
 import errno
 import io
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,7 +366,7 @@ class GoroutineProbes:
             lib.bpf_free_ringbuf(self._ring)
             self._ring = None
         if self._bpf is not None:
-            with _captured_stderr():
+            with _signals_deferred(), _captured_stderr():
                 self._bpf.cleanup()
             self._bpf = None
 
@@ -389,6 +391,28 @@ def release_compiler_memory() -> None:
         if len(fields) >= 6 and any(lib in fields[5] for lib in _COMPILER_LIBRARIES):
             start, end = (int(x, 16) for x in fields[0].split("-"))
             libc.madvise(start, end - start, _MADV_PAGEOUT)  # best effort: a refusal only leaves them resident
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Detaching is not cut short by a stop signal (`watch`'s second one raises KeyboardInterrupt):
+    bcc's cleanup, interrupted between closing a probe and forgetting it, fails again at exit with a
+    traceback and leaves uprobes behind. Signals that come meanwhile are handled right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came = []
+    previous = {s: signal.signal(s, lambda signum, _frame: came.append(signum)) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in came:
+            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
