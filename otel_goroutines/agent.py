@@ -393,6 +393,7 @@ class Session:
             left["st"] = st
             reasons = np.where(alive, END_REASONS.index(self._stop_reason), END_REASONS.index(EndReason.EXITED))
             pipeline.submit(self._span_flow(pipeline.sink).ended(left, reasons))
+        log.info("every span is handed to the exporter (%d goroutines were left in the kernel map)", len(left))
         counters = self.probes.counters()
         return _End(self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None,
                     counters, self.probes.allocs_elsewhere(), self.probes.app_counters())
