@@ -228,9 +228,10 @@ class Session:
                                                                        "app_spans_of_unknown_type")}
             if lost:
                 lines.append("application spans degraded: " + ", ".join(f"{k}={v}" for k, v in lost.items()))
-        if counters["goroutines_with_labels"] or counters["labels_lost_ringbuf"]:
+        label_losses = {k: counters[k] for k in ("labels_left_out", "labels_lost_ringbuf") if counters[k]}
+        if counters["goroutines_with_labels"] or label_losses:
             lines.append(f"goroutines with pprof labels: {counters['goroutines_with_labels']}"
-                         + (f" (labels_lost_ringbuf={counters['labels_lost_ringbuf']})" if counters["labels_lost_ringbuf"] else ""))
+                         + (" (" + ", ".join(f"{k}={v}" for k, v in label_losses.items()) + ")" if label_losses else ""))
         return "\n".join(lines) or None
 
     def _import_existing(self, now_ns: int) -> None:

@@ -178,6 +178,7 @@ class GoroutineProbes:
         self._bpf = None
         self._ring = None
         self._sink = RecordSink({int(kind): size for kind, size in RECORD_SIZES.items()})
+        self._labels_left_out = 0  # labels goroutines had beyond those the kernel sent (the first 8)
 
     def _cflags(self) -> list[str]:
         cflags = self.support.bpf_defines() + [
@@ -251,6 +252,7 @@ class GoroutineProbes:
         lib.bpf_consume_ringbuf(self._ring)
         take = lambda kind, dtype: np.frombuffer(self._sink.take(int(kind)), dtype)
         labels = take(EventKind.EV_LABELS, LABELS_EVENT_DTYPE)
+        self._labels_left_out += int(labels["total"].sum(dtype=np.int64) - labels["count"].sum(dtype=np.int64))
         return KernelBatch(
             ends=take(EventKind.EV_END, END_EVENT_DTYPE),
             transitions=take(EventKind.EV_TRANSITION, TRANSITION_EVENT_DTYPE),
@@ -357,7 +359,7 @@ class GoroutineProbes:
     def app_counters(self) -> dict[str, int]:
         """Application spans followed, goroutines put under them, pprof labels sent (and what was lost)."""
         values = self._bpf["app_counters"]
-        return {name: sum(values[ct.c_int(i)]) for i, name in APP_COUNTER_NAMES.items()}
+        return {**{name: sum(values[ct.c_int(i)]) for i, name in APP_COUNTER_NAMES.items()}, "labels_left_out": self._labels_left_out}
 
     def close(self) -> None:
         if self._ring:

@@ -207,7 +207,8 @@ def test_the_newest_8_active_sdk_spans_are_remembered(tmp_path):
 def test_the_first_8_pprof_labels(tmp_path, go):
     """main.labelled ends with 10 labels, set in reverse order: from Go 1.24 (a slice, sorted by key)
     it gets the first 8 by key; up to Go 1.23 (a map, read only while it fits one bucket of 8) none.
-    main.longlabel's 40-byte key and 70-byte value are cut at 32 and 64 bytes, marked "..."."""
+    The summary counts those left out. main.longlabel's 40-byte key and 70-byte value are cut at 32
+    and 64 bytes, marked "..."."""
     out, manifest = tmp_path / "spans.jsonl", tmp_path / "m.json"
     program = build_program("promises", go=None if go == "default" else go_release(go))
     run = run_agent(["run", "-q", "--exporter", "file", "--output", str(out), "--", str(program), "labels", str(manifest)])
@@ -216,8 +217,10 @@ def test_the_first_8_pprof_labels(tmp_path, go):
     labels = {g["func"]: {k.removeprefix("go.goroutine.label."): v for k, v in spans[g["goid"]].attributes.items()
                           if k.startswith("go.goroutine.label.")}
               for g in json.loads(manifest.read_text())["goroutines"]}
-    assert labels["main.labelled"] == ({f"k{i}": f"v{i}" for i in range(8)} if go == "default" else {})
+    kept = 8 if go == "default" else 0
+    assert labels["main.labelled"] == {f"k{i}": f"v{i}" for i in range(kept)}
     assert labels["main.longlabel"] == {"k" * 32 + "...": "v" * 64 + "..."}
+    assert re.search(r"^goroutines with pprof labels: 2 \(labels_left_out=(\d+)\)$", run.stderr, re.M)[1] == str(10 - kept)
 
 
 # --- watch: shutdown -------------------------------------------------------------------------------
