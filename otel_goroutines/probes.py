@@ -13,7 +13,9 @@ import ctypes as ct
 import errno
 import io
 import os
+import signal
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -177,6 +179,7 @@ class GoroutineProbes:
         self._bpf = None
         self._ring = None
         self._sink = RecordSink({int(kind): size for kind, size in RECORD_SIZES.items()})
+        self._labels_left_out = 0  # labels goroutines had beyond those the kernel sent (the first 8)
 
     def _cflags(self) -> list[str]:
         cflags = self.support.bpf_defines() + [
@@ -252,6 +255,7 @@ class GoroutineProbes:
         lib.bpf_consume_ringbuf(self._ring)
         take = lambda kind, dtype: np.frombuffer(self._sink.take(int(kind)), dtype)
         labels = take(EventKind.EV_LABELS, LABELS_EVENT_DTYPE)
+        self._labels_left_out += int(labels["total"].sum(dtype=np.int64) - labels["count"].sum(dtype=np.int64))
         return KernelBatch(
             ends=take(EventKind.EV_END, END_EVENT_DTYPE),
             transitions=take(EventKind.EV_TRANSITION, TRANSITION_EVENT_DTYPE),
@@ -358,7 +362,7 @@ class GoroutineProbes:
     def app_counters(self) -> dict[str, int]:
         """Application spans followed, goroutines put under them, pprof labels sent (and what was lost)."""
         values = self._bpf["app_counters"]
-        return {name: sum(values[ct.c_int(i)]) for i, name in APP_COUNTER_NAMES.items()}
+        return {**{name: sum(values[ct.c_int(i)]) for i, name in APP_COUNTER_NAMES.items()}, "labels_left_out": self._labels_left_out}
 
     def close(self) -> None:
         if self._ring:
@@ -367,7 +371,7 @@ class GoroutineProbes:
             lib.bpf_free_ringbuf(self._ring)
             self._ring = None
         if self._bpf is not None:
-            with _captured_stderr():
+            with _signals_deferred(), _captured_stderr():
                 self._bpf.cleanup()
             self._bpf = None
 
@@ -392,6 +396,28 @@ def release_compiler_memory() -> None:
         if len(fields) >= 6 and any(lib in fields[5] for lib in _COMPILER_LIBRARIES):
             start, end = (int(x, 16) for x in fields[0].split("-"))
             libc.madvise(start, end - start, _MADV_PAGEOUT)  # best effort: a refusal only leaves them resident
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Detaching is not cut short by a stop signal (`watch`'s second one raises KeyboardInterrupt):
+    bcc's cleanup, interrupted between closing a probe and forgetting it, fails again at exit with a
+    traceback and leaves uprobes behind. Signals that come meanwhile are handled right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came = []
+    previous = {s: signal.signal(s, lambda signum, _frame: came.append(signum)) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in came:
+            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager
