@@ -594,6 +594,8 @@ static __always_inline void note_waker(struct pt_regs *ctx, struct proc_config *
     if (!st)
         return;
     ev->waker |= st->app_flags & APP_IN_TRACE ? WAKER_APP_TRACE : WAKER_TRACED;
+    if (!(st->flags & FLAG_WOKE_OTHERS))  // written once: the entry's cache line stays clean after
+        st->flags |= FLAG_WOKE_OTHERS;
     ev->waker_root = st->root_goid;
     ev->waker_start_pc = st->start_pc;
 }

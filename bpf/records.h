@@ -37,6 +37,7 @@ enum trace_reason {
 // gstate.flags
 enum gstate_flag {
     FLAG_EXISTED_AT_ATTACH = 1,
+    FLAG_WOKE_OTHERS = 2,  // it woke goroutines, whose spans may link to it: flow.py never regroups its span
 };
 
 // gstate.app_flags

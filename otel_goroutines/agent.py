@@ -278,9 +278,10 @@ class Session:
                                                                        "app_spans_of_unknown_type")}
             if lost:
                 lines.append("application spans degraded: " + ", ".join(f"{k}={v}" for k, v in lost.items()))
-        if counters["goroutines_with_labels"] or counters["labels_lost_ringbuf"]:
+        label_losses = {k: counters[k] for k in ("labels_left_out", "labels_lost_ringbuf") if counters[k]}
+        if counters["goroutines_with_labels"] or label_losses:
             lines.append(f"goroutines with pprof labels: {counters['goroutines_with_labels']}"
-                         + (f" (labels_lost_ringbuf={counters['labels_lost_ringbuf']})" if counters["labels_lost_ringbuf"] else ""))
+                         + (" (" + ", ".join(f"{k}={v}" for k, v in label_losses.items()) + ")" if label_losses else ""))
         return "\n".join(lines) or None
 
     def _import_existing(self, now_ns: int) -> None:
@@ -451,6 +452,7 @@ class Session:
             pipeline.submit(self._span_flow(pipeline.sink).ended(left, reasons))
         if self._flow is not None:
             pipeline.submit(self._flow.group_spans(None))
+        log.info("every span is handed to the exporter (%d goroutines were left in the kernel map)", len(left))
         counters = self.probes.counters()
         return _End(self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None,
                     counters, self.probes.allocs_elsewhere(), self.probes.app_counters())

@@ -126,6 +126,9 @@ def _tracing_options(func):
         click.option("--ring-buffer-mib", type=click.IntRange(1, 1024), default=8, show_default=True,
                      help="Kernel ring buffer for the probes' records, a power of two. Records wait there until the agent "
                           "reads them (every 100 ms, or at once when half full); what does not fit is counted, never silent."),
+        click.option("--max-goroutines", type=click.IntRange(1, 1 << 24), default=131072, show_default=True,
+                     help="Goroutines tracked at once (the kernel map's size); one created while it is full gets no span "
+                          "and is counted (goroutines_untracked_map_full)."),
         click.option("--quiet", "-q", is_flag=True, help="No live status line."),
     ]
     for option in reversed(options):
@@ -135,7 +138,7 @@ def _tracing_options(func):
 
 def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, trace_max_spans, spawner_children, spawner_age,
              group_window, group_shorter_than, checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet,
-             app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8, wakers=True) -> AgentOptions:
+             app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8, wakers=True, max_goroutines=131072) -> AgentOptions:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
         exporter = "otlp" if (endpoint or traces_endpoint) else "file"
@@ -159,7 +162,7 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
         probes=ProbeSettings(states=detail == "states", allocs=AllocMode(allocs), max_events=max_events, trace_max_spans=trace_max_spans,
                              spawner_children=spawner_children, spawner_age_s=spawner_age,
                              app_traces=app_traces == "auto", labels=pprof_labels, ringbuf_pages=ring_buffer_mib * 256,
-                             wakers=wakers),
+                             wakers=wakers, max_goroutines=max_goroutines),
         long_lived=LongLivedSettings(checkpoint_after_s=checkpoint_after, leak_after_s=leak_after),
         groups=GroupSettings(window_s=group_window, shorter_than_s=group_shorter_than),
         spans_per_second=max_spans_per_second,

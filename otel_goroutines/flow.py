@@ -91,6 +91,7 @@ class ShortGoroutineGroups:
         if not pick.any():
             return
         pick &= (st["children"] == 0) & (st["app_flags"] == 0) & (reasons == _EXITED)
+        pick &= (st["flags"] & GstateFlag.FLAG_WOKE_OTHERS) == 0  # links to its span name its own trace
         pick &= st["end_ns"] - st["create_ns"] < np.uint64(self._shorter_ns)  # (an end before its creation: huge, not short)
         rows = np.flatnonzero(pick)
         if not len(rows):

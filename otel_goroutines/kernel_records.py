@@ -32,6 +32,7 @@ class TraceReason(IntEnum):
 
 class GstateFlag(IntEnum):
     FLAG_EXISTED_AT_ATTACH = 1
+    FLAG_WOKE_OTHERS = 2
 
 
 class AppFlag(IntEnum):

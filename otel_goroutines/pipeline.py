@@ -50,12 +50,17 @@ class ExportPipeline:
             return
         with self._cond:
             self._buffer.extend(items)
-            overflow = len(self._buffer) - self._max_buffered
-            if overflow > 0:
-                for _ in range(overflow):
-                    self._buffer.popleft()
-                self.stats.dropped += overflow
+            self._drop_overflow()
             self._cond.notify()
+
+    def _drop_overflow(self) -> None:
+        """Hold at most max_buffered spans, the batch in an export call included: the newest; the
+        oldest waiting are dropped and counted (under the lock)."""
+        overflow = min(len(self._buffer) + self._in_flight - self._max_buffered, len(self._buffer))
+        if overflow > 0:
+            for _ in range(overflow):
+                self._buffer.popleft()
+            self.stats.dropped += overflow
 
     @property
     def buffered(self) -> int:

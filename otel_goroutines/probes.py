@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import ctypes as ct
+import dataclasses
 import errno
 import io
 import os
+import signal
 import tempfile
+import threading
 import time
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +73,7 @@ class KernelBatch:
     labels: dict[int, dict[str, str]] = field(default_factory=dict)  # goid -> pprof labels, sent ahead of its end
     process_exited: bool = False
     runtime_initialised: bool = False
+    labels_left_out: int = 0  # labels goroutines had beyond those the kernel sent (the first 8)
 
 
 def labels_of(ev: np.void) -> dict[str, str]:
@@ -373,10 +376,12 @@ class BpfProgram:
         queue = self._queued.get(pid, {})
         got = {kind: np.concatenate(queue.pop(kind, [])) if kind in queue else np.empty(0, dtype)
                for kind, dtype in RECORD_DTYPES.items()}
+        labels = got[EventKind.EV_LABELS]
         return KernelBatch(
             ends=got[EventKind.EV_END],
             transitions=got[EventKind.EV_TRANSITION],
-            labels={int(ev["goid"]): labels_of(ev) for ev in got[EventKind.EV_LABELS]},
+            labels={int(ev["goid"]): labels_of(ev) for ev in labels},
+            labels_left_out=int(labels["total"].sum(dtype=np.int64) - labels["count"].sum(dtype=np.int64)),
             process_exited=len(got[EventKind.EV_PROCESS_EXIT]) > 0,
             runtime_initialised=len(got[EventKind.EV_RUNTIME_INITIALISED]) > 0,
         )
@@ -392,7 +397,7 @@ class BpfProgram:
             lib.bpf_free_ringbuf(self._ring)
             self._ring = None
         if self._bpf is not None:
-            with _captured_stderr():
+            with _signals_deferred(), _captured_stderr():
                 self._bpf.cleanup()
             self._bpf = None
 
@@ -435,6 +440,7 @@ class GoroutineProbes:
             BpfProgram(dataclasses.replace(settings, app_traces=self.sdk is not None, labels=self.labels is not None))
         self.attached_groups: set[str] = set()
         self._slot: int | None = None
+        self._labels_left_out = 0  # labels goroutines had beyond those the kernel sent (the first 8)
 
     def attach(self) -> None:
         """Register the process with the program (loading it first if need be) and attach every group."""
@@ -464,18 +470,23 @@ class GoroutineProbes:
             return
         self.attached_groups.discard(group)
         for point in self.groups[group]:
-            with contextlib.suppress(Exception), _captured_stderr():  # attached in part: those that are go
+            with contextlib.suppress(Exception), _signals_deferred(), _captured_stderr():  # attached in part: those that are go
                 self.program.detach_uprobe(self.exe_path, point, self.pid)
 
     def poll(self, timeout_ms: int) -> KernelBatch:
         """Wait timeout_ms (less if the ring buffer fills or a process ends), then take this process's records."""
         self.program.poll(timeout_ms)
-        return self.program.take(self.pid)
+        return self._take()
 
     def drain(self) -> KernelBatch:
         """This process's records the ring buffer holds now."""
         self.program.drain()
-        return self.program.take(self.pid)
+        return self._take()
+
+    def _take(self) -> KernelBatch:
+        batch = self.program.take(self.pid)
+        self._labels_left_out += batch.labels_left_out
+        return batch
 
     def _entries(self) -> np.ndarray:
         """This process's goroutines in the kernel map, as end records (end_ns 0 while alive)."""
@@ -573,7 +584,7 @@ class GoroutineProbes:
     def app_counters(self) -> dict[str, int]:
         """Application spans followed, goroutines put under them, pprof labels sent (and what was lost)."""
         rows = self._rows("app_counters", AppCounter.N_APP_COUNTERS)
-        return {name: sum(rows[i]) for i, name in APP_COUNTER_NAMES.items()}
+        return {**{name: sum(rows[i]) for i, name in APP_COUNTER_NAMES.items()}, "labels_left_out": self._labels_left_out}
 
     def close(self) -> None:
         """Detach every probe and forget the process in the program (closed too if it is this process's own)."""
@@ -606,6 +617,28 @@ def release_compiler_memory() -> None:
         if len(fields) >= 6 and any(lib in fields[5] for lib in _COMPILER_LIBRARIES):
             start, end = (int(x, 16) for x in fields[0].split("-"))
             libc.madvise(start, end - start, _MADV_PAGEOUT)  # best effort: a refusal only leaves them resident
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """Detaching is not cut short by a stop signal (`watch`'s second one raises KeyboardInterrupt):
+    bcc's cleanup, interrupted between closing a probe and forgetting it, fails again at exit with a
+    traceback and leaves uprobes behind. Signals that come meanwhile are handled right after."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came = []
+    previous = {s: signal.signal(s, lambda signum, _frame: came.append(signum)) for s in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum in came:
+            signal.raise_signal(signum)
 
 
 @contextlib.contextmanager

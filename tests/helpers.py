@@ -247,10 +247,11 @@ class Rotel:
     """The real third-party collector (rotel, from PyPI) receiving OTLP gRPC and HTTP and
     forwarding everything to an OtlpHttpReceiver."""
 
-    def __init__(self, forward_port: int, log_path: Path):
+    def __init__(self, forward_port: int, log_path: Path, ports: tuple[int, int] | None = None):
+        """PORTS: (gRPC, HTTP) to listen on, for a collector started where an agent already sends."""
         import rotel
         binary = Path(rotel.__file__).parent / "rotel-agent"
-        self.grpc_port, self.http_port = free_port(), free_port()
+        self.grpc_port, self.http_port = ports or (free_port(), free_port())
         self._log = open(log_path, "w")
         self._proc = subprocess.Popen(
             [str(binary), "start", "--otlp-grpc-endpoint", f"127.0.0.1:{self.grpc_port}",
@@ -361,9 +362,11 @@ APPSERVICE = PROGRAMS / "appservice"  # its own Go module: go.mod pins the newes
 SDK_NEWEST = "v1.47.0"
 
 
-def build_appservice(sdk: str = SDK_NEWEST, go: str | None = None, flags: tuple[str, ...] = (), goarch: str = "amd64") -> Path:
-    """Build tests/programs/appservice against one OpenTelemetry Go SDK release, once per (its
-    sources, SDK release, toolchain, flags, GOARCH); its modules come from the Go module proxy."""
+def build_appservice(sdk: str = SDK_NEWEST, go: str | None = None, flags: tuple[str, ...] = (), goarch: str = "amd64",
+                     package: str = ".") -> Path:
+    """Build tests/programs/appservice (or PACKAGE of its module, e.g. "./spandepth") against one
+    OpenTelemetry Go SDK release, once per (its sources, SDK release, toolchain, flags, GOARCH,
+    package); its modules come from the Go module proxy."""
     go = go or go_toolchain()
     modfile = () if sdk == SDK_NEWEST else (f"-modfile=go.sdk-{sdk}.mod",)
     digest = hashlib.sha256()
@@ -372,11 +375,13 @@ def build_appservice(sdk: str = SDK_NEWEST, go: str | None = None, flags: tuple[
     digest.update("\0".join((go, *modfile, *flags)).encode())
     if goarch != "amd64":
         digest.update(b"\0GOARCH=" + goarch.encode())
+    if package != ".":
+        digest.update(b"\0package=" + package.encode())
     out = CACHE / f"appservice-{digest.hexdigest()[:16]}"
     if not out.exists():
         CACHE.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, GOTOOLCHAIN="local", GOFLAGS="-mod=readonly", CGO_ENABLED="0", GOARCH=goarch)
         tmp = out.with_suffix(".tmp")
-        subprocess.run([go, "build", *modfile, *flags, "-o", str(tmp), "."], cwd=APPSERVICE, env=env, check=True)
+        subprocess.run([go, "build", *modfile, *flags, "-o", str(tmp), package], cwd=APPSERVICE, env=env, check=True)
         tmp.rename(out)
     return out

@@ -149,6 +149,12 @@ def test_long_lived_goroutines_are_checkpointed(traced_service):
         assert later.start_ns == earlier.end_ns
     final = next(s for s in final_spans(traced_service["spans"]) if s.name == "main.janitor")
     assert final.attributes["go.goroutine.checkpoints"] >= 2
+    # The final span links to its last checkpoint, which every checkpoint exported holds up to.
+    every = [s for s in traced_service["spans"] if s.name == "main.janitor" and s.attributes.get("go.goroutine.partial")
+             and s.resource.get("process.pid") == final.resource.get("process.pid")]
+    last = max(every, key=lambda s: s.attributes["go.goroutine.checkpoint"])
+    assert last.attributes["go.goroutine.checkpoint"] == final.attributes["go.goroutine.checkpoints"]
+    assert (last.trace_id, last.span_id) in [link[:2] for link in final.links]
 
 
 def test_metrics_reach_the_collector_with_the_right_counts(traced_service, receiver):

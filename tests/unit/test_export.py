@@ -93,6 +93,37 @@ def test_overflow_drops_oldest_and_counts():
     assert sink.accepted[-1].attributes["go.goroutine.id"] == 199  # the newest survive
 
 
+class GateSink(FlakySink):
+    """Fails, but each call first waits until the test lets it return."""
+
+    def __init__(self):
+        super().__init__()
+        self.in_call, self.release = threading.Event(), threading.Event()
+
+    def export(self, spans):
+        self.in_call.set()
+        self.release.wait()
+        return super().export(spans)
+
+
+def test_the_bound_counts_the_batch_in_an_export_call():
+    """Spans submitted while a batch is out in an export call make room for it: the pipeline never
+    holds more than max_buffered, and a failed batch put back does not push it over."""
+    sink = GateSink()
+    pipeline = ExportPipeline(sink, max_buffered=50, batch_size=10, max_backoff_s=0.05)
+    pipeline.submit([span(i) for i in range(10)])
+    assert sink.in_call.wait(5)  # the first 10 are out, in a call that will fail
+    pipeline.submit([span(i) for i in range(10, 60)])
+    assert pipeline.buffered == 40 and pipeline.stats.dropped == 10  # 10 to 19, the oldest waiting
+    sink.release.set()
+    while sink.attempts < 2:
+        time.sleep(0.01)
+    sink.healthy.set()
+    stats = pipeline.close(timeout_s=5)
+    assert stats.exported == 50 and stats.dropped == 10
+    assert [s.attributes["go.goroutine.id"] for s in sink.accepted] == [*range(10), *range(20, 60)]
+
+
 def test_unsent_at_shutdown_is_counted_within_the_deadline():
     sink = FlakySink()  # never recovers
     pipeline = ExportPipeline(sink, max_buffered=1000, batch_size=10, max_backoff_s=0.05)

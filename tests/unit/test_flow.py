@@ -9,7 +9,7 @@ from otel_goroutines.allocs import AllocMode
 from otel_goroutines.exporters import SCOPE
 from otel_goroutines.fastspans import BatchSpanEncoder
 from otel_goroutines.flow import END_REASONS, GroupSettings, ShortGoroutineGroups, SpanFlow
-from otel_goroutines.kernel_records import END_EVENT_DTYPE, TRANSITION_EVENT_DTYPE, EventKind, TraceReason
+from otel_goroutines.kernel_records import END_EVENT_DTYPE, TRANSITION_EVENT_DTYPE, EventKind, GstateFlag, TraceReason
 from otel_goroutines.longlived import LongLived, LongLivedSettings
 from otel_goroutines.otlp_wire import SpanEncoder
 from otel_goroutines.records import EndReason
@@ -271,3 +271,13 @@ def test_the_first_goroutine_has_no_parent_no_trace_reason_and_no_creation_site(
         assert not span.parent_span_id and not span.links
         assert not {"go.goroutine.trace_reason", "code.file.path", "code.line.number", "go.goroutine.created_by"} & keys
         assert {a.key: a.value.int_value for a in span.attributes}["go.goroutine.parent_id"] == 0
+
+
+def test_a_goroutine_that_woke_others_keeps_its_trace():
+    """Spans it woke link to it by its trace id, which the kernel gave it: a group would change it."""
+    f = flow(groups=WINDOW)
+    rows = ends([20, 21], parent=2)
+    rows["st"]["flags"][0] = GstateFlag.FLAG_WOKE_OTHERS
+    by_goid = {attr(s, "go.goroutine.id"): s for s in decoded(f.ended(rows))}
+    assert attr(by_goid[20], "go.goroutine.trace_reason") == "spawner"
+    assert attr(by_goid[21], "go.goroutine.trace_reason") == "grouped"
