@@ -106,7 +106,7 @@ def test_attach_until_the_target_exits(programs, rotel, receiver, tmp_path):
     # Every tick the program spawned after the attach has its span (the program's own list).
     missed, spawned = ticks_untraced_after_attach(manifest, spans)
     assert spawned >= 49 and not missed, (missed, err)
-    assert {s.attributes["go.goroutine.end_reason"] for s in spans} <= {"exited", "process_exited"}
+    assert {s.attributes["go.goroutine.end_reason"] for s in goroutine_spans(spans)} <= {"exited", "process_exited"}
 
 
 def test_attach_takes_the_service_from_the_target(programs, rotel, receiver, tmp_path):

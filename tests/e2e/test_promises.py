@@ -109,7 +109,7 @@ def test_the_export_buffer_keeps_200000_spans_and_counts_the_rest(tmp_path):
     with open(log, "w") as out:
         agent = subprocess.Popen([*AGENT, "-v", "run", "-q", "--detail", "lifecycle", "--allocs", "off", "--exporter", "otlp",
                                   "--protocol", "http/protobuf", "--endpoint", f"http://127.0.0.1:{http_port}",
-                                  "--metrics-interval", "0", "--flush-timeout", "120", "--", str(build_program("allocchurn")),
+                                  "--metrics-interval", "0", "--flush-timeout", "120", "--group-window", "0", "--", str(build_program("allocchurn")),
                                   "-n", str(handlers), "-batch", "1000", "-allocs", "0", "-warmup", "0", "-settle", "0"],
                                  stderr=out, stdout=subprocess.DEVNULL)
     rotel = None
@@ -137,7 +137,7 @@ def test_goroutines_over_the_map_capacity_are_counted_as_untracked(tmp_path):
     it full have no span and are counted: spans of main.handler + untracked = the 3,000 handlers
     the program started, exactly."""
     handlers, out = 3000, tmp_path / "spans.jsonl"
-    run = run_agent(["run", "-q", "--max-goroutines", "256", "--allocs", "off", "--exporter", "file", "--output", str(out),
+    run = run_agent(["run", "-q", "--max-goroutines", "256", "--group-window", "0", "--allocs", "off", "--exporter", "file", "--output", str(out),
                      "--", str(build_program("allocchurn")), "-n", str(handlers), "-batch", "1000", "-allocs", "0",
                      "-warmup", "0", "-settle", "0"], timeout=120)
     assert run.returncode == 0, run.stderr
@@ -233,7 +233,7 @@ class _Watch:
         name = f"ticker-{tmp_path.name}"
         with open(self.log, "w") as out:
             self.agent = subprocess.Popen([*AGENT, "watch", "-q", "--scan-interval", "0.2", "--exe-path", f"{tmp_path}/{name}-*",
-                                           "--endpoint", endpoint, "--shutdown-timeout", str(shutdown_timeout)],
+                                           "--endpoint", endpoint, "--shutdown-timeout", str(shutdown_timeout), "--group-window", "0"],
                                           stdout=out, stderr=subprocess.STDOUT)
         self.targets = []
         for n in range(targets):
