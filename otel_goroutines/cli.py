@@ -117,6 +117,10 @@ def _tracing_options(func):
         click.option("--ring-buffer-mib", type=click.IntRange(1, 1024), default=8, show_default=True,
                      help="Kernel ring buffer for the probes' records, a power of two. Records wait there until the agent "
                           "reads them (every 100 ms, or at once when half full); what does not fit is counted, never silent."),
+        click.option("--max-overhead", type=FiniteFloat(0, 100, min_open=True), metavar="PERCENT",
+                     help="Overhead budget: keep the CPU the probes cost the target under PERCENT of its own CPU time, "
+                          "shedding detail when over (state events first, then lifecycle probes in duty cycles) and taking "
+                          "it back when load falls; spans say whether they were traced in full. Default: no budget."),
         click.option("--quiet", "-q", is_flag=True, help="No live status line."),
     ]
     for option in reversed(options):
@@ -126,7 +130,7 @@ def _tracing_options(func):
 
 def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, trace_max_spans, spawner_children, spawner_age,
              checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet,
-             app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8) -> AgentOptions:
+             app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8, max_overhead=None) -> AgentOptions:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
         exporter = "otlp" if (endpoint or traces_endpoint) else "file"
@@ -154,6 +158,7 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
         metrics_interval_s=metrics_interval,
         quiet=quiet,
         app_unsampled=app_unsampled,
+        max_overhead_pct=max_overhead or 0.0,
     )
 
 

@@ -13,6 +13,8 @@ import ctypes as ct
 import errno
 import io
 import os
+import platform
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -229,6 +231,7 @@ class GoroutineProbes:
         except Exception as exc:
             self.close()
             raise AgentError(f"could not attach a uprobe to {self.exe_path} (PID {self.pid}): {exc}") from None
+        self._attached = {point.address for point in self.probe_points}
         # From here on, with every probe in place, goroutines are seen (attaching them one by one
         # takes tens of milliseconds: a goroutine created meanwhile may have missed them).
         self.attached_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -357,6 +360,44 @@ class GoroutineProbes:
         values = self._bpf["app_counters"]
         return {name: sum(values[ct.c_int(i)]) for i, name in APP_COUNTER_NAMES.items()}
 
+    # --- switching probes off and on: the overhead budget (shedding.py decides when) -------------
+    def switch(self, handler: str, on: bool) -> None:
+        """Attach (on) or detach the lifecycle or state probe points that run `handler` in this process;
+        points already so are left alone. A few milliseconds of the agent's time a point."""
+        for point in self.support.lifecycle_probes + self.support.state_probes:
+            if point.handler != handler or (point.address in self._attached) == on:
+                continue
+            if on:
+                self._bpf.attach_uprobe(name=self.exe_path, addr=point.address, fn_name=point.handler, pid=self.pid)
+                self._attached.add(point.address)
+            else:
+                self._bpf.detach_uprobe(name=self.exe_path, addr=point.address, pid=self.pid)
+                self._attached.discard(point.address)
+
+    def handler_runs(self, handlers: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+        """handler -> (runs, run time in ns) as the kernel counts them while its bpf_stats are on
+        (enable_run_stats); (0, 0) for a handler never attached."""
+        out = {}
+        for handler in handlers:
+            fn = self._bpf.funcs.get(handler.encode())
+            out[handler] = _run_stats(fn.fd) if fn is not None else (0, 0)
+        return out
+
+    def trap_cost_ns(self, calls: int = 2000, rounds: int = 5) -> float:
+        """What one uprobe hit costs here beyond its handler: the trap and an empty BPF run, measured on
+        a site in this process whose first instruction the kernel emulates (as it does the agent's probe
+        points), timed without and then with a probe on it (medians of rounds)."""
+        from . import _trapsite
+
+        site = {"name": _trapsite.__file__, "sym": "og_trap_site", "pid": os.getpid()}
+        bare = statistics.median(_trapsite.calls(calls) for _ in range(rounds))
+        self._bpf.attach_uprobe(fn_name="on_calibrate", **site)
+        try:
+            probed = statistics.median(_trapsite.calls(calls) for _ in range(rounds))
+        finally:
+            self._bpf.detach_uprobe(**site)
+        return max(probed - bare, 0.0)
+
     def close(self) -> None:
         if self._ring:
             from bcc.libbcc import lib
@@ -367,6 +408,29 @@ class GoroutineProbes:
             with _captured_stderr():
                 self._bpf.cleanup()
             self._bpf = None
+
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+_BPF_ENABLE_STATS = 32
+
+
+def enable_run_stats() -> int:
+    """Turn on the kernel's run count and run time of every BPF program while the returned fd is open
+    (BPF_ENABLE_STATS: about 20 ns a run, for every program on the machine)."""
+    libc = ct.CDLL(None, use_errno=True)
+    attr = (ct.c_uint32 * 32)()  # union bpf_attr, enable_stats.type = BPF_STATS_RUN_TIME (0)
+    fd = libc.syscall(ct.c_long(_SYS_BPF[platform.machine()]), ct.c_int(_BPF_ENABLE_STATS), attr, ct.c_uint(ct.sizeof(attr)))
+    if fd < 0:
+        err = ct.get_errno()
+        raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
+    return fd
+
+
+def _run_stats(prog_fd: int) -> tuple[int, int]:
+    """(runs, run time in ns) of a BPF program, from its fdinfo."""
+    with open(f"/proc/self/fdinfo/{prog_fd}") as info:
+        fields = dict(line.rstrip("\n").split(":\t", 1) for line in info if ":\t" in line)
+    return int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0))
 
 
 _MADV_PAGEOUT = 21
