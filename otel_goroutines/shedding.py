@@ -39,10 +39,18 @@ log = logging.getLogger("otel_goroutines")
 
 CREATE, EXIT, STATE = "on_goroutine_created", "on_goroutine_exit", "on_casgstatus"
 HANDLERS = (CREATE, EXIT, STATE)
-WINDOW_S = 10.0       # a duty cycle: on for duty x this, then off (a uprobe takes 0.1-0.9 s to detach here, firing meanwhile)
+ON_S = 0.5            # a duty cycle's on part: this long, off for the rest of a window of ON_S / duty seconds,
+WINDOW_S = (2.0, 60.0)  # within these bounds. Detaching a uprobe stalls the target here for 0.1-0.4 s (and it keeps
+                      # firing until then): few switches, so that the stalls are a small part of the time
 LINGER_S = 0.02       # the exit probe's stay after the creation probe went, in a duty cycle
+COUNT_EVERY_NS = 1_000_000_000  # how often the runtime's goroutine ids are read (runtime.allgs: a read per g)
 HANDLER_NS = 500.0    # a handler's run time until the kernel has measured it (scripts/measure_bpf_handlers.py: 475-525 ns)
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def window_s(duty: float) -> float:
+    """A duty cycle's length: its on part ON_S long, within WINDOW_S."""
+    return min(max(ON_S / duty, WINDOW_S[0]), WINDOW_S[1])
 
 
 def target_cpu_s(pid: int) -> float | None:
@@ -162,6 +170,7 @@ class ProbeShedder:
         self._in_flight: list[Future] = []
         self._min_goid: int | None = None
         self._max_goid = 0
+        self._allgs_read_ns = now
 
     # --- which probes ---------------------------------------------------------------------
     def _wanted(self, detail: Detail, on_part: bool) -> frozenset:
@@ -219,10 +228,14 @@ class ProbeShedder:
             ops.append((CREATE, True))
         if EXIT in old and EXIT not in wanted:
             ops.append((EXIT, False))
+        if self._sees_exits(old) and not self._sees_exits(wanted):
             self._exit_went_ns = now_ns
         self._phase = _Phase(wanted, now_ns)
         self._mark(now_ns)
         return ops
+
+    def _sees_exits(self, handlers: frozenset) -> bool:
+        return EXIT in handlers or (STATE in handlers and self.probes.states_cover_lifecycle)
 
     def _mark(self, now_ns: int) -> None:
         full = self._phase.handlers == self._wanted(Detail(self.budget.top), True)
@@ -260,6 +273,8 @@ class ProbeShedder:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join()
+        if self.report.steps and self.support.allgs_address is not None:
+            self._read_allgs()  # the runtime's count at the end (a process that has exited is not read)
         self._worker.shutdown(wait=True)
         self.busy()
 
@@ -277,13 +292,16 @@ class ProbeShedder:
             return
         self._duty_cycle(now_ns, end_stale)
         self._evaluate(now_ns, created)
+        if self.support.allgs_address is not None and now_ns - self._allgs_read_ns >= COUNT_EVERY_NS:
+            self._read_allgs()
+            self._allgs_read_ns = now_ns
 
     def wait_ms(self, now_ns: int, poll_ms: int) -> int:
         """How long the next poll may wait: a duty cycle's phase changes are due on time."""
         due = [self._exit_off_at] if self._exit_off_at is not None else []
         detail = self.budget.detail
         if detail.level is Level.DUTY:
-            due.append(self._window_ns + int((detail.duty if CREATE in self._phase.handlers else 1.0) * WINDOW_S * 1e9))
+            due.append(self._window_ns + int((detail.duty if CREATE in self._phase.handlers else 1.0) * window_s(detail.duty) * 1e9))
         soonest = min(due, default=now_ns + poll_ms * 1_000_000)
         return max(0, min(poll_ms, (soonest - now_ns + 999_999) // 1_000_000))
 
@@ -291,32 +309,39 @@ class ProbeShedder:
         detail = self.budget.detail
         if detail.level is not Level.DUTY:
             return
-        into = (now_ns - self._window_ns) / 1e9
-        if into >= WINDOW_S:  # a new window: its on part
+        into, window = (now_ns - self._window_ns) / 1e9, window_s(detail.duty)
+        if into >= window:  # a new window: its on part
             self._window_ns = now_ns
             if CREATE not in self._phase.handlers:
-                if EXIT not in self._phase.handlers:
+                if not self._sees_exits(self._phase.handlers):
                     self._end_stale(now_ns, end_stale)
                 self._switch(self._wanted(detail, True), now_ns)
-        elif into >= detail.duty * WINDOW_S and CREATE in self._phase.handlers:
+        elif into >= detail.duty * window and CREATE in self._phase.handlers:
             self._switch(self._wanted(detail, False), now_ns)
 
     def _end_stale(self, now_ns: int, end_stale) -> None:
         """Goroutines tracked when the exit probe went and gone from the runtime now ended unseen:
         their records (END_EVENT_DTYPE, ending when the exit probe went) go to end_stale."""
         live = self.probes.snapshot(self._exit_went_ns)
-        if not len(live):
+        found = self._read_allgs()
+        if found is None or not len(live):
             return
-        try:
-            alive = [g.goid for g in target_memory.live_goroutines(self.pid, self.support, self.load_bias())]
-        except OSError as exc:
-            log.debug("overhead budget: could not read the goroutine list (%s)", exc)
-            return
+        alive = [g.goid for g in found]
         gone = take(live, ~np.isin(live["goid"], np.array(alive, np.uint64)))
         if len(gone):
             gone["st"]["end_ns"] = self._exit_went_ns
             self.report.ended_unseen += len(gone)
             end_stale(gone)
+
+    def _read_allgs(self) -> list | None:
+        """The runtime's live goroutines (None if unreadable); notes the largest goroutine id it has given."""
+        try:
+            found, top = target_memory.all_goroutines(self.pid, self.support, self.load_bias())
+        except OSError as exc:
+            log.debug("overhead budget: could not read the goroutine list (%s)", exc)
+            return None
+        self._max_goid = max(self._max_goid, top)
+        return found
 
     def _evaluate(self, now_ns: int, created: int) -> None:
         cpu = target_cpu_s(self.pid)
@@ -344,8 +369,10 @@ class ProbeShedder:
             r.detail = evaluation.after.describe()
             log.info("overhead budget %g%%: estimated %.1f%% over the last %.1f s of target CPU -> %s",
                      r.percent, 100 * evaluation.overhead, evaluation.own_cpu_s, r.detail)
-            self._window_ns = now_ns
-            self._switch(self._wanted(evaluation.after, True), now_ns)
+            # into a duty cycle: its off part first (the program has just paid for more detail)
+            into_duty = evaluation.after.level is Level.DUTY
+            self._window_ns = now_ns - int(into_duty * evaluation.after.duty * window_s(evaluation.after.duty) * 1e9)
+            self._switch(self._wanted(evaluation.after, not into_duty), now_ns)
 
     def _costs(self, runs: dict[str, tuple[int, int]]) -> HitCosts:
         """Trap plus each handler's mean run time as the kernel measured it (a default until it has)."""

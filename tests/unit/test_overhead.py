@@ -94,3 +94,4 @@ def test_history_marks_goroutines_alive_across_a_shed_interval():
     end = np.array([50, 120, 160, 290, 310, 260, 500])
     assert history.traced_in_full(create, end).tolist() == [True, False, False, True, False, True, False]
     assert ShedHistory().traced_in_full(create, end).all()
+
