@@ -43,7 +43,8 @@ ON_S = 0.5            # a duty cycle's on part: this long, off for the rest of a
 WINDOW_S = (2.0, 60.0)  # within these bounds. Detaching a uprobe stalls the target here for 0.1-0.4 s (and it keeps
                       # firing until then): few switches, so that the stalls are a small part of the time
 LINGER_S = 0.02       # the exit probe's stay after the creation probe went, in a duty cycle
-COUNT_EVERY_NS = 1_000_000_000  # how often the runtime's goroutine ids are read (runtime.allgs: a read per g)
+COUNT_EVERY_NS = 250_000_000  # how often the runtime's goroutine ids are read (runtime.allgs: a read per g),
+COUNT_SHARE = 50              # ...and at most once every COUNT_SHARE times the CPU time a read took (2% of a core)
 HANDLER_NS = 500.0    # a handler's run time until the kernel has measured it (scripts/measure_bpf_handlers.py: 475-525 ns)
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -183,8 +184,8 @@ class ProbeShedder:
 
     def _switch(self, wanted: frozenset, now_ns: int) -> None:
         """Exit probes on first, creation probes off before others come on, exit probes off last.
-        The kernel takes a few hundred milliseconds to detach a uprobe here (it waits for a grace
-        period once the breakpoint is gone), so the changes run in order on a thread of their own."""
+        The kernel takes 0.1-0.9 s to detach a uprobe here (the probe fires until then), so the
+        changes run in order on a thread of their own; the control loop waits for them (busy)."""
         ops = self._ops(wanted, now_ns)
         if ops:
             self._in_flight.append(self._worker.submit(self._apply, ops))
@@ -288,13 +289,14 @@ class ProbeShedder:
             # beside the creation probe's detach, which may still be waiting for the kernel
             self._exit_off_at = None
             self._switch(self._wanted(self.budget.detail, False), now_ns)
+        if self.support.allgs_address is not None and now_ns >= self._allgs_read_ns:
+            cpu = time.thread_time_ns()
+            self._read_allgs()
+            self._allgs_read_ns = now_ns + max(COUNT_EVERY_NS, COUNT_SHARE * (time.thread_time_ns() - cpu))
         if self.busy():
             return
         self._duty_cycle(now_ns, end_stale)
         self._evaluate(now_ns, created)
-        if self.support.allgs_address is not None and now_ns - self._allgs_read_ns >= COUNT_EVERY_NS:
-            self._read_allgs()
-            self._allgs_read_ns = now_ns
 
     def wait_ms(self, now_ns: int, poll_ms: int) -> int:
         """How long the next poll may wait: a duty cycle's phase changes are due on time."""
