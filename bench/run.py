@@ -61,6 +61,7 @@ CACHE = ROOT / ".cache" / "bench"
 AGENT = str(ROOT / ".venv" / "bin" / "otel-goroutines")
 PLACEMENT_ENV = "OTEL_GOROUTINES_PROBE_PLACEMENT"  # goruntime.PROBE_PLACEMENT_ENV
 BIGBIN_FUNCTIONS = 7000  # generated functions that bring bigbin to about 20 MB
+OPTIONAL_PARTS = "budget"  # run only when asked for (--only budget); merged into OUT/results.json
 PINNED_PARTS = {"pinned", "steady", "rss", "rate"}  # issue 11's rows, target and agent each on a CPU of its own
 ALL_PARTS = "pinned,steady,rss,rate,churn,server,agent,attach,wakes"
 WAKE_MODES = {"none": ("untraced", ()), "no_wakers": ("agent --detail states --allocs off --no-wakers", ("--allocs", "off", "--no-wakers")),
@@ -254,12 +255,16 @@ def run_server(mode: Mode, bins, rotel, duration: float, conc: int, tmp: Path) -
                 raise RuntimeError(f"server under {mode.key} did not start: {errors.read_text()[-2000:]}")
             time.sleep(0.05)
         port, pid = map(int, ready.read_text().split())
+        cpu_before = proc_cpu_s(pid)
         load = subprocess.run([str(bins["loadgen"]), "-url", f"http://127.0.0.1:{port}/work", "-c", str(conc),
                                "-d", f"{duration}s", "-warmup", "1s", "-max", "5000000"],
                               capture_output=True, text=True, timeout=duration + 60)
         if load.returncode != 0:
             raise RuntimeError(f"loadgen failed: {load.stderr}")
         result = _json_line(load.stdout, "rps")
+        cpu_after = proc_cpu_s(pid)
+        if cpu_before is not None and cpu_after is not None:  # the server's CPU time under load, warm-up included
+            result["cpu_s"] = cpu_after - cpu_before
     finally:
         # The agent (run) forwards SIGTERM to the server; bpftrace -c ends with its child.
         target = proc.pid if mode.kind == "agent" else None
@@ -278,6 +283,7 @@ def run_server(mode: Mode, bins, rotel, duration: float, conc: int, tmp: Path) -
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     result["agent_losses"] = agent_losses(errors.read_text())
+    result["agent_budget"] = budget_estimate(errors.read_text())
     return result
 
 
@@ -390,7 +396,7 @@ class AgentProcess:
                 # counters), as /proc/PID/stat has them: what it spent tracing, start-up and teardown left out.
                 "cpu_after_attach_s": (self.cpu_at_end or cpu) - self.cpu_at_attach if self.cpu_at_attach is not None else None,
                 "cpu_teardown_s": cpu - self.cpu_at_end if self.cpu_at_end is not None else None,
-                "rss_at_attach_mb": self.rss_at_attach}
+                "rss_at_attach_mb": self.rss_at_attach, "budget_estimate_pct": budget_estimate(text)}
 
 
 def measure_attach(bins, rotel, repeats: int) -> dict:
@@ -486,15 +492,18 @@ def held_churn(bins, pin: Pinning | None, churn_args: list[str], tracer=None, pr
             agent = tracer(prog.pid)
             agent.wait_attached(120)
         released = time.monotonic()
+        children = _rusage.getrusage(_rusage.RUSAGE_CHILDREN)
         prog.stdin.write("go\n")
         prog.stdin.flush()
         out, _ = prog.communicate(timeout=900)
         finished = time.monotonic()
+        after = _rusage.getrusage(_rusage.RUSAGE_CHILDREN)  # churn, reaped by communicate(): its CPU time, traps included
     finally:
         if prog.poll() is None:
             prog.kill()
     res = agent.wait(900) if agent is not None else None
-    return dict(_json_line(out, figure), released=released, finished=finished), res
+    cpu_s = (after.ru_utime + after.ru_stime) - (children.ru_utime + children.ru_stime)
+    return dict(_json_line(out, figure), released=released, finished=finished, cpu_s=cpu_s), res
 
 
 def exporter_args(exporter: str, rotel, tmp: Path) -> list[str]:
@@ -780,8 +789,10 @@ def main() -> int:
         if args.out == BENCH:
             args.out = Path(tempfile.mkdtemp(prefix="bench-smoke-"))
     parts = set(args.only.split(","))
-    if unknown := parts - set(ALL_PARTS.split(",")):
-        ap.error(f"--only: no section {', '.join(sorted(unknown))} (sections: {ALL_PARTS})")
+    if unknown := parts - set(ALL_PARTS.split(",")) - set(OPTIONAL_PARTS.split(",")):
+        ap.error(f"--only: no section {', '.join(sorted(unknown))} (sections: {ALL_PARTS},{OPTIONAL_PARTS})")
+    if parts == {"budget"}:
+        return measure_budget_section(args)
     if args.smoke and args.only == ALL_PARTS:
         parts.discard("attach")  # bigbin's build and three attaches are not a few seconds
     want_attach = "attach" in parts or ("agent" in parts and not args.smoke)
@@ -925,6 +936,120 @@ def wakes_report(results) -> list[str]:
     return lines
 
 
+# --- the overhead budget (--only budget) ---------------------------------------------------------
+BUDGETS = (1, 5, 10)
+BUDGET_LINE = re.compile(r"overhead budget [\d.]+%: probes cost the target an estimated ([\d.]+)%")
+
+
+def budget_estimate(text: str) -> float | None:
+    """The agent's own estimate of what its probes cost, from its summary (percent)."""
+    found = BUDGET_LINE.search(text)
+    return float(found[1]) if found else None
+
+
+def measure_budget_section(args) -> int:
+    """--max-overhead 1, 5 and 10 against untraced: churn (pinned, attached) and the server; merged
+    into OUT/results.json and OUT/RESULTS.md beside the other sections' figures."""
+    go = go_toolchain()
+    bins = build_programs(go, ("churn", "server", "loadgen"))
+    receiver = OtlpHttpReceiver(keep_spans=False)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-budget-"))
+    rotel = Rotel(receiver.port, tmp / "rotel.log")
+    rng = random.Random(7)
+    section = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "machine": machine(),
+               "go": subprocess.run([go, "env", "GOVERSION"], capture_output=True, text=True,
+                                    env=dict(os.environ, GOTOOLCHAIN="local")).stdout.strip(),
+               "rounds": args.rounds, "budgets": list(BUDGETS)}
+    try:
+        section["churn"] = measure_budget_churn(bins, rotel, Pinning.choose(), args.churn_n, args.rounds, rng)
+        section["server"] = measure_budget_server(bins, rotel, args.server_seconds, args.server_conns, args.rounds, rng, tmp)
+    finally:
+        rotel.close()
+        receiver.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    section["load_at_end"] = os.getloadavg()
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["budget"] = section
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    (args.out / "RESULTS.md").write_text(render(results) if "machine" in results else "\n".join(budget_report(section)) + "\n")
+    log(f"results in {args.out}/RESULTS.md")
+    return 0
+
+
+def budget_modes() -> list[Mode]:
+    return [Mode("none", "untraced", "none")] + [Mode(f"budget_{b}", f"agent --max-overhead {b}", "agent", ("--max-overhead", str(b)))
+                                                 for b in BUDGETS]
+
+
+def measure_budget_churn(bins, rotel, pin: Pinning, n: int, rounds: int, rng: random.Random) -> dict:
+    out = {"n": n, "pinning": {"target_cpu": pin.target, "agent_cpu": pin.agent, "target_gomaxprocs": 1},
+           "ns_per_goroutine": {}, "cpu_ns_per_goroutine": {}, "estimate_pct": {}}
+    with helpers_on(pin.agent, [os.getpid(), rotel._proc.pid]):
+        for r in range(rounds):
+            order = budget_modes()
+            rng.shuffle(order)
+            for mode in order:
+                tracer = None if mode.kind == "none" else agent_tracer(
+                    pin, [*exporter_args("grpc", rotel, Path()), "-q", "--flush-timeout", "1", *mode.agent_args])
+                churn, res = held_churn(bins, pin, ["-n", str(n), "-warmup", "0"], tracer)
+                out["ns_per_goroutine"].setdefault(mode.key, []).append(churn["ns_per_goroutine"])
+                out["cpu_ns_per_goroutine"].setdefault(mode.key, []).append(churn["cpu_s"] * 1e9 / n)
+                if res is not None:
+                    out["estimate_pct"].setdefault(mode.key, []).append(res["budget_estimate_pct"])
+                log(f"budget churn round {r + 1}/{rounds} {mode.key}: {churn['ns_per_goroutine']:,.0f} ns/goroutine, "
+                    f"CPU {churn['cpu_s'] * 1e9 / n:,.0f} ns/goroutine")
+    return out
+
+
+def measure_budget_server(bins, rotel, seconds: float, conns: int, rounds: int, rng: random.Random, tmp: Path) -> dict:
+    out = {"seconds": seconds, "conns": conns, "runs": {}}
+    for r in range(rounds):
+        order = budget_modes()
+        rng.shuffle(order)
+        for mode in order:
+            res = run_server(mode, bins, rotel, seconds, conns, tmp)
+            out["runs"].setdefault(mode.key, []).append(res)
+            log(f"budget server round {r + 1}/{rounds} {mode.key}: {res['rps']:,.0f} req/s")
+    return out
+
+
+def budget_report(section: dict) -> list[str]:
+    m = section["machine"]
+    churn, server = section["churn"], section["server"]
+    base_cpu = median(churn["cpu_ns_per_goroutine"]["none"])
+    base_ns = median(churn["ns_per_goroutine"]["none"])
+    base_rps = median([r["rps"] for r in server["runs"]["none"]])
+    # the server's CPU time per request: its CPU under load over the requests (loadgen's 1 s warm-up at the same rate)
+    per_request = lambda key: median([r["cpu_s"] / (r["rps"] * (server["seconds"] + 1)) for r in server["runs"][key]])
+    base_req = per_request("none")
+    lines = ["## Overhead budget (`--only budget`)", "",
+             f"{section['date']}, {m['cpu']} ({m['nproc']} CPUs), Linux {m['kernel']}, {section['go']}; load average "
+             f"{m['load_at_start'][0]:.1f} at start, {section['load_at_end'][0]:.1f} at the end; {section['rounds']} round(s), modes "
+             f"in random order, medians. churn: {churn['n']:,} goroutines, attached (held until the agent is in place), target on "
+             f"CPU {churn['pinning']['target_cpu']} with GOMAXPROCS=1, agent on CPU {churn['pinning']['agent_cpu']}; **overhead kept** "
+             "is the target's CPU time (user + system: the traps and handlers included) per goroutine over the untraced run's, "
+             "minus 1: what the budget promises; wall time per goroutine beside it (the machine is shared: the target got a "
+             f"part of its CPU only). server: `run`, {server['conns']} connections for {server['seconds']:g} s, not pinned; "
+             "overhead kept: its CPU time per request over the untraced run's, minus 1. The agent's estimate is its summary's.", "",
+             "| budget | churn CPU ns/goroutine | overhead kept | agent's estimate | churn wall ns/goroutine | server CPU us/request | "
+             "overhead kept | agent's estimate | server req/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+             f"| untraced | {base_cpu:,.0f} | | | {base_ns:,.0f} | {1e6 * base_req:,.1f} | | | {base_rps:,.0f} |"]
+    for b in section["budgets"]:
+        key = f"budget_{b}"
+        cpu, ns = median(churn["cpu_ns_per_goroutine"][key]), median(churn["ns_per_goroutine"][key])
+        est = [e for e in churn["estimate_pct"].get(key, []) if e is not None]
+        rps = median([r["rps"] for r in server["runs"][key]])
+        sest = [r.get("agent_budget") for r in server["runs"][key] if r.get("agent_budget") is not None]
+        req = per_request(key)
+        lines.append(f"| {b}% | {cpu:,.0f} | {100 * (cpu / base_cpu - 1):+.1f}% | {f'{median(est):.1f}%' if est else '-'} | "
+                     f"{ns:,.0f} | {1e6 * req:,.1f} | {100 * (req / base_req - 1):+.1f}% | "
+                     f"{f'{median(sest):.1f}%' if sest else '-'} | {rps:,.0f} |")
+    return lines
+
+
 # --- report ------------------------------------------------------------------------------------
 TARGETS = {
     "lifecycle_ns": 1500, "entry_vs_lifecycle": 5.0, "server_rps_ratio": 0.97, "export_spans_per_s": 50_000,
@@ -1034,6 +1159,8 @@ def render(results) -> str:
                       "Phases (in a fresh interpreter): " + ", ".join(f"{k.replace('_', ' ')} {v:.2f}" for k, v in a["phases"].items()
                                                                        if isinstance(v, float)) + "; the rest is the BPF compile (bcc/clang) and attach.", ""]
     lines += pinned_report(results) + wakes_report(results) + goals_table(results) + targets_table(results)
+    if "budget" in results:
+        lines += [""] + budget_report(results["budget"])
     return "\n".join(lines) + "\n"
 
 

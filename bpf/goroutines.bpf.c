@@ -84,6 +84,13 @@ static __always_inline void count(struct proc_config *cfg, int which) {
         (*value)++;
 }
 
+// A hit of a lifecycle or state probe in this process, for the overhead budget (shedding.py).
+#ifdef FEATURE_BUDGET
+#define COUNT_HIT(cfg, which) count(cfg, which)
+#else
+#define COUNT_HIT(cfg, which)
+#endif
+
 static __always_inline u64 read_u64(struct proc_config *cfg, u64 addr) {
     u64 value = 0;
     if (bpf_probe_read_user(&value, sizeof(value), (void *)addr) != 0)
@@ -533,6 +540,11 @@ int on_goroutine_created(struct pt_regs *ctx) {
     struct proc_config *cfg = proc_configs.lookup(&tgid);
     if (!cfg)
         return 0;
+    COUNT_HIT(cfg, C_HITS_CREATE);
+#ifdef FEATURE_BUDGET
+    if (cfg->flags & CFG_STATES_COVER_LIFECYCLE)
+        return 0;  // the budget attached it before turning the states probe off: casgstatus sees creations until then
+#endif
     struct g_win *g = read_g(cfg, GO_ARG1(ctx), cfg->g_all_size);
     if (!g)
         return 0;
@@ -553,6 +565,11 @@ int on_goroutine_exit(struct pt_regs *ctx) {
     struct proc_config *cfg = proc_configs.lookup(&tgid);
     if (!cfg)
         return 0;
+    COUNT_HIT(cfg, C_HITS_EXIT);
+#ifdef FEATURE_BUDGET
+    if (cfg->flags & CFG_STATES_COVER_LIFECYCLE)
+        return 0;  // as above: casgstatus sees exits until the flag is cleared
+#endif
     struct g_win *lo = read_g(cfg, GO_ARG1(ctx), cfg->g_lo_size);
     if (lo)
         goroutine_exited(cfg, tgid, GO_ARG1(ctx), G_GOID(cfg, lo));
@@ -611,6 +628,7 @@ int on_casgstatus(struct pt_regs *ctx) {
     struct proc_config *cfg = proc_configs.lookup(&tgid);
     if (!cfg)
         return 0;
+    COUNT_HIT(cfg, C_HITS_STATE);
     int lifecycle = cfg->flags & CFG_STATES_COVER_LIFECYCLE;
     if (!lifecycle && (from == G_DEAD || to == G_DEAD))
         return 0;  // creation and exit are the lifecycle probes' job
@@ -787,6 +805,15 @@ int on_runtime_initialised(struct pt_regs *ctx) {
     ev->tgid = bpf_get_current_pid_tgid() >> 32;
     ev->ts = bpf_ktime_get_ns();
     events.ringbuf_submit(ev, BPF_RB_FORCE_WAKEUP);  // the agent turns heap sampling on now, not at its next drain
+    return 0;
+}
+#endif
+
+#ifdef FEATURE_BUDGET
+// Does nothing: attached by the overhead budget (shedding.py) to a site in the agent's own process
+// for a moment at start, to measure what a trap plus a BPF run costs on this machine. A function of
+// its own: the other handlers do not change.
+int on_calibrate(struct pt_regs *ctx) {
     return 0;
 }
 #endif

@@ -62,7 +62,10 @@ enum counter {
     C_UNTRACKED_EXIT = 3,  // exits of goroutines created before the probes were attached
     C_READ_ERROR = 4,      // target memory that could not be read
     C_CREATED = 5,         // goroutines created (not a loss; for the live count)
-    N_COUNTERS = 6,
+    C_HITS_CREATE = 6,     // runs of each lifecycle and state handler in this process: the overhead
+    C_HITS_EXIT = 7,       //   budget's hit counts (counted only in a program built with FEATURE_BUDGET;
+    C_HITS_STATE = 8,      //   the kernel's own run counts add up every process sharing the program)
+    N_COUNTERS = 9,
 };
 
 enum app_counter {

@@ -33,6 +33,7 @@ from .pipeline import ExportPipeline
 from .probes import BpfProgram, GoroutineProbes, KernelBatch, ProbeSettings
 from .records import EndReason, take
 from .sampling import SpanBudget
+from .shedding import BudgetReport, ProbeShedder
 from .spans import SpanBuilder
 from .target import FORWARDED_SIGNALS, AttachedTarget, LaunchedTarget, Target
 from .tracker import Summary
@@ -61,6 +62,7 @@ class AgentOptions:
     quiet: bool = False
     poll_interval_ms: int = 100
     app_unsampled: str = "follow"     # goroutine spans in an application trace it did not sample: "follow" (drop) or "ignore"
+    max_overhead_pct: float = 0.0     # the probes' CPU cost kept under this % of the target's own (shedding.py); 0: no budget
 
 
 def monotonic_to_wall_offset() -> int:
@@ -187,6 +189,7 @@ class Session:
         self._scan_now = False
         self._imported: set[int] = set()  # goroutines that existed at attach
         self.profile_rate: allocs.ProfileRate | None = None
+        self.shedder: ProbeShedder | None = None  # --max-overhead
 
     # --- signals -------------------------------------------------------------------------
     def _on_signal(self, signum, _frame):
@@ -236,7 +239,8 @@ class Session:
                                   encoder.span if encoder is not None else None,
                                   BatchSpanEncoder(builder, encoder) if encoder is not None else None,
                                   self.metrics, self.options.app_unsampled == "follow",
-                                  ShortGoroutineGroups(grouping, self.clock_offset_ns) if grouping.window_s else None)
+                                  ShortGoroutineGroups(grouping, self.clock_offset_ns) if grouping.window_s else None,
+                                  self.shedder.history.traced_in_full if self.shedder is not None else None)
             self._flow.imported = self._imported
         return self._flow
 
@@ -253,6 +257,8 @@ class Session:
             self._scan_now = True  # the runtime found a leak: export it now
         flow.changes(batch.transitions, batch.labels)
         pipeline.submit(flow.ended(batch.ends))
+        if self.shedder is not None:
+            self.shedder.saw_goids(batch.ends["goid"][(batch.ends["st"]["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH) == 0])
 
     def _scan(self, pipeline: ExportPipeline, now_ns: int) -> None:
         """Checkpoints and leaks of live goroutines; ends the full ring buffer left in the kernel map."""
@@ -333,7 +339,13 @@ class Session:
             self.probes.schedule_latency_histogram(),
             self.long_lived.leaks_flagged,
             {"exported": stats.exported, "sampled_out": self.budget.sampled_out, "dropped": stats.dropped,
-             "untracked_map_full": counters["goroutines_untracked_map_full"], "app_unsampled": self._counts().app_unsampled})
+             "untracked_map_full": counters["goroutines_untracked_map_full"], "app_unsampled": self._counts().app_unsampled},
+            self._budget_report(now_ns, counters))
+
+    def _budget_report(self, now_ns: int, counters: dict[str, int]) -> BudgetReport | None:
+        if self.shedder is None:
+            return None
+        return self.shedder.report_at(now_ns, counters["goroutines_created"], self._counts().partial)
 
     def _start_function_counts(self, now_ns: int) -> dict[int, tuple[int, int]]:
         """start pc -> (created since tracing began, exited): what ended, plus what lives in the kernel map now."""
@@ -385,6 +397,8 @@ class Session:
         finally:
             for s, handler in previous_handlers.items():
                 signal.signal(s, handler)
+            if self.shedder is not None:
+                self.shedder.close()
             self.probes.close()
         deadline.start(opts.export.flush_timeout_s)
         if sender is not None:
@@ -406,6 +420,10 @@ class Session:
         if isinstance(self.target, AttachedTarget):
             self._import_existing(self.probes.attached_ns)
             self._enable_heap_sampling()  # the runtime has long initialised
+        if self.options.max_overhead_pct:
+            self.shedder = ProbeShedder(self.probes, self.support, self.target.pid, self.options.max_overhead_pct,
+                                        self.options.probes.states, self._load_bias)
+            self.shedder.start(lambda: self.probes.counters()["goroutines_created"], self.options.poll_interval_ms)
         self.target.start()
 
     def _trace(self, pipeline: ExportPipeline, sender: MetricsSender | None, start_ns: int):
@@ -427,6 +445,8 @@ class Session:
             if self.metrics is not None and now >= next_metrics:
                 sender.send(self._metrics_snapshot(now, pipeline.stats))
                 next_metrics = now + metrics_every_ns
+            for gone in self.shedder.take_unseen() if self.shedder is not None else ():
+                self._end_unseen(gone, pipeline)
             if self.target.has_exited():
                 self._stop_reason = self._stop_reason or EndReason.PROCESS_EXITED
             if status.due():
@@ -437,9 +457,18 @@ class Session:
             yield
         status.clear()
 
+    def _end_unseen(self, gone: np.ndarray, pipeline: ExportPipeline) -> None:
+        """Goroutines that ended while the overhead budget had their exit probe off: spans now."""
+        pipeline.submit(self._span_flow(pipeline.sink).ended(gone))
+        self.probes.delete(gone["goid"])
+
     def _finish(self, pipeline: ExportPipeline) -> "_End":
         """The last records: what the ring buffer still holds, then every goroutine left in the kernel
         map (alive now, or ended while the ring buffer was full)."""
+        if self.shedder is not None:
+            self.shedder.stop()
+            for gone in self.shedder.take_unseen():
+                self._end_unseen(gone, pipeline)
         self._take(self.probes.drain(), pipeline)
         end_ns = self.probes.exit_time() or time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         left = self.probes.snapshot(end_ns, include_ended=True)
@@ -450,12 +479,14 @@ class Session:
             left["st"] = st
             reasons = np.where(alive, END_REASONS.index(self._stop_reason), END_REASONS.index(EndReason.EXITED))
             pipeline.submit(self._span_flow(pipeline.sink).ended(left, reasons))
+            if self.shedder is not None:
+                self.shedder.saw_goids(left["goid"][(st["flags"] & GstateFlag.FLAG_EXISTED_AT_ATTACH) == 0])
         if self._flow is not None:
             pipeline.submit(self._flow.group_spans(None))
         log.info("every span is handed to the exporter (%d goroutines were left in the kernel map)", len(left))
         counters = self.probes.counters()
         return _End(self._metrics_snapshot(end_ns, pipeline.stats) if self.metrics is not None else None,
-                    counters, self.probes.allocs_elsewhere(), self.probes.app_counters())
+                    counters, self.probes.allocs_elsewhere(), self.probes.app_counters(), self._budget_report(end_ns, counters))
 
     def _report(self, stats, end: "_End", metrics_not_sent: int) -> None:
         """The summary on stderr."""
@@ -482,6 +513,8 @@ class Session:
                   f"(one per spawner per {opts.groups.window_s:g} s window)", file=sys.stderr)
         if self.long_lived.leaks_flagged:
             print(f"suspected goroutine leaks: {self.long_lived.leaks_flagged}", file=sys.stderr)
+        if end.budget is not None:
+            print(end.budget.render(), file=sys.stderr)
         if any(losses.values()):
             log.warning("losses: %s", ", ".join(f"{k}={v}" for k, v in losses.items() if v))
         if opts.export.exporter == "file":
@@ -497,3 +530,4 @@ class _End:
     counters: dict[str, int]
     allocs_elsewhere: list
     app_counters: dict[str, int]
+    budget: BudgetReport | None = None

@@ -129,6 +129,10 @@ def _tracing_options(func):
         click.option("--max-goroutines", type=click.IntRange(1, 1 << 24), default=131072, show_default=True,
                      help="Goroutines tracked at once (the kernel map's size); one created while it is full gets no span "
                           "and is counted (goroutines_untracked_map_full)."),
+        click.option("--max-overhead", type=FiniteFloat(0, 100, min_open=True), metavar="PERCENT",
+                     help="Overhead budget: keep the CPU the probes cost the target under PERCENT of its own CPU time, "
+                          "shedding detail when over (state events first, then lifecycle probes in duty cycles) and taking "
+                          "it back when load falls; spans say whether they were traced in full. Default: no budget."),
         click.option("--quiet", "-q", is_flag=True, help="No live status line."),
     ]
     for option in reversed(options):
@@ -138,7 +142,8 @@ def _tracing_options(func):
 
 def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, trace_max_spans, spawner_children, spawner_age,
              group_window, group_shorter_than, checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet,
-             app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8, wakers=True, max_goroutines=131072) -> AgentOptions:
+             app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8, wakers=True, max_goroutines=131072,
+             max_overhead=None) -> AgentOptions:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
         exporter = "otlp" if (endpoint or traces_endpoint) else "file"
@@ -162,13 +167,14 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
         probes=ProbeSettings(states=detail == "states", allocs=AllocMode(allocs), max_events=max_events, trace_max_spans=trace_max_spans,
                              spawner_children=spawner_children, spawner_age_s=spawner_age,
                              app_traces=app_traces == "auto", labels=pprof_labels, ringbuf_pages=ring_buffer_mib * 256,
-                             wakers=wakers, max_goroutines=max_goroutines),
+                             wakers=wakers, max_goroutines=max_goroutines, budget=bool(max_overhead)),
         long_lived=LongLivedSettings(checkpoint_after_s=checkpoint_after, leak_after_s=leak_after),
         groups=GroupSettings(window_s=group_window, shorter_than_s=group_shorter_than),
         spans_per_second=max_spans_per_second,
         metrics_interval_s=metrics_interval,
         quiet=quiet,
         app_unsampled=app_unsampled,
+        max_overhead_pct=max_overhead or 0.0,
     )
 
 

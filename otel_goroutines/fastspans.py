@@ -171,7 +171,9 @@ class BatchSpanEncoder:
         rows[_spanenc.HEAD] = head = self._functions(cols["start_pc"])
         rows[_spanenc.FN] = head + 1
         rows[_spanenc.SITE] = self._sites(cols["go_pc"])
-        rows[_spanenc.EXISTED] = np.where(cols["flags"] & 1, self._existed, self._empty)
+        traced = cols.get("traced_in_full")  # 0: no attribute (no overhead budget), 1: true, 2: false
+        traced = np.zeros(len(reason), _U64) if traced is None else np.where(traced, 1, 2).astype(_U64)
+        rows[_spanenc.EXISTED] = self._existed + 3 * (cols["flags"] & 1).astype(_U64) + traced
         rows[_spanenc.TAIL] = self._tails + reason * len(EndReason) + ended
         rows[_spanenc.END_BODY] = self._end_bodies + ended
         return rows
@@ -232,8 +234,10 @@ class BatchSpanEncoder:
     # --- pieces: what repeats, encoded once by the reference encoder -------------------------------
     def _start_over(self) -> None:
         self._pieces: list[bytes] = [b""]
-        self._empty = 0
-        self._existed = self._add(self._attrs({"go.goroutine.existed_at_attach": True}))
+        # existed_at_attach (no, yes) x traced_in_full (no attribute, true, false)
+        self._existed = self._add(*(self._attrs({**({"go.goroutine.existed_at_attach": True} if existed else {}),
+                                                  **({} if full is None else {"go.goroutine.traced_in_full": full})})
+                                    for existed in (False, True) for full in (None, True, False)))
         self._tails = self._add(*(self._tail(t, e) for t in TraceReason for e in EndReason))
         self._end_bodies = self._add(*(self._event_body(e.value, {}) for e in EndReason))
         self._functions = _Interned(self._pieces, self._function)

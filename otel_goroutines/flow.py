@@ -34,7 +34,8 @@ _TR_SPAWNER = int(KernelTraceReason.TR_SPAWNER)
 _CLOSE_GRACE_NS = 1_000_000  # between a probe's end time and its record's submission: a group closes this much later
 
 
-def record_of(row: np.void, end_reason: EndReason, changes: list[StateChange], labels: dict) -> GoroutineRecord:
+def record_of(row: np.void, end_reason: EndReason, changes: list[StateChange], labels: dict,
+              traced_in_full: bool | None = None) -> GoroutineRecord:
     """One end record (END_EVENT_DTYPE) as a GoroutineRecord, for the reference path."""
     st = row["st"]
     return GoroutineRecord(
@@ -49,7 +50,7 @@ def record_of(row: np.void, end_reason: EndReason, changes: list[StateChange], l
         alloc_count=allocs.whole_allocations(int(st["alloc_count"])),
         alloc_samples=int(st["alloc_samples"]), app_trace_id=int.from_bytes(st["app_trace_id"].tobytes(), "big"),
         app_span_id=int.from_bytes(st["app_span_id"].tobytes(), "big"), app_flags=int(st["app_flags"]),
-        labels=labels, changes=changes)
+        labels=labels, changes=changes, traced_in_full=traced_in_full)
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,7 @@ class FlowCounts:
     """Totals for the summary and metrics."""
     ended: int = 0
     app_unsampled: int = 0  # spans not exported: in an application trace the application did not sample
+    partial: int = 0        # goroutines not traced in full: the overhead budget shed detail during their life
     alloc_totals: allocs.AllocTotals = field(default_factory=allocs.AllocTotals)
     exited_by_start_pc: dict[int, int] = field(default_factory=dict)   # goroutines that exited
     created_by_start_pc: dict[int, int] = field(default_factory=dict)  # ...that were also created since tracing began
@@ -164,7 +166,8 @@ class SpanFlow:
     def __init__(self, builder: SpanBuilder, long_lived: LongLived, budget: SpanBudget, summary: Summary,
                  encode: Callable[[GoroutineSpan], bytes] | None, batch_encoder: BatchSpanEncoder | None,
                  metrics: GoroutineMetrics | None = None, follow_app_sampling: bool = True,
-                 groups: ShortGoroutineGroups | None = None):
+                 groups: ShortGoroutineGroups | None = None,
+                 traced_in_full: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None):
         self.builder = builder
         self.groups = groups
         self.long_lived = long_lived
@@ -174,6 +177,7 @@ class SpanFlow:
         self._encode = encode
         self._batch_encoder = batch_encoder if encode is not None else None
         self._follow_app_sampling = follow_app_sampling
+        self._traced_in_full = traced_in_full  # (create_ns, end_ns) -> mask; None: no overhead budget, no attribute
         self._young = self._old = np.empty(0, TRANSITION_EVENT_DTYPE)  # state changes of goroutines still alive
         self._batches = 0
         self._labels: dict[int, dict[str, str]] = {}
@@ -225,13 +229,24 @@ class SpanFlow:
             self.groups.assign(ends, reasons)
         changes, offsets = self._claim_changes(ends["goid"])
         self._count(ends, reasons)
+        full = self._full(ends)
         slow = self._needs_reference(ends)
-        spans = self._reference(take(ends, slow), reasons[slow], changes, offsets, np.flatnonzero(slow))
+        spans = self._reference(take(ends, slow), reasons[slow], changes, offsets, np.flatnonzero(slow),
+                                None if full is None else full[slow])
         fast = ~slow
         fast[fast] = self.budget.select_mask(self._interesting(ends["st"], reasons)[fast])
         if fast.any():
-            spans += self._fast(take(ends, fast), reasons[fast], *_select(changes, offsets, fast))
+            spans += self._fast(take(ends, fast), reasons[fast], *_select(changes, offsets, fast),
+                                None if full is None else full[fast])
         return spans
+
+    def _full(self, ends: np.ndarray) -> np.ndarray | None:
+        """Whether each goroutine was traced in full (None without an overhead budget)."""
+        if self._traced_in_full is None:
+            return None
+        full = self._traced_in_full(ends["st"]["create_ns"], ends["st"]["end_ns"])
+        self.counts.partial += int(len(full) - full.sum())
+        return full
 
     def _adopted(self, ends: np.ndarray) -> np.ndarray:
         """A goroutine created by an imported one while the import ran (after the probes were in place)
@@ -282,9 +297,12 @@ class SpanFlow:
                                                       t.samples + int(st["alloc_samples"].sum()))
         self.counts.ended += len(ends)
 
-    def _fast(self, ends: np.ndarray, reasons: np.ndarray, changes: np.ndarray, offsets: np.ndarray) -> list[bytes]:
+    def _fast(self, ends: np.ndarray, reasons: np.ndarray, changes: np.ndarray, offsets: np.ndarray,
+              full: np.ndarray | None) -> list[bytes]:
         st = ends["st"]
         cols = {name: st[name] for name in st.dtype.names}
+        if full is not None:
+            cols["traced_in_full"] = full
         cols["tgid"], cols["goid"] = ends["tgid"], ends["goid"]
         cols["alloc_count"] = allocs.whole_allocations(st["alloc_count"])
         return self._batch_encoder.encode(cols, reasons, Changes(offsets, *(changes[name] for name in _CHANGE_FIELDS)))
@@ -297,12 +315,13 @@ class SpanFlow:
             (self.builder.states_traced & (st["state_ns"][:, _WAITING] >= budget.keep_waiting_longer_than_s * 1e9))
 
     def _reference(self, ends: np.ndarray, reasons: np.ndarray, changes: np.ndarray, offsets: np.ndarray,
-                   rows: np.ndarray) -> list:
+                   rows: np.ndarray, full: np.ndarray | None) -> list:
         spans = []
-        for row, reason, i in zip(ends, reasons.tolist(), rows.tolist()):
+        full = [None] * len(ends) if full is None else full.tolist()
+        for row, reason, i, in_full in zip(ends, reasons.tolist(), rows.tolist(), full):
             goid = int(row["goid"])
             rec = record_of(row, END_REASONS[reason], _state_changes(changes[offsets[i]:offsets[i + 1]]),
-                            self._labels.pop(goid, {}))
+                            self._labels.pop(goid, {}), in_full)
             before, leak_flagged, marked_leaked = self.long_lived.finish(rec)
             span = self.builder.build(rec, before)
             if leak_flagged:

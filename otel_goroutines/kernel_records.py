@@ -54,7 +54,10 @@ class Counter(IntEnum):
     C_UNTRACKED_EXIT = 3
     C_READ_ERROR = 4
     C_CREATED = 5
-    N_COUNTERS = 6
+    C_HITS_CREATE = 6
+    C_HITS_EXIT = 7
+    C_HITS_STATE = 8
+    N_COUNTERS = 9
 
 
 class AppCounter(IntEnum):

@@ -18,7 +18,7 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 from opentelemetry.exporter.otlp.proto.common.metrics_encoder import encode_metrics
 from opentelemetry.sdk.metrics.export import (  # noqa: F401  (MetricsData is re-exported for the agent)
-    AggregationTemporality, Histogram, HistogramDataPoint, Metric,
+    AggregationTemporality, Gauge, Histogram, HistogramDataPoint, Metric,
                                               MetricExportResult, MetricsData, NumberDataPoint, ResourceMetrics,
                                               ScopeMetrics, Sum)
 from opentelemetry.sdk.resources import Resource
@@ -56,7 +56,7 @@ class GoroutineMetrics:
             self._lifetime_sums[name] += total
 
     def collect(self, now_ns: int, start_counts: dict[int, tuple[int, int]], sched_histogram: list[int],
-                leaks: int, spans: dict[str, int]) -> MetricsData:
+                leaks: int, spans: dict[str, int], budget=None) -> MetricsData:
         created, exited = defaultdict(int), defaultdict(int)
         for pc, (c, e) in start_counts.items():
             name = self._function_name(pc)
@@ -96,7 +96,25 @@ class GoroutineMetrics:
             metrics.append(Metric("go.schedule.duration", "Time goroutines spent runnable before running.", "s", Histogram([
                 HistogramDataPoint({}, self._start_ns, now_ns, sum(buckets), total_ns / 1e9, buckets, bounds, None, None)],
                 CUMULATIVE)))
+        if budget is not None:
+            metrics += self._budget(budget, point, counter)
         return MetricsData([ResourceMetrics(self._resource, [ScopeMetrics(SCOPE, metrics, "")], "")])
+
+    @staticmethod
+    def _budget(report, point, counter) -> list[Metric]:
+        """What the overhead budget (shedding.BudgetReport) estimated and shed."""
+        gauge = lambda name, unit, description, value: Metric(name, description, unit, Gauge([point(value)]))
+        return [
+            gauge("otel_goroutines.overhead", "1", "The probes' estimated CPU cost, a fraction of the target's own CPU time "
+                  "(last evaluation).", report.overhead),
+            gauge("otel_goroutines.overhead.budget", "1", "--max-overhead, as a fraction.", report.percent / 100),
+            counter("otel_goroutines.shed.duration", "s", "Time detail was shed to keep the overhead budget, by what.",
+                    [point(report.states_off_s, {"detail": "state_events"}), point(report.lifecycle_off_s, {"detail": "lifecycle"})]),
+            counter("otel_goroutines.goroutines.untraced", "{goroutine}", "Goroutines created while their probes were off "
+                    "(the runtime's count less those traced).", [point(report.untraced)]),
+            gauge("otel_goroutines.sampling.ratio", "1", "Goroutines traced / created by the runtime's count: divide counts "
+                  "from spans by it.", report.sampling_ratio),
+        ]
 
 
 def metrics_json(data: MetricsData) -> str:

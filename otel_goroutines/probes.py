@@ -16,7 +16,9 @@ import dataclasses
 import errno
 import io
 import os
+import platform
 import signal
+import statistics
 import tempfile
 import threading
 import time
@@ -56,9 +58,12 @@ RECORD_DTYPES = {EventKind.EV_TRANSITION: TRANSITION_EVENT_DTYPE, EventKind.EV_E
 
 # The uprobe handlers of bpf/goroutines.bpf.c (ProbePoint.handler names one): always compiled, and
 # those of each optional feature (compiled in when the agent may use it).
-HANDLERS = ("on_goroutine_created", "on_goroutine_exit", "on_casgstatus")
+CREATE_HANDLER, EXIT_HANDLER, STATE_HANDLER = "on_goroutine_created", "on_goroutine_exit", "on_casgstatus"
+LIFECYCLE_HANDLERS = (CREATE_HANDLER, EXIT_HANDLER)
+HANDLERS = LIFECYCLE_HANDLERS + (STATE_HANDLER,)
 APP_SPAN_HANDLERS = ("on_app_span_start", "on_app_span_start_ret", "on_app_span_end")
 ALLOC_HANDLERS = ("on_mallocgc", "on_malloc_specialized", "on_profilealloc", "on_runtime_initialised")
+BUDGET_HANDLERS = ("on_calibrate",)
 
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 _BPF_NOEXIST = 1
@@ -135,6 +140,7 @@ class ProbeSettings:
     labels: bool = True            # send the runtime/pprof labels of ended goroutines
     wakers: bool = True            # with states: who woke each goroutine (wakes.py)
     max_processes: int = 256       # processes traced at once by one agent (rows of the per-process kernel counters)
+    budget: bool = False           # --max-overhead: handler hits counted per process, the trap calibration handler
 
 
 def check_privileges() -> None:
@@ -232,11 +238,13 @@ class BpfProgram:
         self._sink = RecordSink({int(kind): dtype.itemsize for kind, dtype in RECORD_DTYPES.items()})
         self._free_slots = list(range(settings.max_processes - 1, -1, -1))
         self._queued: dict[int, dict[EventKind, list[np.ndarray]]] = {}  # tgid -> records not yet taken
+        self._trap_ns: float | None = None
 
     def cflags(self) -> list[str]:
         s = self.settings
         features = [f"-DFEATURE_{name}" for name, on in (("APP_SPANS", s.app_traces), ("LABELS", s.labels),
-                                                         ("ALLOCS", s.allocs is not allocs.AllocMode.OFF)) if on]
+                                                         ("ALLOCS", s.allocs is not allocs.AllocMode.OFF),
+                                                         ("BUDGET", s.budget)) if on]
         return [f"-I{BPF_DIR}", f"-DMAX_EVENTS={s.max_events if s.states else 0}", f"-DMAX_GOROUTINES={s.max_goroutines}",
                 f"-DMAX_PROCESSES={s.max_processes}", f"-DRINGBUF_PAGES={s.ringbuf_pages}",
                 f"-DTRACE_MAX_SPANS={s.trace_max_spans}", f"-DSPAWNER_CHILDREN={s.spawner_children}",
@@ -248,7 +256,7 @@ class BpfProgram:
         """The handlers this program has: those of the features it was compiled with."""
         s = self.settings
         return HANDLERS + (APP_SPAN_HANDLERS if s.app_traces else ()) + \
-            (ALLOC_HANDLERS if s.allocs is not allocs.AllocMode.OFF else ())
+            (ALLOC_HANDLERS if s.allocs is not allocs.AllocMode.OFF else ()) + (BUDGET_HANDLERS if s.budget else ())
 
     @property
     def loaded(self) -> bool:
@@ -296,6 +304,30 @@ class BpfProgram:
         """Loaded handlers by name -> their program fd (for the kernel's per-program statistics)."""
         return {name.decode(): fn.fd for name, fn in self._bpf.funcs.items()}
 
+    def handler_runs(self, handlers: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+        """handler -> (runs, run time in ns) as the kernel counts them while its bpf_stats are on
+        (enable_run_stats): every process this program traces together, (0, 0) for one not loaded."""
+        fds = self.handler_fds()
+        return {handler: run_stats(fds[handler]) if handler in fds else (0, 0) for handler in handlers}
+
+    def trap_cost_ns(self, calls: int = 2000, rounds: int = 5) -> float:
+        """What one uprobe hit costs here beyond its handler: the trap and an empty BPF run (on_calibrate,
+        a program built for a budget), measured once per agent on a site in this process whose first
+        instruction the kernel emulates (as it does the agent's probe points), timed without and then
+        with a probe on it (medians of rounds)."""
+        if self._trap_ns is None:
+            from . import _trapsite
+
+            site = {"name": _trapsite.__file__, "sym": "og_trap_site", "pid": os.getpid()}
+            bare = statistics.median(_trapsite.calls(calls) for _ in range(rounds))
+            self._bpf.attach_uprobe(fn_name="on_calibrate", **site)
+            try:
+                probed = statistics.median(_trapsite.calls(calls) for _ in range(rounds))
+            finally:
+                self._bpf.detach_uprobe(**site)
+            self._trap_ns = max(probed - bare, 0.0)
+        return self._trap_ns
+
     # --- processes -----------------------------------------------------------------------
     def add_process(self, pid: int, config: np.void) -> int:
         """Give PID its rows of the per-process counters (zeroed) and its config; its slot."""
@@ -339,6 +371,15 @@ class BpfProgram:
         if lib.bpf_lookup_elem(self._bpf["proc_configs"].map_fd, ct.byref(key), value.ctypes.data) != 0:
             return None
         return value[0]
+
+    def set_flag(self, pid: int, flag: int, on: bool) -> None:
+        """Set or clear one flag of PID's config in the kernel (the rest as the kernel has it: probe_ip).
+        A hit in flight while it changes (nanoseconds) reads the old or the new value."""
+        config = self.config(pid)
+        if config is None:
+            raise AgentError(f"PID {pid} is not registered with the eBPF program")
+        config["flags"] = (int(config["flags"]) | flag) if on else (int(config["flags"]) & ~flag)
+        self._update("proc_configs", pid, config)
 
     def _update(self, name: str, pid: int, config: np.void) -> None:
         from bcc.libbcc import lib
@@ -421,9 +462,8 @@ class GoroutineProbes:
         # With state events on, the casgstatus probe also sees creations and exits where the
         # runtime allows it (Go 1.24+): one trap fewer per goroutine and per end.
         self.states_cover_lifecycle = settings.states and support.states_cover_lifecycle
-        self.groups: dict[str, tuple[ProbePoint, ...]] = {}
-        if not self.states_cover_lifecycle:
-            self.groups[LIFECYCLE] = support.lifecycle_probes
+        # (lifecycle: attached where states do not cover it; the overhead budget may attach it anyway)
+        self.groups: dict[str, tuple[ProbePoint, ...]] = {LIFECYCLE: support.lifecycle_probes}
         if settings.states:
             self.groups[STATES] = support.state_probes
         if settings.allocs is allocs.AllocMode.EXACT:
@@ -432,46 +472,58 @@ class GoroutineProbes:
             self.groups[ALLOCS] = support.allocs.sampled_probes
         if self.sdk is not None:
             self.groups[APP_SPANS] = self.sdk.probes
-        self.probe_points: list[ProbePoint] = [p for points in self.groups.values() for p in points]
+        self.probe_points: list[ProbePoint] = [p for name, points in self.groups.items() for p in points
+                                               if name != LIFECYCLE or not self.states_cover_lifecycle]
         self.config = process_config(support, self.sdk, self.labels, self.states_cover_lifecycle)
         self._own_program = program is None
         # Its own program (`run`, `attach`) leaves out the code of what this binary cannot use.
         self.program = program if program is not None else \
             BpfProgram(dataclasses.replace(settings, app_traces=self.sdk is not None, labels=self.labels is not None))
         self.attached_groups: set[str] = set()
+        self._points_on: set[ProbePoint] = set()  # attached now (the budget switches lifecycle points by handler)
         self._slot: int | None = None
         self._labels_left_out = 0  # labels goroutines had beyond those the kernel sent (the first 8)
 
     def attach(self) -> None:
-        """Register the process with the program (loading it first if need be) and attach every group."""
+        """Register the process with the program (loading it first if need be) and attach every group
+        (the lifecycle group only where the states probe does not cover creations and exits)."""
         self.program.load()
         self._slot = self.program.add_process(self.pid, self.config)
         for group in self.groups:
-            self.attach_group(group)
+            if group != LIFECYCLE or not self.states_cover_lifecycle:
+                self.attach_group(group)
         # From here on, with every probe in place, goroutines are seen (attaching them one by one
         # takes tens of milliseconds: a goroutine created meanwhile may have missed them).
         self.attached_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
 
     def attach_group(self, group: str) -> None:
         """Attach one probe group (LIFECYCLE, STATES, ALLOCS, APP_SPANS) to this process."""
-        if group in self.attached_groups:
-            return
+        self._attach_points(self.groups[group])
+        self.attached_groups.add(group)
+
+    def _attach_points(self, points) -> None:
+        """Attach those of the points not attached yet."""
         try:
-            for point in self.groups[group]:
-                self.program.attach_uprobe(self.exe_path, point, self.pid)
+            for point in points:
+                if point not in self._points_on:
+                    self.program.attach_uprobe(self.exe_path, point, self.pid)
+                    self._points_on.add(point)
         except Exception as exc:
             self.close()
             raise AgentError(f"could not attach a uprobe to {self.exe_path} (PID {self.pid}): {exc}") from None
-        self.attached_groups.add(group)
 
     def detach_group(self, group: str) -> None:
         """Detach one probe group from this process (the others keep running)."""
-        if group not in self.attached_groups:
-            return
         self.attached_groups.discard(group)
-        for point in self.groups[group]:
-            with contextlib.suppress(Exception), _signals_deferred(), _captured_stderr():  # attached in part: those that are go
-                self.program.detach_uprobe(self.exe_path, point, self.pid)
+        self._detach_points(self.groups[group])
+
+    def _detach_points(self, points) -> None:
+        """Detach those of the points that are attached."""
+        for point in points:
+            if point in self._points_on:
+                self._points_on.discard(point)
+                with contextlib.suppress(Exception), _signals_deferred(), _captured_stderr():
+                    self.program.detach_uprobe(self.exe_path, point, self.pid)
 
     def poll(self, timeout_ms: int) -> KernelBatch:
         """Wait timeout_ms (less if the ring buffer fills or a process ends), then take this process's records."""
@@ -586,6 +638,45 @@ class GoroutineProbes:
         rows = self._rows("app_counters", AppCounter.N_APP_COUNTERS)
         return {**{name: sum(rows[i]) for i, name in APP_COUNTER_NAMES.items()}, "labels_left_out": self._labels_left_out}
 
+    # --- switching probes off and on: the overhead budget (shedding.py decides when) -------------
+    def switch(self, handler: str, on: bool) -> None:
+        """Attach (on) or detach the probe points that run one lifecycle or state handler in this
+        process; points already so are left alone. A few milliseconds of the agent's time a point.
+        Where the states probe covers creations and exits (CFG_STATES_COVER_LIFECYCLE in the process's
+        config), the lifecycle handlers stand down while the flag is set: states off attaches both
+        lifecycle handlers and clears it first, states on sets it again once the states probe is in."""
+        if handler == STATE_HANDLER:
+            self._switch_states(on)
+            return
+        points = [p for p in self.groups[LIFECYCLE] if p.handler == handler]
+        (self._attach_points if on else self._detach_points)(points)
+        lifecycle_on = any(p in self._points_on for p in self.groups[LIFECYCLE])
+        (self.attached_groups.add if lifecycle_on else self.attached_groups.discard)(LIFECYCLE)
+
+    def _switch_states(self, on: bool) -> None:
+        covers = self.states_cover_lifecycle
+        if on:
+            self.attach_group(STATES)
+            if covers:
+                self._set_config_flag(ProcFlag.CFG_STATES_COVER_LIFECYCLE, True)
+            return
+        if covers:  # creations and exits go over to the lifecycle probes before the states probe goes
+            for handler in LIFECYCLE_HANDLERS:
+                self.switch(handler, True)
+            self._set_config_flag(ProcFlag.CFG_STATES_COVER_LIFECYCLE, False)
+        self.detach_group(STATES)
+
+    def _set_config_flag(self, flag: int, on: bool) -> None:
+        self.program.set_flag(self.pid, flag, on)
+        self.config["flags"] = (int(self.config["flags"]) | flag) if on else (int(self.config["flags"]) & ~flag)
+
+    def hits(self) -> dict[str, int]:
+        """Runs of each lifecycle and state handler in this process so far (with the program built
+        for a budget, ProbeSettings.budget; zeros otherwise)."""
+        rows = self._rows("counters", Counter.N_COUNTERS)
+        return {CREATE_HANDLER: sum(rows[Counter.C_HITS_CREATE]), EXIT_HANDLER: sum(rows[Counter.C_HITS_EXIT]),
+                STATE_HANDLER: sum(rows[Counter.C_HITS_STATE])}
+
     def close(self) -> None:
         """Detach every probe and forget the process in the program (closed too if it is this process's own)."""
         for group in list(self.attached_groups):
@@ -595,6 +686,29 @@ class GoroutineProbes:
         self._slot = None
         if self._own_program:
             self.program.close()
+
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}
+_BPF_ENABLE_STATS = 32
+
+
+def enable_run_stats() -> int:
+    """Turn on the kernel's run count and run time of every BPF program while the returned fd is open
+    (BPF_ENABLE_STATS: about 20 ns a run, for every program on the machine)."""
+    libc = ct.CDLL(None, use_errno=True)
+    attr = (ct.c_uint32 * 32)()  # union bpf_attr, enable_stats.type = BPF_STATS_RUN_TIME (0)
+    fd = libc.syscall(ct.c_long(_SYS_BPF[platform.machine()]), ct.c_int(_BPF_ENABLE_STATS), attr, ct.c_uint(ct.sizeof(attr)))
+    if fd < 0:
+        err = ct.get_errno()
+        raise OSError(err, f"BPF_ENABLE_STATS: {os.strerror(err)}")
+    return fd
+
+
+def run_stats(prog_fd: int) -> tuple[int, int]:
+    """(runs, run time in ns) of a BPF program, from its fdinfo."""
+    with open(f"/proc/self/fdinfo/{prog_fd}") as info:
+        fields = dict(line.rstrip("\n").split(":\t", 1) for line in info if ":\t" in line)
+    return int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0))
 
 
 _MADV_PAGEOUT = 21

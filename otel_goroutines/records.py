@@ -67,6 +67,7 @@ class GoroutineRecord:
     app_span_id: int = 0             # its parent, the application span active on its creator (0: the creator's span)
     app_flags: int = 0               # APP_IN_TRACE, APP_LINKED, APP_SAMPLED (spans.py)
     labels: dict = field(default_factory=dict)  # runtime/pprof labels at its end
+    traced_in_full: bool | None = None          # under an overhead budget: no detail shed during its life (None: no budget)
     changes: list[StateChange] = field(default_factory=list)
 
     @property

@@ -189,6 +189,8 @@ class SpanBuilder:
                 attrs["code.line.number"] = site[2]
         if rec.existed_at_attach:
             attrs["go.goroutine.existed_at_attach"] = True
+        if rec.traced_in_full is not None:
+            attrs["go.goroutine.traced_in_full"] = rec.traced_in_full
         for key, value in rec.labels.items():
             attrs[f"go.goroutine.label.{key}"] = value
         if self.states_traced:

@@ -51,19 +51,26 @@ def load_bias(pid: int, binary: GoBinary) -> int:
 
 def live_goroutines(pid: int, support: RuntimeSupport, bias: int) -> list[ExistingGoroutine]:
     """Every goroutine in runtime.allgs that is not dead, read from the target's memory."""
+    return all_goroutines(pid, support, bias)[0]
+
+
+def all_goroutines(pid: int, support: RuntimeSupport, bias: int) -> tuple[list[ExistingGoroutine], int]:
+    """The live goroutines of runtime.allgs, and the largest goroutine id any g there holds, dead
+    ones included (a dead g keeps its last id): about how many goroutines the runtime has numbered."""
     off = support.offsets
     span = max(off.values()) + 8
     mem = ProcessMemory(pid)
     try:
         array, length, _ = struct.unpack("<QQQ", mem.read(support.allgs_address + bias, 24))
         pointers = struct.unpack(f"<{length}Q", mem.read(array, 8 * length)) if length else ()
-        found = []
+        found, top = [], 0
         for g in pointers:
             try:
                 raw = mem.read(g, span)
             except OSError:
                 continue
             u64 = lambda field: struct.unpack_from("<Q", raw, off[field])[0]
+            top = max(top, u64("g_goid"))
             status = struct.unpack_from("<I", raw, off["g_atomicstatus"])[0] & ~0x1000
             if status in (G_IDLE, G_DEAD) or status >= 11:  # 11: _Gdeadextra (Go 1.26), a parked cgo g
                 continue
@@ -71,7 +78,7 @@ def live_goroutines(pid: int, support: RuntimeSupport, bias: int) -> list[Existi
                 g_address=g, goid=u64("g_goid"), status=status,
                 parent_goid=u64("g_parentGoid") if "g_parentGoid" in off else 0,
                 start_pc=u64("g_startpc"), go_pc=u64("g_gopc"), wait_reason=raw[off["g_waitreason"]]))
-        return found
+        return found, top
     finally:
         mem.close()
 

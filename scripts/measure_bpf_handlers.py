@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from otel_goroutines import goruntime  # noqa: E402
 from otel_goroutines.binary.gobinary import GoBinary  # noqa: E402
-from otel_goroutines.probes import GoroutineProbes, ProbeSettings  # noqa: E402
+from otel_goroutines.probes import GoroutineProbes, ProbeSettings, run_stats  # noqa: E402
 
 STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
@@ -43,11 +43,6 @@ def bench_binary(name: str) -> Path:
     if not found:
         sys.exit(f"no bench/go/{name} build in .cache/bench: run `make bench` (or bench/run.py --smoke) first")
     return found[-1]
-
-
-def run_stats(prog_fd: int) -> tuple[int, int]:
-    info = dict(line.split(":\t", 1) for line in Path(f"/proc/self/fdinfo/{prog_fd}").read_text().splitlines() if ":\t" in line)
-    return int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0))
 
 
 def measure(exe: Path, settings: ProbeSettings, n: int) -> dict[str, tuple[float, float]]:

@@ -128,6 +128,7 @@ def test_compose_loads_and_wires_the_sidecar(compose):
     command = agent["command"]
     assert command[0] == "watch" and _flag_value(command, "--exe-name") == "demo"  # demo.Dockerfile's /demo
     assert _flag_value(command, "--health-file") == HEALTH_FILE and "/run/otel-goroutines" in agent["tmpfs"]
+    assert _flag_value(command, "--max-overhead") == "5"  # the overhead budget a production sidecar keeps
     assert agent["environment"]["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4317"
     assert agent["environment"]["OTEL_EXPORTER_OTLP_PROTOCOL"] == "grpc"
     collector = services["otel-collector"]
@@ -186,6 +187,7 @@ def test_kubernetes_sidecar_settings():
     args = agent["args"]
     assert args[0] == "watch" and _flag_value(args, "--exe-name") == "demo"
     health_file = _flag_value(args, "--health-file")
+    assert _flag_value(args, "--max-overhead") == "5"
     assert agent["livenessProbe"]["exec"]["command"][:4] == ["otel-goroutines", "health", "--file", health_file]
     assert pod["terminationGracePeriodSeconds"] > float(_flag_value(args, "--shutdown-timeout"))
     mounts = {m["mountPath"]: m for m in agent["volumeMounts"]}

@@ -147,3 +147,18 @@ def test_empty_batch_and_bad_reasons():
     cols["trace_reason"][0] = max(TraceReason) + 1
     with pytest.raises(ValueError):
         fast.encode(cols, end_reason, changes)
+
+
+def test_traced_in_full_same_bytes_as_the_reference():
+    """Under an overhead budget every span says whether it was traced in full, beside existed_at_attach."""
+    b, encoder = builder(True), SpanEncoder(RESOURCE, SCOPE)
+    rng = np.random.default_rng(5)
+    cols, end_reason, changes = generate(rng, 200)
+    cols["traced_in_full"] = rng.random(200) < 0.5
+    got = BatchSpanEncoder(b, encoder).encode(cols, end_reason, changes)
+    recs = records(cols, end_reason, changes)
+    for rec, full in zip(recs, cols["traced_in_full"].tolist()):
+        rec.traced_in_full = full
+    want = [encoder.span(b.build(rec)) for rec in recs]
+    assert got == want
+    assert b.build(recs[0]).attributes["go.goroutine.traced_in_full"] is bool(cols["traced_in_full"][0])
