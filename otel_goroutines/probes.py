@@ -643,8 +643,9 @@ class GoroutineProbes:
         """Attach (on) or detach the probe points that run one lifecycle or state handler in this
         process; points already so are left alone. A few milliseconds of the agent's time a point.
         Where the states probe covers creations and exits (CFG_STATES_COVER_LIFECYCLE in the process's
-        config), the lifecycle handlers stand down while the flag is set: states off attaches both
-        lifecycle handlers and clears it first, states on sets it again once the states probe is in."""
+        config), the lifecycle handlers stand down while the flag is set: states off clears it before
+        the states probe goes (so lifecycle probes attached beforehand take over creations and exits at
+        once), states on sets it again once the states probe is in (the caller detaches them after)."""
         if handler == STATE_HANDLER:
             self._switch_states(on)
             return
@@ -660,9 +661,7 @@ class GoroutineProbes:
             if covers:
                 self._set_config_flag(ProcFlag.CFG_STATES_COVER_LIFECYCLE, True)
             return
-        if covers:  # creations and exits go over to the lifecycle probes before the states probe goes
-            for handler in LIFECYCLE_HANDLERS:
-                self.switch(handler, True)
+        if covers:  # creations and exits go over to the lifecycle probes (if attached) before the states probe goes
             self._set_config_flag(ProcFlag.CFG_STATES_COVER_LIFECYCLE, False)
         self.detach_group(STATES)
 

@@ -228,14 +228,17 @@ class ProbeShedder:
         self._exit_off_at = None
         if EXIT in wanted and EXIT not in old:
             ops.append((EXIT, True))
-        states_first = self.probes.states_cover_lifecycle and STATE in wanted and STATE not in old
+        covers = self.probes.states_cover_lifecycle
+        states_first = covers and STATE in wanted and STATE not in old
         if states_first:  # it takes over creations and exits from the lifecycle probes (switch sets the flag)
             ops.append((STATE, True))
         if CREATE in old and CREATE not in wanted:
             ops.append((CREATE, False))
+        if CREATE in wanted and CREATE not in old and covers:  # before the states probe hands creations over
+            ops.append((CREATE, True))
         if (STATE in wanted) != (STATE in old) and not states_first:
             ops.append((STATE, STATE in wanted))
-        if CREATE in wanted and CREATE not in old:
+        if CREATE in wanted and CREATE not in old and not covers:
             ops.append((CREATE, True))
         if EXIT in old and EXIT not in wanted:
             ops.append((EXIT, False))
