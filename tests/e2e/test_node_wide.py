@@ -54,6 +54,7 @@ def test_agent_runs_node_wide_with_the_sidecars_tested_privileges(manifest):
     args = agent["args"]
     assert args[0] == "watch" and not {"--exe-name", "--exe-path", "--pid-file"} & set(args)  # every Go process
     assert _flag_value(args, "--health-file") == HEALTH_FILE
+    assert _flag_value(args, "--max-overhead") == "5"  # the budget holds for each process on the node (hits counted per process)
     assert agent["livenessProbe"]["exec"]["command"][:4] == ["otel-goroutines", "health", "--file", HEALTH_FILE]
     assert pod["terminationGracePeriodSeconds"] > float(_flag_value(args, "--shutdown-timeout"))
     env = {e["name"]: e for e in agent["env"]}
