@@ -462,8 +462,9 @@ class GoroutineProbes:
         # With state events on, the casgstatus probe also sees creations and exits where the
         # runtime allows it (Go 1.24+): one trap fewer per goroutine and per end.
         self.states_cover_lifecycle = settings.states and support.states_cover_lifecycle
-        # (lifecycle: attached where states do not cover it; the overhead budget may attach it anyway)
-        self.groups: dict[str, tuple[ProbePoint, ...]] = {LIFECYCLE: support.lifecycle_probes}
+        self.groups: dict[str, tuple[ProbePoint, ...]] = {}
+        if not self.states_cover_lifecycle:
+            self.groups[LIFECYCLE] = support.lifecycle_probes
         if settings.states:
             self.groups[STATES] = support.state_probes
         if settings.allocs is allocs.AllocMode.EXACT:
@@ -472,8 +473,7 @@ class GoroutineProbes:
             self.groups[ALLOCS] = support.allocs.sampled_probes
         if self.sdk is not None:
             self.groups[APP_SPANS] = self.sdk.probes
-        self.probe_points: list[ProbePoint] = [p for name, points in self.groups.items() for p in points
-                                               if name != LIFECYCLE or not self.states_cover_lifecycle]
+        self.probe_points: list[ProbePoint] = [p for points in self.groups.values() for p in points]
         self.config = process_config(support, self.sdk, self.labels, self.states_cover_lifecycle)
         self._own_program = program is None
         # Its own program (`run`, `attach`) leaves out the code of what this binary cannot use.
@@ -485,13 +485,11 @@ class GoroutineProbes:
         self._labels_left_out = 0  # labels goroutines had beyond those the kernel sent (the first 8)
 
     def attach(self) -> None:
-        """Register the process with the program (loading it first if need be) and attach every group
-        (the lifecycle group only where the states probe does not cover creations and exits)."""
+        """Register the process with the program (loading it first if need be) and attach every group."""
         self.program.load()
         self._slot = self.program.add_process(self.pid, self.config)
         for group in self.groups:
-            if group != LIFECYCLE or not self.states_cover_lifecycle:
-                self.attach_group(group)
+            self.attach_group(group)
         # From here on, with every probe in place, goroutines are seen (attaching them one by one
         # takes tens of milliseconds: a goroutine created meanwhile may have missed them).
         self.attached_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
@@ -649,10 +647,10 @@ class GoroutineProbes:
         if handler == STATE_HANDLER:
             self._switch_states(on)
             return
-        points = [p for p in self.groups[LIFECYCLE] if p.handler == handler]
-        (self._attach_points if on else self._detach_points)(points)
-        lifecycle_on = any(p in self._points_on for p in self.groups[LIFECYCLE])
-        (self.attached_groups.add if lifecycle_on else self.attached_groups.discard)(LIFECYCLE)
+        points = self.support.lifecycle_probes  # (a group only where the states probe does not cover them)
+        (self._attach_points if on else self._detach_points)([p for p in points if p.handler == handler])
+        if LIFECYCLE in self.groups:
+            (self.attached_groups.add if set(points) & self._points_on else self.attached_groups.discard)(LIFECYCLE)
 
     def _switch_states(self, on: bool) -> None:
         covers = self.states_cover_lifecycle
@@ -680,6 +678,7 @@ class GoroutineProbes:
         """Detach every probe and forget the process in the program (closed too if it is this process's own)."""
         for group in list(self.attached_groups):
             self.detach_group(group)
+        self._detach_points(list(self._points_on))  # the lifecycle probes the budget attached beside the states probe
         if self._slot is not None and self.program.loaded:
             self.program.remove_process(self.pid, self._slot)
         self._slot = None
