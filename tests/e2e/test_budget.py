@@ -5,6 +5,8 @@
 - a program creating goroutines as fast as it can (bench/go/churn, pinned), under the same budget, runs
   near its untraced speed, gets its detail shed and says so (summary, spans marked partial), and still
   exports spans; without a budget, every goroutine is traced.
+- two processes on one program built for a budget: hits counted per process, and on Go 1.24+ the
+  hand-over of creations and exits between the states probe and the lifecycle probes.
 """
 
 from __future__ import annotations
@@ -97,3 +99,52 @@ def test_a_churn_under_budget_runs_near_its_untraced_speed(bench, bench_churn, t
     seen = int(re.search(r"goroutines seen: (\d+)", stderr).group(1))
     assert seen >= 100_000 and len(spans) == seen, stderr
     assert "overhead budget" not in stderr and all("go.goroutine.traced_in_full" not in s.attributes for s in spans)
+
+
+def test_hits_are_per_process_and_states_hand_lifecycle_over(programs, tmp_path):
+    """Two processes on one program built for a budget: each one's handler hits are its own (the
+    kernel's run counts would add both up). On a Go whose states probe covers creations and exits,
+    lifecycle probes attached beside it stand down (none seen twice), and turning states off hands
+    creations and exits over to them (still seen)."""
+    import subprocess
+    import time
+
+    from helpers import poll
+    from otel_goroutines.analysis import analyse
+    from otel_goroutines.probes import CREATE_HANDLER, EXIT_HANDLER, STATE_HANDLER, BpfProgram, GoroutineProbes, ProbeSettings
+    tickers = [subprocess.Popen([str(programs["ticker"]), str(tmp_path / f"t{n}.json"), "60s"]) for n in range(2)]
+    settings = ProbeSettings(budget=True)
+    program = BpfProgram(settings)
+    found = analyse(str(programs["ticker"]))
+    probes = [GoroutineProbes(found.support, str(programs["ticker"]), t.pid, settings, found.sdk.support, program) for t in tickers]
+    counter = lambda p, name: p.counters()[name]
+    try:
+        for p in probes:
+            p.attach()
+        assert probes[0].states_cover_lifecycle  # the hand-over is what this test is about
+        assert poll(lambda: all(counter(p, "goroutines_created") >= 10 for p in probes), 20)
+        assert probes[0].hits()[STATE_HANDLER] > 0 and probes[0].hits()[CREATE_HANDLER] == 0
+        for handler in (EXIT_HANDLER, CREATE_HANDLER):  # beside the states probe: they stand down
+            probes[0].switch(handler, True)
+        made = [counter(p, "goroutines_created") for p in probes]
+        untracked = counter(probes[0], "exits_of_untraced_goroutines")
+        time.sleep(1.0)
+        grown = [counter(p, "goroutines_created") - m for p, m in zip(probes, made)]
+        assert 0 < grown[0] <= 1.5 * grown[1] + 5, grown  # not each creation twice
+        assert counter(probes[0], "exits_of_untraced_goroutines") == untracked
+        assert probes[0].hits()[CREATE_HANDLER] > 0 and probes[1].hits()[CREATE_HANDLER] == 0  # its own hits
+        probes[0].switch(STATE_HANDLER, False)
+        time.sleep(0.1)  # a hit already inside the handler may still count
+        states = [p.hits()[STATE_HANDLER] for p in probes]
+        made = counter(probes[0], "goroutines_created")
+        untracked = counter(probes[0], "exits_of_untraced_goroutines")
+        assert poll(lambda: counter(probes[0], "goroutines_created") >= made + 20, 20)  # seen by the lifecycle probes
+        assert probes[0].hits()[STATE_HANDLER] == states[0] and probes[1].hits()[STATE_HANDLER] > states[1]
+        assert counter(probes[0], "exits_of_untraced_goroutines") == untracked  # exits of tracked goroutines seen
+    finally:
+        for p in probes:
+            p.close()
+        program.close()
+        for t in tickers:
+            t.kill()
+            t.wait()
