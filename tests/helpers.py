@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
@@ -385,3 +386,25 @@ def build_appservice(sdk: str = SDK_NEWEST, go: str | None = None, flags: tuple[
         subprocess.run([go, "build", *modfile, *flags, "-o", str(tmp), package], cwd=APPSERVICE, env=env, check=True)
         tmp.rename(out)
     return out
+
+
+@contextlib.contextmanager
+def tickers_on_one_program(ticker: Path, tmp_path: Path, settings):
+    """Two ticker processes, each with its GoroutineProbes (not attached yet) on one BpfProgram of
+    these ProbeSettings; probes and program closed, tickers killed after."""
+    from otel_goroutines.analysis import analyse
+    from otel_goroutines.probes import BpfProgram, GoroutineProbes
+
+    tickers = [subprocess.Popen([str(ticker), str(tmp_path / f"t{n}.json"), "60s"]) for n in range(2)]
+    program = BpfProgram(settings)
+    found = analyse(str(ticker))
+    probes = [GoroutineProbes(found.support, str(ticker), t.pid, settings, found.sdk.support, program) for t in tickers]
+    try:
+        yield probes
+    finally:
+        for p in probes:
+            p.close()
+        program.close()
+        for t in tickers:
+            t.kill()
+            t.wait()

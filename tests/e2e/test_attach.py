@@ -129,16 +129,10 @@ def test_probe_groups_detach_and_attach_again_on_one_process(programs, tmp_path)
     """Two processes on one BPF program; one process's probe groups are detached at run time (what
     an overhead budget does) and attached again: its goroutines stop being seen, then are seen
     again, while the other process is traced throughout (its probes are its own)."""
-    from helpers import poll
-    from otel_goroutines.analysis import analyse
-    from otel_goroutines.probes import BpfProgram, GoroutineProbes, ProbeSettings
-    tickers = [subprocess.Popen([str(programs["ticker"]), str(tmp_path / f"t{n}.json"), "60s"]) for n in range(2)]
-    program = BpfProgram(ProbeSettings())
-    found = analyse(str(programs["ticker"]))
-    probes = [GoroutineProbes(found.support, str(programs["ticker"]), t.pid, ProbeSettings(), found.sdk.support, program)
-              for t in tickers]
-    created = lambda p: p.counters()["goroutines_created"]
-    try:
+    from helpers import poll, tickers_on_one_program
+    from otel_goroutines.probes import ProbeSettings
+    with tickers_on_one_program(programs["ticker"], tmp_path, ProbeSettings()) as probes:
+        created = lambda p: p.counters()["goroutines_created"]
         for p in probes:
             p.attach()
         assert poll(lambda: all(created(p) >= 10 for p in probes), 20)
@@ -154,10 +148,3 @@ def test_probe_groups_detach_and_attach_again_on_one_process(programs, tmp_path)
         for p in probes:  # each process's records came to it alone
             batch = p.drain()
             assert set(batch.ends["tgid"].tolist()) <= {p.pid}
-    finally:
-        for p in probes:
-            p.close()
-        program.close()
-        for t in tickers:
-            t.kill()
-            t.wait()

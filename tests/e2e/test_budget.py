@@ -106,19 +106,12 @@ def test_hits_are_per_process_and_states_hand_lifecycle_over(programs, tmp_path)
     kernel's run counts would add both up). On a Go whose states probe covers creations and exits,
     lifecycle probes attached beside it stand down (none seen twice), and turning states off hands
     creations and exits over to them (still seen)."""
-    import subprocess
     import time
 
-    from helpers import poll
-    from otel_goroutines.analysis import analyse
-    from otel_goroutines.probes import CREATE_HANDLER, EXIT_HANDLER, STATE_HANDLER, BpfProgram, GoroutineProbes, ProbeSettings
-    tickers = [subprocess.Popen([str(programs["ticker"]), str(tmp_path / f"t{n}.json"), "60s"]) for n in range(2)]
-    settings = ProbeSettings(budget=True)
-    program = BpfProgram(settings)
-    found = analyse(str(programs["ticker"]))
-    probes = [GoroutineProbes(found.support, str(programs["ticker"]), t.pid, settings, found.sdk.support, program) for t in tickers]
-    counter = lambda p, name: p.counters()[name]
-    try:
+    from helpers import poll, tickers_on_one_program
+    from otel_goroutines.probes import CREATE_HANDLER, EXIT_HANDLER, STATE_HANDLER, ProbeSettings
+    with tickers_on_one_program(programs["ticker"], tmp_path, ProbeSettings(budget=True)) as probes:
+        counter = lambda p, name: p.counters()[name]
         for p in probes:
             p.attach()
         assert probes[0].states_cover_lifecycle  # the hand-over is what this test is about
@@ -141,10 +134,3 @@ def test_hits_are_per_process_and_states_hand_lifecycle_over(programs, tmp_path)
         assert poll(lambda: counter(probes[0], "goroutines_created") >= made + 20, 20)  # seen by the lifecycle probes
         assert probes[0].hits()[STATE_HANDLER] == states[0] and probes[1].hits()[STATE_HANDLER] > states[1]
         assert counter(probes[0], "exits_of_untraced_goroutines") == untracked  # exits of tracked goroutines seen
-    finally:
-        for p in probes:
-            p.close()
-        program.close()
-        for t in tickers:
-            t.kill()
-            t.wait()
