@@ -33,7 +33,8 @@ STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 HOPS = 8  # bench/go/wakes' default: wakes per pair of goroutines
 WORKLOADS = {  # workload -> what is measured: label -> probe settings
-    "churn": {"lifecycle": ProbeSettings(states=False), "states": ProbeSettings(states=True)},
+    "churn": {"lifecycle": ProbeSettings(states=False), "states": ProbeSettings(states=True),
+              "states, built for --max-overhead (hits counted per process)": ProbeSettings(states=True, budget=True)},
     "wakes": {"states --no-wakers": ProbeSettings(wakers=False), "states": ProbeSettings()},
 }
 
