@@ -189,9 +189,9 @@ def process_config(support: RuntimeSupport, sdk: SdkSupport | None, labels: Labe
                                 "from goid, status and waitreason: this runtime's layout is not supported")
     cfg = np.zeros(1, PROC_CONFIG_DTYPE)[0]
     cfg["g_start"], cfg["g_lo_size"], cfg["g_all_size"] = start, lo_size, all_size
-    for field, name in (("goid", "g_goid"), ("atomicstatus", "g_status"), ("waitreason", "g_waitreason"),
-                        ("gopc", "g_gopc"), ("startpc", "g_startpc"), ("parentGoid", "g_parentgoid")):
-        cfg[name] = offsets.get(field, start) - start
+    for g_field, name in (("goid", "g_goid"), ("atomicstatus", "g_status"), ("waitreason", "g_waitreason"),
+                          ("gopc", "g_gopc"), ("startpc", "g_startpc"), ("parentGoid", "g_parentgoid")):
+        cfg[name] = offsets.get(g_field, start) - start
     cfg["off_g_goid"], cfg["off_g_m"], cfg["off_m_curg"] = offsets["goid"], offsets["m"], support.offsets["m_curg"]
     flags = ProcFlag.CFG_PARENT_GOID if "parentGoid" in offsets else 0
     if states_cover_lifecycle:
