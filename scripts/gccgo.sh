@@ -13,13 +13,14 @@ if [ ! -e "$out/.complete" ]; then
   (cd "$out/debs" && apt-get download -qq "gccgo-12=$version" "libgo-12-dev=$version" "libgo21=$version" 2>&1 | grep -v unsandboxed >&2 || true)
   for deb in "$out"/debs/*.deb; do dpkg-deb -x "$deb" "$out/root"; done
   rm -rf "$out/debs"
-  r="$out/root"
-  cat > "$out/gccgo" <<WRAPPER
-#!/bin/sh
-exec "$r/usr/bin/x86_64-linux-gnu-gccgo-12" -B "$r/usr/lib/gcc/x86_64-linux-gnu/12/" -B "$r/usr/libexec/gcc/x86_64-linux-gnu/12/" \\
-  -B /usr/lib/gcc/x86_64-linux-gnu/12/ -B /usr/libexec/gcc/x86_64-linux-gnu/12/ -L "$r/usr/lib/x86_64-linux-gnu" -static-libgo "\$@"
-WRAPPER
-  chmod +x "$out/gccgo"
   touch "$out/.complete"
 fi
+# Written each time, finding its files beside itself: .cache is shared by clones, which come and go.
+cat > "$out/gccgo" <<'WRAPPER'
+#!/bin/sh
+r="$(cd "$(dirname "$0")" && pwd)/root"
+exec "$r/usr/bin/x86_64-linux-gnu-gccgo-12" -B "$r/usr/lib/gcc/x86_64-linux-gnu/12/" -B "$r/usr/libexec/gcc/x86_64-linux-gnu/12/" \
+  -B /usr/lib/gcc/x86_64-linux-gnu/12/ -B /usr/libexec/gcc/x86_64-linux-gnu/12/ -L "$r/usr/lib/x86_64-linux-gnu" -static-libgo "$@"
+WRAPPER
+chmod +x "$out/gccgo"
 echo "$out/gccgo"

@@ -51,8 +51,9 @@ def _go(version: str) -> str:
 def _trace(version: str, allocs: str, tmp_path, build: str = "default"):
     binary = build_program("allocs", go=_go(version), flags=BUILD_MODES[build])
     manifest_path, spans_path = tmp_path / "manifest.json", tmp_path / "spans.jsonl"
+    wait = ["wait-sampling"] if allocs == "sampled" else []  # allocations before the agent turns sampling on are not sampled
     run = run_agent(["run", "--allocs", allocs, "--exporter", "file", "--output", str(spans_path), "--quiet", "--",
-                     str(binary), str(manifest_path)], timeout=600)
+                     str(binary), str(manifest_path), *wait], timeout=600)
     assert run.returncode == 0, run.stderr
     manifest = json.loads(manifest_path.read_text())
     spans = by_goid(spans_from_otlp_json(spans_path))

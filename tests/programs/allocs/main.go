@@ -1,7 +1,12 @@
 // allocs: goroutines that allocate known, different amounts on the heap: many small objects,
 // large slices, strings, maps, a little, and next to nothing. They run one after another, so each
 // also measures what the runtime counted meanwhile (runtime.ReadMemStats deltas).
-// Usage: allocs MANIFEST
+// Usage: allocs MANIFEST [wait-sampling]
+//
+// wait-sampling: first wait (30 s at most) for runtime.MemProfileRate to be non-zero. The linker turns
+// heap sampling off in a program that never reads a memory profile; `--allocs sampled` turns it back
+// on once the runtime has initialised, a few milliseconds later, and allocations made before that
+// are not sampled: the fixture's truth is only comparable once sampling is on.
 //
 // The manifest's "allocs" list has, per goroutine: bytes and count it requested by construction
 // (0 where the program cannot know them: a map's internals), and heap_bytes / heap_count, the
@@ -142,6 +147,11 @@ func measure(rec *m.Goroutine, out *Alloc, done chan struct{}, work func() (int6
 }
 
 func main() {
+	if len(os.Args) > 2 && os.Args[2] == "wait-sampling" {
+		for deadline := time.Now().Add(30 * time.Second); runtime.MemProfileRate == 0 && time.Now().Before(deadline); {
+			time.Sleep(time.Millisecond)
+		}
+	}
 	me := m.Goid()
 	names := []string{"main.modest", "main.smallObjects", "main.largeSlices", "main.buildStrings", "main.fillMaps", "main.idle"}
 	allocs := make([]*Alloc, len(names))
