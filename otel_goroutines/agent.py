@@ -412,7 +412,14 @@ class Session:
     def _attach(self) -> None:
         compiled = self.probes.program.loaded
         started = time.monotonic()
+        if self.options.max_overhead_pct:  # measured before the probes go on: a busy target pays full detail until the budget acts
+            self.probes.program.load()
+            self.probes.program.trap_cost_ns()
         self.probes.attach()
+        if self.options.max_overhead_pct:
+            self.shedder = ProbeShedder(self.probes, self.support, self.target.pid, self.options.max_overhead_pct,
+                                        self.options.probes.states, self._load_bias)
+            self.shedder.start(lambda: self.probes.counters()["goroutines_created"])
         log.info("attached %d probes to PID %d in %.1f ms%s (%s, offsets from %s)", len(self.probes.probe_points), self.target.pid,
                  (time.monotonic() - started) * 1e3, "" if compiled else ", the eBPF program compiled first",
                  self.binary.go_version, self.support.offsets_source)
@@ -420,10 +427,6 @@ class Session:
         if isinstance(self.target, AttachedTarget):
             self._import_existing(self.probes.attached_ns)
             self._enable_heap_sampling()  # the runtime has long initialised
-        if self.options.max_overhead_pct:
-            self.shedder = ProbeShedder(self.probes, self.support, self.target.pid, self.options.max_overhead_pct,
-                                        self.options.probes.states, self._load_bias)
-            self.shedder.start(lambda: self.probes.counters()["goroutines_created"], self.options.poll_interval_ms)
         self.target.start()
 
     def _trace(self, pipeline: ExportPipeline, sender: MetricsSender | None, start_ns: int):

@@ -37,7 +37,7 @@ MIN_DUTY = 1 / 512         # below this the budget is reported as not kept, not 
 FIT_MARGIN = 0.8           # shed to what is predicted to use at most this much of the budget
 RESTORE_MARGIN = 0.5       # take detail back only when the next level up would use at most this much
 RESTORE_AFTER = 3          # ...for this many evaluations in a row
-MIN_TARGET_CPU_S = 0.05    # an evaluation needs this much of the target's CPU time (5 ticks of /proc/PID/stat)...
+MIN_TARGET_CPU_S = 0.01    # an evaluation needs this much of the target's CPU time (its CPU clock, to the ns)...
 MAX_INTERVAL_S = 2.0       # ...or this much wall time (an idle target)
 LIFECYCLE_HITS_PER_GOROUTINE = 2.0  # creation and exit
 

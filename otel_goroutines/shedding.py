@@ -23,6 +23,7 @@ A binary without a symbol table keeps its exit probe on throughout.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import threading
@@ -45,14 +46,15 @@ from .records import take
 log = logging.getLogger("otel_goroutines")
 
 HANDLERS = (CREATE, EXIT, STATE)
+TICK_MS = 20          # the control loop's period: how soon a burst at full detail is seen (its own, not the agent's poll)
 ON_S = 0.5            # a duty cycle's on part: this long, off for the rest of a window of ON_S / duty seconds,
-WINDOW_S = (2.0, 60.0)  # within these bounds. Detaching a uprobe stalls the target here for 0.1-0.4 s (and it keeps
-                      # firing until then): few switches, so that the stalls are a small part of the time
+WINDOW_S = (2.0, 60.0)  # within these bounds. A uprobe detach takes the agent 70-130 ms here (the kernel's RCU wait;
+                      # the probe stops firing within 1 ms, the target's rate dips for some 20 ms): few switches
 LINGER_S = 0.02       # the exit probe's stay after the creation probe went, in a duty cycle
-COUNT_EVERY_NS = 250_000_000  # how often the runtime's goroutine ids are read (runtime.allgs: a read per g),
+COUNT_EVERY_NS = 100_000_000  # how often the runtime's goroutine ids are read (runtime.allgs: 2 ms for 1,000 g's),
 COUNT_SHARE = 50              # ...and at most once every COUNT_SHARE times the CPU time a read took (2% of a core)
 HANDLER_NS = 500.0    # a handler's run time until the kernel has measured it (scripts/measure_bpf_handlers.py: 475-525 ns)
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
+_libc = ctypes.CDLL(None, use_errno=True)
 
 
 def window_s(duty: float) -> float:
@@ -61,13 +63,16 @@ def window_s(duty: float) -> float:
 
 
 def target_cpu_s(pid: int) -> float | None:
-    """The process's CPU time so far, user + system, all threads (None once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
+    """The process's CPU time so far, user + system, all threads (None once it is gone), from its CPU
+    clock (clock_getcpuclockid: to the nanosecond, where /proc/PID/stat counts 10 ms ticks, so that
+    a burst is judged within milliseconds; Python's time module has no clock_getcpuclockid)."""
+    clock = ctypes.c_int()
+    if _libc.clock_getcpuclockid(pid, ctypes.byref(clock)) != 0:
         return None
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime: fields 14 and 15 of stat
+    try:
+        return time.clock_gettime_ns(clock.value) / 1e9
+    except OSError:  # gone between the two calls
+        return None
 
 
 class ShedHistory:
@@ -267,12 +272,12 @@ class ProbeShedder:
         self._phase.since_ns = now_ns
 
     # --- the control thread --------------------------------------------------------------------
-    def start(self, created_total: Callable[[], int], poll_ms: int) -> None:
+    def start(self, created_total: Callable[[], int]) -> None:
         self._stop = threading.Event()
         self._unseen: list[np.ndarray] = []
 
         def run():
-            while not self._stop.wait(self.wait_ms(time.clock_gettime_ns(time.CLOCK_MONOTONIC), poll_ms) / 1e3):
+            while not self._stop.wait(self.wait_ms(time.clock_gettime_ns(time.CLOCK_MONOTONIC), TICK_MS) / 1e3):
                 try:
                     self.tick(time.clock_gettime_ns(time.CLOCK_MONOTONIC), created_total(), self._unseen.append)
                 except Exception:  # the target went away under a read: the agent's loop sees it end
@@ -382,8 +387,8 @@ class ProbeShedder:
         if evaluation.after != evaluation.before:
             r.steps += 1
             r.detail = evaluation.after.describe()
-            log.info("overhead budget %g%%: estimated %.1f%% over the last %.1f s of target CPU -> %s",
-                     r.percent, 100 * evaluation.overhead, evaluation.own_cpu_s, r.detail)
+            log.info("overhead budget %g%%: estimated %.1f%% over the last %.0f ms of the target's own CPU time -> %s",
+                     r.percent, 100 * evaluation.overhead, 1e3 * evaluation.own_cpu_s, r.detail)
             # into a duty cycle: its off part first (the program has just paid for more detail)
             into_duty = evaluation.after.level is Level.DUTY
             self._window_ns = now_ns - int(into_duty * evaluation.after.duty * window_s(evaluation.after.duty) * 1e9)

@@ -86,8 +86,9 @@ def test_a_churn_under_budget_runs_near_its_untraced_speed(bench, bench_churn, t
     budgeted, stderr, spans = _churn(bench, bench_churn, tmp_path, n, ("--max-overhead", "5"))
     after, _, _ = _churn(bench, bench_churn, tmp_path, n, None)
     untraced = (before["cpu_s"] + after["cpu_s"]) / 2
-    # generous slack: full detail costs this program about ten times its untraced time (README, What it costs)
-    assert budgeted["cpu_s"] / untraced < 1.05 + 0.45, (before, budgeted, after, stderr)
+    # Generous slack (measured here: +2 to +8%): full detail costs this program about ten times its
+    # untraced time, and a budget that reacted in 0.1 s instead of 20 ms cost it +27 to +40%.
+    assert budgeted["cpu_s"] / untraced < 1.05 + 0.20, (before, budgeted, after, stderr)
     assert re.search(r"overhead budget 5%: estimated .* -> state events off", stderr), stderr
     shed = re.search(r"shed: state events off for ([\d.]+) s, lifecycle probes off for ([\d.]+) s", stderr)
     assert shed and float(shed.group(1)) > 0 and float(shed.group(2)) > 0, stderr

@@ -75,8 +75,11 @@ def test_the_duty_has_a_floor():
 
 def test_an_evaluation_waits_for_enough_target_cpu():
     budget = OverheadBudget(5, states=True, states_see_lifecycle=True)
-    assert budget.observe(Sample(0.1, 0.01, 10, 30, 0, 0.1, 0.1), COSTS) is None
-    assert budget.observe(Sample(1.95, 0.01, 10, 30, 0, 1.95, 1.95), COSTS) is not None  # 2 s of wall time
+    assert budget.observe(Sample(0.1, 0.004, 10, 30, 0, 0.1, 0.1), COSTS) is None
+    assert budget.observe(Sample(0.1, 0.004, 10, 30, 0, 0.1, 0.1), COSTS) is None
+    assert budget.observe(Sample(0.1, 0.004, 10, 30, 0, 0.1, 0.1), COSTS) is not None  # 12 ms of target CPU in all
+    assert budget.observe(Sample(0.1, 0.001, 10, 30, 0, 0.1, 0.1), COSTS) is None
+    assert budget.observe(Sample(1.95, 0.001, 10, 30, 0, 1.95, 1.95), COSTS) is not None  # 2 s of wall time
 
 
 def test_an_idle_target_with_no_hits_is_within_budget():
