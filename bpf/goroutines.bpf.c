@@ -84,7 +84,7 @@ static __always_inline void count(struct proc_config *cfg, int which) {
         (*value)++;
 }
 
-// A hit of a lifecycle or state probe in this process, for the overhead budget (shedding.py).
+// A probe hit in this process, for the overhead budget (shedding.py).
 #ifdef FEATURE_BUDGET
 #define COUNT_HIT(cfg, which) count(cfg, which)
 #else
@@ -270,6 +270,7 @@ int on_app_span_start(struct pt_regs *ctx) {
     struct proc_config *cfg = current_config();
     if (!cfg)
         return 0;
+    COUNT_HIT(cfg, C_HITS_OTHER);
     return app_span_started(ctx, cfg, GO_ARG5(ctx), GO_ARG6(ctx));
 }
 
@@ -279,6 +280,7 @@ int on_app_span_start_ret(struct pt_regs *ctx) {
     struct proc_config *cfg = current_config();
     if (!cfg)
         return 0;
+    COUNT_HIT(cfg, C_HITS_OTHER);
     return app_span_started(ctx, cfg, read_u64(cfg, GO_ARG3(ctx) + OFF_ITAB_TYPE), GO_ARG4(ctx));
 }
 
@@ -288,6 +290,7 @@ int on_app_span_end(struct pt_regs *ctx) {
     struct proc_config *cfg = proc_configs.lookup(&sk.tgid);
     if (!cfg)
         return 0;
+    COUNT_HIT(cfg, C_HITS_OTHER);
     u64 *owner = app_span_owner.lookup(&sk);
     if (!owner)
         return 0;  // started before the probes, or already ended
@@ -742,6 +745,7 @@ int on_mallocgc(struct pt_regs *ctx) {
     struct proc_config *cfg = current_config();
     if (!cfg)
         return 0;
+    COUNT_HIT(cfg, C_HITS_OTHER);
     u64 size = GO_ARG1(ctx);
     // 0: no allocation (zerobase); up to specialized_malloc_max: mallocgc passes it on to a
     // size-specialized entry, whose own probe counts it.
@@ -756,6 +760,7 @@ int on_malloc_specialized(struct pt_regs *ctx) {
     struct proc_config *cfg = current_config();
     if (!cfg)
         return 0;
+    COUNT_HIT(cfg, C_HITS_OTHER);
     add_alloc(ctx, cfg, GO_ARG1(ctx), ALLOC_COUNT_UNIT, 0);
     return 0;
 }
@@ -769,6 +774,7 @@ int on_profilealloc(struct pt_regs *ctx) {
     struct proc_config *cfg = current_config();
     if (!cfg)
         return 0;
+    COUNT_HIT(cfg, C_HITS_OTHER);
     u64 size = GO_ARG3(ctx);
     u64 rate = DEFAULT_MEMPROFILERATE;
     if (cfg->flags & CFG_MEMPROFILERATE)  // runtime.MemProfileRate, at its link-time address moved by the load bias of a PIE

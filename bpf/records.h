@@ -65,7 +65,8 @@ enum counter {
     C_HITS_CREATE = 6,     // runs of each lifecycle and state handler in this process: the overhead
     C_HITS_EXIT = 7,       //   budget's hit counts (counted only in a program built with FEATURE_BUDGET;
     C_HITS_STATE = 8,      //   the kernel's own run counts add up every process sharing the program)
-    N_COUNTERS = 9,
+    C_HITS_OTHER = 9,      // runs of the allocation and application-span handlers (counted by the budget, not shed)
+    N_COUNTERS = 10,
 };
 
 enum app_counter {

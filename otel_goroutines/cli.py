@@ -160,6 +160,9 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
         output = DEFAULT_OUTPUT
     if ring_buffer_mib & (ring_buffer_mib - 1):
         raise AgentError(f"--ring-buffer-mib {ring_buffer_mib} is not a power of two (the kernel requires one), e.g. 8 or 16")
+    if max_overhead and allocs == AllocMode.EXACT.value:
+        raise AgentError("--allocs exact traps on every heap allocation (about 1 us each), more than any --max-overhead "
+                         "allows; use --allocs sampled (the default) with a budget, or leave --max-overhead out")
     warn_about_dropped_entries()
     return AgentOptions(
         export=ExportSettings(exporter, output, endpoint, protocol, flush_timeout,

@@ -57,7 +57,8 @@ class Counter(IntEnum):
     C_HITS_CREATE = 6
     C_HITS_EXIT = 7
     C_HITS_STATE = 8
-    N_COUNTERS = 9
+    C_HITS_OTHER = 9
+    N_COUNTERS = 10
 
 
 class AppCounter(IntEnum):

@@ -6,8 +6,10 @@ of a hit; it answers with the detail to trace at. The estimate is
 
     overhead = sum over handlers of hits x (trap + handler run time) / (target CPU - that cost)
 
-since the traps and handlers run on the target's threads and are part of its CPU time. Detail is
-shed, most expensive first, in this order, and taken back in the reverse order:
+since the traps and handlers run on the target's threads and are part of its CPU time. The
+application-span and heap-sample probes ("other": one hit per application span or heap sample) are
+counted in it but never shed: what they cost leaves the rest less of the budget. Detail is shed,
+most expensive first, in this order, and taken back in the reverse order:
 
 1. FULL: every probe (state events, lifecycle).
 2. NO_STATES: state events off (the casgstatus probe detached; creation and exit probes on).
@@ -62,6 +64,7 @@ class Sample:
     lifecycle_hits: int = 0      # runs of the creation and exit handlers
     states_on_s: float = 0.0     # how long the state probe was attached
     lifecycle_on_s: float = 0.0  # how long the creation probe was attached (or the state probe, when it sees creations)
+    other_hits: int = 0          # runs of the application-span and allocation handlers (attached throughout)
 
     def __add__(self, other: Sample) -> Sample:
         return Sample(*(a + b for a, b in zip(self.__dict__.values(), other.__dict__.values())))
@@ -72,12 +75,14 @@ class HitCosts:
     """CPU time one probe hit costs the target: the trap plus the handler's run, in ns."""
     state_ns: float
     lifecycle_ns: float
+    other_ns: float = 0.0
 
 
 @dataclass(frozen=True)
 class Evaluation:
     overhead: float     # estimated over the interval, a fraction of the target's own CPU time
     own_cpu_s: float    # the target's CPU time less the probes' cost
+    other_s: float      # ...of which the application-span and allocation probes' (not shed)
     before: Detail
     after: Detail
 
@@ -100,6 +105,7 @@ class OverheadBudget:
         self.state_rate = 0.0
         self.lifecycle_rate = 0.0
         self.states_per_lifecycle: float | None = None
+        self.other_rate = 0.0
 
     def observe(self, sample: Sample, costs: HitCosts) -> Evaluation | None:
         """Add an interval; once enough has been seen, evaluate it and decide (self.detail)."""
@@ -108,19 +114,20 @@ class OverheadBudget:
         if s.target_cpu_s < MIN_TARGET_CPU_S and s.seconds < MAX_INTERVAL_S:
             return None
         self._pending = Sample()
-        cost_s = (s.state_hits * costs.state_ns + s.lifecycle_hits * costs.lifecycle_ns) / 1e9
+        cost_s = (s.state_hits * costs.state_ns + s.lifecycle_hits * costs.lifecycle_ns + s.other_hits * costs.other_ns) / 1e9
         own = max(s.target_cpu_s - cost_s, 0.0)
         overhead = cost_s / own if own > 0 else (math.inf if cost_s > 0 else 0.0)
         self._learn(s, own)
         before = self.detail
         self.detail = self._decide(costs)
-        return Evaluation(overhead, own, before, self.detail)
+        return Evaluation(overhead, own, s.other_hits * costs.other_ns / 1e9, before, self.detail)
 
     def _learn(self, s: Sample, own: float) -> None:
         """Hit rates per second of the target's own CPU time, for each probe set that was attached
         (spread evenly: the program's load is taken as steady over the interval)."""
         if own <= 0 or s.seconds <= 0:
             return
+        self.other_rate = s.other_hits / own
         if s.states_on_s > 0:
             self.state_rate = s.state_hits / (own * s.states_on_s / s.seconds)
         if s.lifecycle_on_s > 0:
@@ -136,10 +143,11 @@ class OverheadBudget:
     def predicted(self, detail: Detail, costs: HitCosts) -> float:
         """The overhead detail would cost at the rates last seen."""
         lifecycle = self.lifecycle_rate * costs.lifecycle_ns / 1e9
+        other = self._never_shed(costs)
         if detail.level is Level.FULL:
             states = self.state_rate * costs.state_ns / 1e9
-            return states if self.states_see_lifecycle else states + lifecycle
-        return lifecycle * (detail.duty if detail.level is Level.DUTY else 1.0)
+            return other + (states if self.states_see_lifecycle else states + lifecycle)
+        return other + lifecycle * (detail.duty if detail.level is Level.DUTY else 1.0)
 
     def _decide(self, costs: HitCosts) -> Detail:
         fits = self._most_detail_within(FIT_MARGIN * self.budget, costs)
@@ -160,11 +168,16 @@ class OverheadBudget:
         for level in (Level.FULL, Level.NO_STATES):
             if level >= self.top and self.predicted(Detail(level), costs) <= limit:
                 return Detail(level)
-        full_cycle = self.predicted(Detail(Level.DUTY, 1.0), costs)
+        other = self._never_shed(costs)
+        full_cycle = self.predicted(Detail(Level.DUTY, 1.0), costs) - other
         duty = 0.5
-        while duty > MIN_DUTY and full_cycle * duty > limit:
+        while duty > MIN_DUTY and other + full_cycle * duty > limit:
             duty /= 2
         return Detail(Level.DUTY, duty)
+
+    def _never_shed(self, costs: HitCosts) -> float:
+        """The application-span and allocation probes' overhead, at the rate last seen."""
+        return self.other_rate * costs.other_ns / 1e9
 
     def _one_step_up(self, detail: Detail) -> Detail | None:
         if detail.level is Level.DUTY:

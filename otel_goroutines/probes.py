@@ -64,6 +64,10 @@ HANDLERS = LIFECYCLE_HANDLERS + (STATE_HANDLER,)
 APP_SPAN_HANDLERS = ("on_app_span_start", "on_app_span_start_ret", "on_app_span_end")
 ALLOC_HANDLERS = ("on_mallocgc", "on_malloc_specialized", "on_profilealloc", "on_runtime_initialised")
 BUDGET_HANDLERS = ("on_calibrate",)
+# Counted by the overhead budget beside the lifecycle and state handlers, never shed: each runs
+# once per application span or heap sample (--allocs exact is refused with a budget).
+OTHER_COUNTED_HANDLERS = (*APP_SPAN_HANDLERS, "on_mallocgc", "on_malloc_specialized", "on_profilealloc")
+OTHER_HANDLERS = "other"  # their hits' key in GoroutineProbes.hits()
 
 _CAP_SYS_ADMIN, _CAP_PERFMON, _CAP_BPF = 21, 38, 39
 _BPF_NOEXIST = 1
@@ -668,11 +672,12 @@ class GoroutineProbes:
         self.config["flags"] = (int(self.config["flags"]) | flag) if on else (int(self.config["flags"]) & ~flag)
 
     def hits(self) -> dict[str, int]:
-        """Runs of each lifecycle and state handler in this process so far (with the program built
-        for a budget, ProbeSettings.budget; zeros otherwise)."""
+        """Runs of each lifecycle and state handler in this process so far, and of the others
+        (OTHER_HANDLERS: OTHER_COUNTED_HANDLERS together), with the program built for a budget
+        (ProbeSettings.budget; zeros otherwise)."""
         rows = self._rows("counters", Counter.N_COUNTERS)
         return {CREATE_HANDLER: sum(rows[Counter.C_HITS_CREATE]), EXIT_HANDLER: sum(rows[Counter.C_HITS_EXIT]),
-                STATE_HANDLER: sum(rows[Counter.C_HITS_STATE])}
+                STATE_HANDLER: sum(rows[Counter.C_HITS_STATE]), OTHER_HANDLERS: sum(rows[Counter.C_HITS_OTHER])}
 
     def close(self) -> None:
         """Detach every probe and forget the process in the program (closed too if it is this process's own)."""

@@ -40,6 +40,8 @@ from .overhead import Detail, HitCosts, Level, OverheadBudget, Sample
 from .probes import CREATE_HANDLER as CREATE
 from .probes import EXIT_HANDLER as EXIT
 from .probes import STATE_HANDLER as STATE
+from .probes import OTHER_COUNTED_HANDLERS
+from .probes import OTHER_HANDLERS as OTHER
 from .probes import GoroutineProbes, enable_run_stats
 from .records import take
 
@@ -113,6 +115,7 @@ class BudgetReport:
     trap_ns: float
     overhead: float = 0.0                  # the last evaluation's estimate (fraction of the target's own CPU)
     cost_s: float = 0.0                    # estimated CPU the probes cost the target, in all
+    other_cost_s: float = 0.0              # ...of which the application-span and allocation probes' (never shed)
     own_cpu_s: float = 0.0                 # the target's own CPU time over the evaluations
     states_off_s: float = 0.0              # state events shed
     lifecycle_off_s: float = 0.0           # lifecycle probes off (duty cycles' off parts)
@@ -135,6 +138,9 @@ class BudgetReport:
         kept = self.cost_s / self.own_cpu_s if self.own_cpu_s else 0.0
         lines = [f"overhead budget {self.percent:g}%: probes cost the target an estimated {kept:.2%} of its own CPU time "
                  f"(trap {self.trap_ns:.0f} ns a hit, measured at start; {self.steps} changes of detail; now: {self.detail})"]
+        if self.other_cost_s:
+            lines.append(f"  of which application-span and heap-sample probes (never shed): "
+                         f"{self.other_cost_s / self.own_cpu_s if self.own_cpu_s else 0.0:.2%}")
         if self.states_off_s or self.lifecycle_off_s:
             lines.append(f"  shed: state events off for {self.states_off_s:.1f} s, lifecycle probes off for "
                          f"{self.lifecycle_off_s:.1f} s (duty cycles); {self.partial_spans} spans not traced in full")
@@ -171,7 +177,6 @@ class ProbeShedder:
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         self._phase = _Phase(self._wanted(self.budget.detail, True), now)
         self._on_s = {h: 0.0 for h in HANDLERS}  # seconds attached in the current sample
-        self._runs = probes.program.handler_runs(HANDLERS)
         self._hits = probes.hits()
         self._cpu = target_cpu_s(pid) or 0.0
         self._created = 0
@@ -184,6 +189,7 @@ class ProbeShedder:
         self._min_goid: int | None = None
         self._max_goid = 0
         self._allgs_read_ns = now
+        self._read_cpu_ns = 0
 
     # --- which probes ---------------------------------------------------------------------
     def _wanted(self, detail: Detail, on_part: bool) -> frozenset:
@@ -310,7 +316,9 @@ class ProbeShedder:
         if self.support.allgs_address is not None and now_ns >= self._allgs_read_ns:
             cpu = time.thread_time_ns()
             self._read_allgs()
-            self._allgs_read_ns = now_ns + max(COUNT_EVERY_NS, COUNT_SHARE * (time.thread_time_ns() - cpu))
+            # paced by the cheaper of the last two reads: a one-off slow read (code paged back in) does not hold the next back
+            cost, self._read_cpu_ns = min(self._read_cpu_ns, time.thread_time_ns() - cpu), time.thread_time_ns() - cpu
+            self._allgs_read_ns = now_ns + max(COUNT_EVERY_NS, COUNT_SHARE * cost)
         if self.busy():
             return
         self._duty_cycle(now_ns, end_stale)
@@ -368,15 +376,15 @@ class ProbeShedder:
         if cpu is None:
             return
         self._account(now_ns)
-        runs, total = self.probes.program.handler_runs(HANDLERS), self.probes.hits()
-        hits = {h: total[h] - self._hits[h] for h in HANDLERS}
+        runs, total = self.probes.program.handler_runs(HANDLERS + OTHER_COUNTED_HANDLERS), self.probes.hits()
+        hits = {h: total[h] - self._hits[h] for h in total}
         sees_lifecycle = self.probes.states_cover_lifecycle
         sample = Sample(seconds=(now_ns - self._sample_ns) / 1e9, target_cpu_s=cpu - self._cpu, created=created,
                         state_hits=hits[STATE], lifecycle_hits=hits[CREATE] + hits[EXIT], states_on_s=self._on_s[STATE],
-                        lifecycle_on_s=self._on_s[CREATE] + (self._on_s[STATE] if sees_lifecycle else 0.0))
+                        lifecycle_on_s=self._on_s[CREATE] + (self._on_s[STATE] if sees_lifecycle else 0.0), other_hits=hits[OTHER])
         costs = self._costs(runs)
         evaluation = self.budget.observe(sample, costs)
-        self._runs, self._hits, self._cpu, self._sample_ns = runs, total, cpu, now_ns
+        self._hits, self._cpu, self._sample_ns = total, cpu, now_ns
         self._on_s = {h: 0.0 for h in HANDLERS}
         if evaluation is None:
             return
@@ -384,6 +392,7 @@ class ProbeShedder:
         r.overhead = evaluation.overhead
         r.own_cpu_s += evaluation.own_cpu_s
         r.cost_s += evaluation.overhead * evaluation.own_cpu_s if evaluation.own_cpu_s else 0.0
+        r.other_cost_s += evaluation.other_s
         if evaluation.after != evaluation.before:
             r.steps += 1
             r.detail = evaluation.after.describe()
@@ -398,8 +407,10 @@ class ProbeShedder:
         """Trap plus each handler's mean run time as the kernel measured it, every process sharing the
         program together (a default until it has)."""
         handler = {h: (runs[h][1] / runs[h][0] if runs[h][0] else HANDLER_NS) for h in HANDLERS}
+        other_runs = sum(runs[h][0] for h in OTHER_COUNTED_HANDLERS)
+        other = sum(runs[h][1] for h in OTHER_COUNTED_HANDLERS) / other_runs if other_runs else HANDLER_NS
         trap = self.report.trap_ns
-        return HitCosts(trap + handler[STATE], trap + (handler[CREATE] + handler[EXIT]) / 2)
+        return HitCosts(trap + handler[STATE], trap + (handler[CREATE] + handler[EXIT]) / 2, trap + other)
 
     # --- goroutine counts --------------------------------------------------------------------
     def saw_goids(self, goids: np.ndarray) -> None:

@@ -92,6 +92,8 @@ def test_a_churn_under_budget_runs_near_its_untraced_speed(bench, bench_churn, t
     assert re.search(r"overhead budget 5%: estimated .* -> state events off", stderr), stderr
     shed = re.search(r"shed: state events off for ([\d.]+) s, lifecycle probes off for ([\d.]+) s", stderr)
     assert shed and float(shed.group(1)) > 0 and float(shed.group(2)) > 0, stderr
+    # churn's heap samples (--allocs sampled) are counted, not shed
+    assert re.search(r"of which application-span and heap-sample probes \(never shed\): [\d.]+%", stderr), stderr
     counts = re.search(r"goroutines created: (\d+) by the runtime's count, (\d+) traced", stderr)
     assert counts and int(counts.group(1)) > int(counts.group(2)) > 0, stderr
     spans = goroutine_spans(spans)  # (group spans of short goroutines are no goroutine's: no such attribute)

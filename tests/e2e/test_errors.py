@@ -219,3 +219,10 @@ def test_nan_and_infinity_refused_by_the_option_parser(programs, option):
         run = run_agent(["run", option, value, "--", str(programs["tree"])])
         assert run.returncode == 2 and f"Invalid value for '{option}': '{value}' is not a finite number" in run.stderr
         assert "unexpected" not in run.stderr and "Traceback" not in run.stderr
+
+
+def test_exact_allocations_refused_under_a_budget(programs, tmp_path):
+    manifest = tmp_path / "m.json"
+    run = run_agent(["run", "--allocs", "exact", "--max-overhead", "5", "--", str(programs["tree"]), str(manifest)])
+    _one_line_error(run, "--allocs exact traps on every heap allocation")
+    assert not manifest.exists()  # refused before the program ran

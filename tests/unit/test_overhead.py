@@ -98,3 +98,23 @@ def test_history_marks_goroutines_alive_across_a_shed_interval():
     assert history.traced_in_full(create, end).tolist() == [True, False, False, True, False, True, False]
     assert ShedHistory().traced_in_full(create, end).all()
 
+
+
+OTHER = HitCosts(state_ns=1000, lifecycle_ns=1000, other_ns=1000)
+
+
+def test_probes_never_shed_count_and_leave_the_rest_less():
+    budget = OverheadBudget(5, states=True, states_see_lifecycle=True)
+    # 3% in state hits (lifecycle alone 2%) fit a 5% budget alone; with 3% in application-span and
+    # heap-sample hits they do not, and the lifecycle's 2% does not fit the 1% left either
+    light = Sample(1.0, 1.06, 10_000, 30_000, 0, 1.0, 1.0, other_hits=30_000)
+    ev = budget.observe(light, OTHER)
+    assert ev.overhead == pytest.approx(0.06) and ev.other_s == pytest.approx(0.03)
+    assert budget.detail.level is Level.DUTY
+    assert budget.predicted(budget.detail, OTHER) <= 0.8 * 0.05
+
+
+def test_probes_never_shed_alone_over_the_budget_shed_the_rest_to_the_floor():
+    budget = OverheadBudget(5, states=True, states_see_lifecycle=True)
+    budget.observe(Sample(1.0, 1.1, 10_000, 30_000, 0, 1.0, 1.0, other_hits=70_000), OTHER)
+    assert budget.detail == Detail(Level.DUTY, MIN_DUTY)
