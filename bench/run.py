@@ -59,7 +59,6 @@ from helpers import OtlpHttpReceiver, Rotel, go_toolchain  # noqa: E402  (the te
 
 CACHE = ROOT / ".cache" / "bench"
 AGENT = str(ROOT / ".venv" / "bin" / "otel-goroutines")
-PLACEMENT_ENV = "OTEL_GOROUTINES_PROBE_PLACEMENT"  # goruntime.PROBE_PLACEMENT_ENV
 BIGBIN_FUNCTIONS = 7000  # generated functions that bring bigbin to about 20 MB
 OPTIONAL_PARTS = "budget"  # run only when asked for (--only budget); merged into OUT/results.json
 PINNED_PARTS = {"pinned", "steady", "rss", "rate"}  # issue 11's rows, target and agent each on a CPU of its own
@@ -118,7 +117,6 @@ class Mode:
     kind: str                      # none | agent | trace | bpftrace | bare (empty handlers at the agent's probe
                                    # addresses) | paused (agent attached, then SIGSTOPped: churn only)
     agent_args: tuple[str, ...] = ()  # bare: the agent options whose probe set to use
-    env: tuple[tuple[str, str], ...] = ()
     handlers: str = ""             # bare: only the points run by these BPF handlers (comma-separated)
 
     def bare_command(self) -> list[str]:
@@ -147,18 +145,20 @@ def all_modes(smoke: bool) -> tuple[list[Mode], list[str]]:
     modes += [
         Mode("runtime_trace", "Go runtime/trace", "trace"),
         Mode("bpftrace_seed", "bpftrace seed (entry probes)", "bpftrace"),
+        # --probe-placement entry (a hidden agent option, for this comparison only): every probe on its
+        # function's first instruction, the naive placement, to measure what the agent's choice saves.
         Mode("entry_lifecycle", "agent lifecycle, probes on first instructions", "agent",
-             ("--detail", "lifecycle", *off), ((PLACEMENT_ENV, "entry"),)),
+             ("--detail", "lifecycle", *off, "--probe-placement", "entry")),
         Mode("entry_states", "agent states, probes on first instructions", "agent",
-             ("--detail", "states", *off), ((PLACEMENT_ENV, "entry"),)),
+             ("--detail", "states", *off, "--probe-placement", "entry")),
     ]
     modes += [
         Mode("paused_lifecycle", "agent --detail lifecycle, its user space paused (kernel side only)", "paused",
              ("--detail", "lifecycle", *off)),
         Mode("bare_lifecycle", "empty handlers at lifecycle probe addresses (trap cost only)", "bare", ("--detail", "lifecycle", *off)),
         Mode("bare_defaults", "empty handlers at the default probe set's addresses (trap cost only)", "bare", ()),
-        Mode("bare_entry_lifecycle", "empty handlers at the same functions' first instructions", "bare", ("--detail", "lifecycle", *off),
-             ((PLACEMENT_ENV, "entry"),)),
+        Mode("bare_entry_lifecycle", "empty handlers at the same functions' first instructions", "bare",
+             ("--detail", "lifecycle", *off, "--probe-placement", "entry")),
     ]
     if smoke:
         modes = [m for m in modes if m.key in ("none", "lifecycle", "runtime_trace")]
@@ -168,8 +168,6 @@ def all_modes(smoke: bool) -> tuple[list[Mode], list[str]]:
 def wrap(mode: Mode, argv: list[str], prog_path: Path, rotel: Rotel, trace_file: Path, flush_timeout: float = 1.0) -> tuple[list[str], dict]:
     """The command that runs argv (a Go program) under mode."""
     env = dict(os.environ)
-    env.pop(PLACEMENT_ENV, None)
-    env.update(dict(mode.env))
     if mode.kind == "none":
         return argv, env
     if mode.kind == "trace":
@@ -696,7 +694,7 @@ def bare_points(exe: str, agent_args: str, handlers: str):
     from otel_goroutines.probes import GoroutineProbes
     params = cli.run.make_context("run", [*agent_args.split(), "--", exe]).params
     options = cli._options(**{k: v for k, v in params.items() if k != "program"})
-    points = GoroutineProbes(goruntime.support_for(GoBinary(exe)), exe, 0, options.probes).probe_points
+    points = GoroutineProbes(goruntime.support_for(GoBinary(exe), options.probes.placement), exe, 0, options.probes).probe_points
     return [p for p in points if not handlers or p.handler in handlers.split(",")]
 
 
@@ -712,8 +710,8 @@ def _bare_bpf(points, count: bool):
 
 
 def bare_probes(agent_args: str, handlers: str, count: bool, argv: list[str], pid: int | None) -> int:
-    """Empty BPF handlers at the addresses the agent would probe (PROBE_PLACEMENT from the
-    environment): what the traps alone cost. Either runs argv, or (pid) stays attached to that
+    """Empty BPF handlers at the addresses the agent would probe (with its --probe-placement among
+    agent_args): what the traps alone cost. Either runs argv, or (pid) stays attached to that
     process until it exits, then prints its probe points (and hits, when counting) as JSON."""
     exe = argv[0] if argv else os.readlink(f"/proc/{pid}/exe")
     points = bare_points(exe, agent_args, handlers)

@@ -41,7 +41,7 @@ from .tracker import Summary
 log = logging.getLogger("otel_goroutines")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExportSettings:
     exporter: str            # "otlp", "file" or "console"
     output: str | None       # file/console destination
@@ -51,7 +51,7 @@ class ExportSettings:
     wire_encoder: bool = True  # False: the SDK's own span encoder (OTEL_GOROUTINES_OTLP_ENCODER=sdk, for the bench)
 
 
-@dataclass
+@dataclass(frozen=True)
 class AgentOptions:
     export: ExportSettings
     probes: ProbeSettings
@@ -128,6 +128,15 @@ def make_sink(settings: ExportSettings, resource: Resource, deadline: Deadline |
     raise AgentError(f"unknown exporter {settings.exporter!r}")
 
 
+def session_probe_settings(settings: ProbeSettings, support: goruntime.RuntimeSupport, exe_path: str) -> ProbeSettings:
+    """The probe settings of one traced binary: --allocs is off where it has no allocation probe
+    points. A copy: the options stay as parsed (`watch` gives every process the same ones)."""
+    if settings.allocs is not allocs.AllocMode.OFF and support.allocs is None:
+        log.warning("no heap-allocation probe points in %s: --allocs %s is off", exe_path, settings.allocs.value)
+        return dataclasses.replace(settings, allocs=allocs.AllocMode.OFF)
+    return settings
+
+
 class StatusLine:
     """The live status on the terminal's last line. A scroll region above it keeps the program's own
     output (which shares the terminal under `run`) from being written into it, as apt's progress bar does."""
@@ -171,15 +180,14 @@ class Session:
                  analyses: AnalysisCache | None = None):
         self.target = target
         self.options = options
-        analysis = analyses.get(target.exe_path) if analyses is not None else analyse(target.exe_path)
+        placement = options.probes.placement
+        analysis = analyses.get(target.exe_path, placement) if analyses is not None else analyse(target.exe_path, placement)
         self.binary = analysis.binary
         self.support = analysis.support
-        if options.probes.allocs is not allocs.AllocMode.OFF and self.support.allocs is None:
-            log.warning("no heap-allocation probe points in %s: --allocs %s is off", target.exe_path, options.probes.allocs.value)
-            options.probes = dataclasses.replace(options.probes, allocs=allocs.AllocMode.OFF)
+        self.probe_settings = session_probe_settings(options.probes, self.support, target.exe_path)
         self.summary = Summary()
         self.sdk = analysis.sdk  # the application's OpenTelemetry SDK, if any
-        self.probes = GoroutineProbes(self.support, target.exe_path, target.pid, options.probes, self.sdk.support, program)
+        self.probes = GoroutineProbes(self.support, target.exe_path, target.pid, self.probe_settings, self.sdk.support, program)
         self.long_lived = LongLived(options.long_lived)
         self.budget = SpanBudget(options.spans_per_second)
         self.salt = int.from_bytes(secrets.token_bytes(8), "big")
@@ -190,6 +198,7 @@ class Session:
         self._imported: set[int] = set()  # goroutines that existed at attach
         self.profile_rate: allocs.ProfileRate | None = None
         self.shedder: ProbeShedder | None = None  # --max-overhead
+        self.flush_timeout_s = options.export.flush_timeout_s  # stop() may shorten it (watch's --shutdown-timeout)
 
     # --- signals -------------------------------------------------------------------------
     def _on_signal(self, signum, _frame):
@@ -229,12 +238,12 @@ class Session:
                 function_name=symbolizer.function,
                 creation_site=symbolizer.creation_site,
                 wait_reason=self.support.wait_reason,
-                states_traced=self.options.probes.states,
-                allocs=self.options.probes.allocs,
-                wakers=self.options.probes.wakers,
+                states_traced=self.probe_settings.states,
+                allocs=self.probe_settings.allocs,
+                wakers=self.probe_settings.wakers,
             )
             encoder = getattr(sink, "encoder", None)  # sinks that take encoded spans
-            grouping = dataclasses.replace(self.options.groups, max_spans=self.options.probes.trace_max_spans)
+            grouping = dataclasses.replace(self.options.groups, max_spans=self.probe_settings.trace_max_spans)
             self._flow = SpanFlow(builder, self.long_lived, self.budget, self.summary,
                                   encoder.span if encoder is not None else None,
                                   BatchSpanEncoder(builder, encoder) if encoder is not None else None,
@@ -313,7 +322,7 @@ class Session:
         """--allocs sampled rides on the runtime's heap-profile samples: turn them on if the linker
         turned them off (called once the runtime has initialised)."""
         support = self.support.allocs
-        if self.options.probes.allocs is not allocs.AllocMode.SAMPLED or self.profile_rate is not None:
+        if self.probe_settings.allocs is not allocs.AllocMode.SAMPLED or self.profile_rate is not None:
             return
         if support.mem_profile_rate is None:
             log.warning("runtime.MemProfileRate not found (%s): heap sampling cannot be checked or turned on; "
@@ -369,9 +378,12 @@ class Session:
             pass
         return self.target.exit_status()
 
-    def stop(self) -> None:
-        """End the session at its next step: goroutines still alive end as agent_stopped."""
+    def stop(self, flush_timeout_s: float | None = None) -> None:
+        """End the session at its next step: goroutines still alive end as agent_stopped. flush_timeout_s
+        shortens --flush-timeout for this session (`watch` shares its --shutdown-timeout among targets)."""
         self._stop_reason = self._stop_reason or EndReason.AGENT_STOPPED
+        if flush_timeout_s is not None:
+            self.flush_timeout_s = min(self.flush_timeout_s, flush_timeout_s)
 
     def steps(self, handle_signals: bool = True):
         """The whole session as a generator, so one process can run several (`watch`): it yields
@@ -400,7 +412,7 @@ class Session:
             if self.shedder is not None:
                 self.shedder.close()
             self.probes.close()
-        deadline.start(opts.export.flush_timeout_s)
+        deadline.start(self.flush_timeout_s)
         if sender is not None:
             sender.send(end.metrics)  # goes out while the spans flush, not after them
         stats = pipeline.close(deadline.remaining())
@@ -418,12 +430,12 @@ class Session:
         self.probes.attach()
         if self.options.max_overhead_pct:
             self.shedder = ProbeShedder(self.probes, self.support, self.target.pid, self.options.max_overhead_pct,
-                                        self.options.probes.states, self._load_bias)
+                                        self.probe_settings.states, self._load_bias)
             self.shedder.start(lambda: self.probes.counters()["goroutines_created"])
         log.info("attached %d probes to PID %d in %.1f ms%s (%s, offsets from %s)", len(self.probes.probe_points), self.target.pid,
                  (time.monotonic() - started) * 1e3, "" if compiled else ", the eBPF program compiled first",
                  self.binary.go_version, self.support.offsets_source)
-        log.info("application spans: %s", self.sdk.reason if self.options.probes.app_traces else "not followed (--app-traces off)")
+        log.info("application spans: %s", self.sdk.reason if self.probe_settings.app_traces else "not followed (--app-traces off)")
         if isinstance(self.target, AttachedTarget):
             self._import_existing(self.probes.attached_ns)
             self._enable_heap_sampling()  # the runtime has long initialised
@@ -501,9 +513,9 @@ class Session:
         # Exits of goroutines that predate the attach are expected, not a loss.
         untraced_exits = losses.pop("exits_of_untraced_goroutines")
         print(self.summary.render(losses, created), file=sys.stderr)
-        if opts.probes.allocs is not allocs.AllocMode.OFF:
+        if self.probe_settings.allocs is not allocs.AllocMode.OFF:
             rate = f" at 1 per {self.profile_rate.rate} bytes" if self.profile_rate and self.profile_rate.rate > 1 else ""
-            print(allocs.render(opts.probes.allocs, self._counts().alloc_totals, end.allocs_elsewhere, rate), file=sys.stderr)
+            print(allocs.render(self.probe_settings.allocs, self._counts().alloc_totals, end.allocs_elsewhere, rate), file=sys.stderr)
         if (app := self._app_summary(end.app_counters)) is not None:
             print(app, file=sys.stderr)
         if self.existing_at_attach:

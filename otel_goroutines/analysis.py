@@ -18,26 +18,26 @@ class BinaryAnalysis:
     sdk: gosdk.SdkStatus
 
 
-def analyse(exe_path: str) -> BinaryAnalysis:
+def analyse(exe_path: str, placement: str = "cheap") -> BinaryAnalysis:
     binary = GoBinary(exe_path)
     goruntime.require_traceable(binary)
-    return BinaryAnalysis(binary, goruntime.support_for(binary), gosdk.sdk_status(binary))
+    return BinaryAnalysis(binary, goruntime.support_for(binary, placement), gosdk.sdk_status(binary))
 
 
 class AnalysisCache:
     """Analyses by file identity (device, inode, size, modification time: a rebuilt binary is
-    another), the `size` most recently used kept."""
+    another) and probe placement (it picks the probe points), the `size` most recently used kept."""
 
     def __init__(self, size: int = 16):
         self.size = size
         self._entries: OrderedDict[tuple, BinaryAnalysis] = OrderedDict()
 
-    def get(self, exe_path: str) -> BinaryAnalysis:
+    def get(self, exe_path: str, placement: str = "cheap") -> BinaryAnalysis:
         st = os.stat(exe_path)
-        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        identity = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, placement)
         found = self._entries.get(identity)
         if found is None:
-            found = self._entries[identity] = analyse(exe_path)
+            found = self._entries[identity] = analyse(exe_path, placement)
             if len(self._entries) > self.size:
                 self._entries.popitem(last=False)[1].binary.close()
         self._entries.move_to_end(identity)

@@ -134,6 +134,9 @@ def _tracing_options(func):
                           "shedding detail when over (state events first, then lifecycle probes in duty cycles) and taking "
                           "it back when load falls; spans say whether they were traced in full. Default: no budget."),
         click.option("--quiet", "-q", is_flag=True, help="No live status line."),
+        click.option("--probe-placement", type=click.Choice(goruntime.PROBE_PLACEMENTS), default="cheap", hidden=True,
+                     help="For bench/run.py only: entry puts every probe on its function's first instruction, to measure "
+                          "what the chosen addresses save; its spans are meaningless."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -143,7 +146,7 @@ def _tracing_options(func):
 def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, trace_max_spans, spawner_children, spawner_age,
              group_window, group_shorter_than, checkpoint_after, leak_after, max_spans_per_second, metrics_interval, flush_timeout, quiet,
              app_traces="auto", app_unsampled="follow", pprof_labels=True, ring_buffer_mib=8, wakers=True, max_goroutines=131072,
-             max_overhead=None) -> AgentOptions:
+             max_overhead=None, probe_placement="cheap") -> AgentOptions:
     traces_endpoint = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     if exporter is None:
         exporter = "otlp" if (endpoint or traces_endpoint) else "file"
@@ -170,7 +173,7 @@ def _options(exporter, output, endpoint, protocol, detail, allocs, max_events, t
         probes=ProbeSettings(states=detail == "states", allocs=AllocMode(allocs), max_events=max_events, trace_max_spans=trace_max_spans,
                              spawner_children=spawner_children, spawner_age_s=spawner_age,
                              app_traces=app_traces == "auto", labels=pprof_labels, ringbuf_pages=ring_buffer_mib * 256,
-                             wakers=wakers, max_goroutines=max_goroutines, budget=bool(max_overhead)),
+                             wakers=wakers, max_goroutines=max_goroutines, budget=bool(max_overhead), placement=probe_placement),
         long_lived=LongLivedSettings(checkpoint_after_s=checkpoint_after, leak_after_s=leak_after),
         groups=GroupSettings(window_s=group_window, shorter_than_s=group_shorter_than),
         spans_per_second=max_spans_per_second,

@@ -9,7 +9,6 @@ generated from real toolchains (layouts/, written by scripts/gen_layouts.py).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import re
 import struct
@@ -119,7 +118,9 @@ class RuntimeSupport:
         return self.wait_reasons[index] if 0 <= index < len(self.wait_reasons) and self.wait_reasons[index] else f"waitreason({index})"
 
 
-def support_for(binary: GoBinary) -> RuntimeSupport:
+def support_for(binary: GoBinary, placement: str = "cheap") -> RuntimeSupport:
+    """placement: "cheap" (the addresses chosen below) or "entry" (see PROBE_PLACEMENTS)."""
+    naive = placement == "entry"
     version = GoVersion.parse(binary.go_version)
     if (version.major, version.minor) < MIN_GO:
         raise UnsupportedTarget(f"{binary.path} was built with {binary.go_version}; Go 1.17 or later is required")
@@ -132,13 +133,13 @@ def support_for(binary: GoBinary) -> RuntimeSupport:
         arch=ARCHES[binary.arch],
         offsets=offsets,
         offsets_source=source,
-        lifecycle_probes=tuple(_lifecycle_probes(binary)),
-        state_probes=(_state_probe(binary),),
+        lifecycle_probes=tuple(_lifecycle_probes(binary, naive)),
+        state_probes=(_state_probe(binary, naive),),
         wait_reasons=_wait_reasons(binary, version),
         allgs_address=sym.address if (sym := binary.symbol("runtime.allgs")) else None,
-        allocs=_alloc_support(binary, version),
+        allocs=_alloc_support(binary, version, naive),
         labels=_label_support(binary, version),
-        states_cover_lifecycle=version >= GoVersion(1, 24) and not _naive_placement(),
+        states_cover_lifecycle=version >= GoVersion(1, 24) and not naive,
     )
 
 
@@ -174,24 +175,20 @@ def _generated_table(version: GoVersion) -> tuple[dict, str]:
     return table["structs"], f"generated table for {key}{untested}"
 
 
-# Internal, for bench/run.py only: OTEL_GOROUTINES_PROBE_PLACEMENT=entry puts every probe on its
-# function's first instruction (the naive placement) to measure what choosing addresses is worth.
-# The creation and exit handlers then read registers that hold something else: spans are meaningless.
-PROBE_PLACEMENT_ENV = "OTEL_GOROUTINES_PROBE_PLACEMENT"
-
-
-def _naive_placement() -> bool:
-    return os.environ.get(PROBE_PLACEMENT_ENV) == "entry"
+# "entry" (the hidden --probe-placement, for bench/run.py only) puts every probe on its function's
+# first instruction (the naive placement) to measure what choosing addresses is worth. The creation
+# and exit handlers then read registers that hold something else: spans are meaningless.
+PROBE_PLACEMENTS = ("cheap", "entry")
 
 
 def _first_instruction(binary: GoBinary, name: str, handler: str) -> ProbePoint:
     func = binary.function(name)
     insn = binary.isa.instruction_at(binary.code(func), func.entry, func.entry)
-    return ProbePoint(handler, name, func.entry, str(insn), f"first instruction ({PROBE_PLACEMENT_ENV}=entry, for benchmarks only)")
+    return ProbePoint(handler, name, func.entry, str(insn), "first instruction (--probe-placement entry, for benchmarks only)")
 
 
-def _entry_probe(binary: GoBinary, name: str, handler: str) -> ProbePoint:
-    if _naive_placement():
+def _entry_probe(binary: GoBinary, name: str, handler: str, naive: bool) -> ProbePoint:
+    if naive:
         return _first_instruction(binary, name, handler)
     func = binary.function(name)
     code = binary.code(func)
@@ -201,16 +198,16 @@ def _entry_probe(binary: GoBinary, name: str, handler: str) -> ProbePoint:
     return ProbePoint(handler, name, address, str(insn), f"{why}; {insn.cost}")
 
 
-def _state_probe(binary: GoBinary) -> ProbePoint:
+def _state_probe(binary: GoBinary, naive: bool) -> ProbePoint:
     # casgstatus(gp, oldval, newval): nosplit, no stack check. amd64 probes its entry (PUSH RBP from
     # Go 1.21; Go 1.19's SUB RSP costs two traps); arm64 the first simulated instruction with the arguments intact.
     arch = ARCHES[binary.arch]
-    if arch.frame_setup_stepped and not _naive_placement():
-        return _cheap_probe(binary, "runtime.casgstatus", "on_casgstatus", (*arch.args[:3], arch.g))
-    return _entry_probe(binary, "runtime.casgstatus", "on_casgstatus")
+    if arch.frame_setup_stepped and not naive:
+        return _cheap_probe(binary, "runtime.casgstatus", "on_casgstatus", (*arch.args[:3], arch.g), naive)
+    return _entry_probe(binary, "runtime.casgstatus", "on_casgstatus", naive)
 
 
-def _lifecycle_probes(binary: GoBinary) -> list[ProbePoint]:
+def _lifecycle_probes(binary: GoBinary, naive: bool) -> list[ProbePoint]:
     # Creation: newproc1's RET, where RAX holds the new g with goid, startpc, gopc (and parentGoid) all set.
     # (Up to Go 1.23 the goid is assigned after the g turns runnable, so casgstatus is too early.)
     newproc1 = binary.function("runtime.newproc1")
@@ -221,7 +218,7 @@ def _lifecycle_probes(binary: GoBinary) -> list[ProbePoint]:
     code = binary.code(newproc1)
     calls = isa.call_sites(code, newproc1.entry, binary.function("runtime.casgstatus").entry) \
         if GoVersion.parse(binary.go_version) >= GoVersion(1, 24) else []
-    if calls and not _naive_placement():  # the probe ignores the other call, casgstatus(fresh g, _Gidle, _Gdead)
+    if calls and not naive:  # the probe ignores the other call, casgstatus(fresh g, _Gidle, _Gdead)
         probes = [ProbePoint("on_goroutine_created", newproc1.name, addr, f"{isa.call} runtime.casgstatus",
                              f"the call that makes the new g runnable ({arch.arg(1)} = g, complete; {arch.arg(3)} = status); "
                              f"{isa.instruction_at(code, newproc1.entry, addr).cost}")
@@ -235,7 +232,7 @@ def _lifecycle_probes(binary: GoBinary) -> list[ProbePoint]:
     # Exit: the call casgstatus(gp, _Grunning, _Gdead) in gdestroy (Go 1.22+) or goexit0 (earlier).
     # Every goroutine end passes there, including runtime.Goexit and coroutine exits.
     exit_func = binary.functions.by_name("runtime.gdestroy") or binary.function("runtime.goexit0")
-    if _naive_placement():
+    if naive:
         return [_first_instruction(binary, newproc1.name, "on_goroutine_created"),
                 _first_instruction(binary, exit_func.name, "on_goroutine_exit")]
     casgstatus = binary.function("runtime.casgstatus")
@@ -288,11 +285,11 @@ class AllocSupport:
     addresses_from: str
 
 
-def _cheap_probe(binary: GoBinary, name: str, handler: str, keep: tuple[str, ...]) -> ProbePoint:
+def _cheap_probe(binary: GoBinary, name: str, handler: str, keep: tuple[str, ...], naive: bool) -> ProbePoint:
     """After the stack check, on the first instruction that costs one trap while the registers in
     `keep` still hold the arguments (amd64 Go before 1.21, and arm64 always, open the frame with
     single-stepped instructions)."""
-    point = _entry_probe(binary, name, handler)
+    point = _entry_probe(binary, name, handler, naive)
     func = binary.function(name)
     code = binary.code(func)
     address = binary.isa.first_one_trap(code, func.entry, point.address, keep)
@@ -304,14 +301,14 @@ def _cheap_probe(binary: GoBinary, name: str, handler: str, keep: tuple[str, ...
                       f"instruction after the stack check with {shown} unchanged: one trap")
 
 
-def _alloc_support(binary: GoBinary, version: GoVersion) -> AllocSupport | None:
+def _alloc_support(binary: GoBinary, version: GoVersion, naive: bool) -> AllocSupport | None:
     try:
-        return _find_alloc_support(binary, version)
+        return _find_alloc_support(binary, version, naive)
     except UnsupportedTarget:  # a function missing: goroutines are still traced, without --allocs
         return None
 
 
-def _find_alloc_support(binary: GoBinary, version: GoVersion) -> AllocSupport:
+def _find_alloc_support(binary: GoBinary, version: GoVersion, naive: bool) -> AllocSupport:
     specialized = sorted((f for f in binary.functions.funcs() if _SPECIALIZED_MALLOC.fullmatch(f.name)), key=lambda f: f.entry)
     specialized_max = 0
     if specialized:
@@ -319,10 +316,10 @@ def _find_alloc_support(binary: GoBinary, version: GoVersion) -> AllocSupport:
         specialized_max = table.size // 8 - 1 if table and table.size else (512 if (version.major, version.minor) < (1, 27) else 80)
     arch = ARCHES[binary.arch]
     size_first, size_third = (arch.args[0], arch.g), (arch.args[2], arch.g)  # mallocgc's size; profilealloc's
-    exact = [_cheap_probe(binary, "runtime.mallocgc", "on_mallocgc", size_first)]
-    exact += [_cheap_probe(binary, f.name, "on_malloc_specialized", size_first) for f in specialized]
-    sampled = [_cheap_probe(binary, "runtime.profilealloc", "on_profilealloc", size_third),
-               _entry_probe(binary, "runtime.gcenable", "on_runtime_initialised")]
+    exact = [_cheap_probe(binary, "runtime.mallocgc", "on_mallocgc", size_first, naive)]
+    exact += [_cheap_probe(binary, f.name, "on_malloc_specialized", size_first, naive) for f in specialized]
+    sampled = [_cheap_probe(binary, "runtime.profilealloc", "on_profilealloc", size_third, naive),
+               _entry_probe(binary, "runtime.gcenable", "on_runtime_initialised", naive)]
     rate, disabled, source = _profile_rate_addresses(binary)
     return AllocSupport(tuple(exact), specialized_max, tuple(sampled), rate, disabled, source)
 

@@ -16,7 +16,7 @@ from .records import GoroutineRecord
 from .spans import Checkpointed
 
 
-@dataclass
+@dataclass(frozen=True)
 class LongLivedSettings:
     checkpoint_after_s: float = 60.0   # 0: never
     leak_after_s: float = 300.0        # 0: never

@@ -145,6 +145,7 @@ class ProbeSettings:
     wakers: bool = True            # with states: who woke each goroutine (wakes.py)
     max_processes: int = 256       # processes traced at once by one agent (rows of the per-process kernel counters)
     budget: bool = False           # --max-overhead: handler hits counted per process, the trap calibration handler
+    placement: str = "cheap"       # where probes go: goruntime.PROBE_PLACEMENTS (--probe-placement, hidden, for the bench)
 
 
 def check_privileges() -> None:

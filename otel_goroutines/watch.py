@@ -257,10 +257,10 @@ class Watcher:
         except AgentError as exc:
             log.info("PID %d (%s) is gone before it could be traced: %s", proc.pid, proc.exe, exc)
             return
-        export = dataclasses.replace(self.options.export)
+        export = self.options.export
         if export.output and export.exporter in ("file", "console"):  # one file per process: spans.jsonl -> spans.PID.jsonl
             root, ext = os.path.splitext(export.output)
-            export.output = f"{root}.{proc.pid}{ext}"
+            export = dataclasses.replace(export, output=f"{root}.{proc.pid}{ext}")
         options = dataclasses.replace(self.options, export=export, quiet=True, poll_interval_ms=self.poll_ms)
         started = time.monotonic()
         try:
@@ -371,14 +371,15 @@ class Watcher:
         self._write_health()
         deadline = time.monotonic() + self.shutdown_timeout_s
         for pid in list(self.traced):
-            left = len(self.traced)
-            # Spans and metrics flushed together within this long, plus about a second to detach.
-            share = max(0.2, (deadline - time.monotonic()) / left - 1.0)
-            t = self.traced[pid]
-            t.session.options.export.flush_timeout_s = min(t.session.options.export.flush_timeout_s, share)
-            t.session.stop()
+            self.traced[pid].session.stop(flush_share(deadline - time.monotonic(), len(self.traced)))
             while pid in self.traced:
                 self._step(pid)
+
+
+def flush_share(remaining_s: float, sessions_left: int) -> float:
+    """The flush timeout of the next session to stop: an equal part of what is left of the shutdown
+    timeout, less about a second to detach (at least 0.2 s: a session always gets a chance to flush)."""
+    return max(0.2, remaining_s / sessions_left - 1.0)
 
 
 _CAP_SYS_PTRACE = 19
