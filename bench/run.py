@@ -238,14 +238,18 @@ def run_churn(mode: Mode, bins, rotel, n: int, tmp: Path) -> tuple[float, str]:
 
 
 # --- 2. server ---------------------------------------------------------------------------------
-def run_server(mode: Mode, bins, rotel, duration: float, conc: int, tmp: Path) -> dict:
+def run_server(mode: Mode, bins, rotel, duration: float, conc: int, tmp: Path, pin: Pinning | None = None) -> dict:
+    """pin: the server alone on the target's CPU (GOMAXPROCS=1, moved there once listening), the
+    tracer and the load generator on the other."""
     ready = tmp / f"ready-{mode.key}"
     ready.unlink(missing_ok=True)
     argv = [str(bins["server"]), "-addr", "127.0.0.1:0", "-ready", str(ready)]
     cmd, env = wrap(mode, argv, bins["server"], rotel, tmp / f"server-{mode.key}.trace", flush_timeout=2.0)
+    env.update({"GOMAXPROCS": "1"} if pin else {})
     errors = tmp / f"server-{mode.key}.stderr"
     with open(errors, "w") as err:
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env, start_new_session=True,
+                                preexec_fn=on_cpu(pin.agent if pin else None))
     try:
         deadline = time.monotonic() + 90
         while not ready.exists():
@@ -253,10 +257,13 @@ def run_server(mode: Mode, bins, rotel, duration: float, conc: int, tmp: Path) -
                 raise RuntimeError(f"server under {mode.key} did not start: {errors.read_text()[-2000:]}")
             time.sleep(0.05)
         port, pid = map(int, ready.read_text().split())
+        if pin:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                os.sched_setaffinity(int(tid), {pin.target})
         cpu_before = proc_cpu_s(pid)
         load = subprocess.run([str(bins["loadgen"]), "-url", f"http://127.0.0.1:{port}/work", "-c", str(conc),
                                "-d", f"{duration}s", "-warmup", "1s", "-max", "5000000"],
-                              capture_output=True, text=True, timeout=duration + 60)
+                              capture_output=True, text=True, timeout=duration + 60, preexec_fn=on_cpu(pin.agent if pin else None))
         if load.returncode != 0:
             raise RuntimeError(f"loadgen failed: {load.stderr}")
         result = _json_line(load.stdout, "rps")
@@ -282,6 +289,8 @@ def run_server(mode: Mode, bins, rotel, duration: float, conc: int, tmp: Path) -
             proc.wait()
     result["agent_losses"] = agent_losses(errors.read_text())
     result["agent_budget"] = budget_estimate(errors.read_text())
+    if result["agent_budget"] is None and "--max-overhead" in mode.agent_args:
+        result["agent_stderr_tail"] = errors.read_text()[-1500:]  # why no estimate
     return result
 
 
@@ -936,6 +945,8 @@ def wakes_report(results) -> list[str]:
 
 # --- the overhead budget (--only budget) ---------------------------------------------------------
 BUDGETS = (1, 5, 10)
+# churn under a budget: a burst (about 1 s untraced: the budget's reaction time shows) and a sustained load (about 10 s)
+BUDGET_CHURN = {"burst": 2_000_000, "sustained": 20_000_000}
 BUDGET_LINE = re.compile(r"overhead budget [\d.]+%: probes cost the target an estimated ([\d.]+)%")
 
 
@@ -959,8 +970,9 @@ def measure_budget_section(args) -> int:
                                     env=dict(os.environ, GOTOOLCHAIN="local")).stdout.strip(),
                "rounds": args.rounds, "budgets": list(BUDGETS)}
     try:
-        section["churn"] = measure_budget_churn(bins, rotel, Pinning.choose(), args.churn_n, args.rounds, rng)
-        section["server"] = measure_budget_server(bins, rotel, args.server_seconds, args.server_conns, args.rounds, rng, tmp)
+        section["churn"] = {kind: measure_budget_churn(bins, rotel, Pinning.choose(), n, args.rounds, rng)
+                            for kind, n in BUDGET_CHURN.items()}
+        section["server"] = measure_budget_server(bins, rotel, Pinning.choose(), args.server_seconds, args.server_conns, args.rounds, rng, tmp)
     finally:
         rotel.close()
         receiver.close()
@@ -1001,50 +1013,51 @@ def measure_budget_churn(bins, rotel, pin: Pinning, n: int, rounds: int, rng: ra
     return out
 
 
-def measure_budget_server(bins, rotel, seconds: float, conns: int, rounds: int, rng: random.Random, tmp: Path) -> dict:
-    out = {"seconds": seconds, "conns": conns, "runs": {}}
-    for r in range(rounds):
-        order = budget_modes()
-        rng.shuffle(order)
-        for mode in order:
-            res = run_server(mode, bins, rotel, seconds, conns, tmp)
-            out["runs"].setdefault(mode.key, []).append(res)
-            log(f"budget server round {r + 1}/{rounds} {mode.key}: {res['rps']:,.0f} req/s")
+def measure_budget_server(bins, rotel, pin: Pinning, seconds: float, conns: int, rounds: int, rng: random.Random, tmp: Path) -> dict:
+    out = {"seconds": seconds, "conns": conns, "runs": {}, "pinning": {"target_cpu": pin.target, "agent_cpu": pin.agent, "target_gomaxprocs": 1}}
+    with helpers_on(pin.agent, [os.getpid(), rotel._proc.pid]):
+        for r in range(rounds):
+            order = budget_modes()
+            rng.shuffle(order)
+            for mode in order:
+                res = run_server(mode, bins, rotel, seconds, conns, tmp, pin)
+                out["runs"].setdefault(mode.key, []).append(res)
+                log(f"budget server round {r + 1}/{rounds} {mode.key}: {res['rps']:,.0f} req/s")
     return out
 
 
 def budget_report(section: dict) -> list[str]:
-    m = section["machine"]
-    churn, server = section["churn"], section["server"]
-    base_cpu = median(churn["cpu_ns_per_goroutine"]["none"])
-    base_ns = median(churn["ns_per_goroutine"]["none"])
-    base_rps = median([r["rps"] for r in server["runs"]["none"]])
-    # the server's CPU time per request: its CPU under load over the requests (loadgen's 1 s warm-up at the same rate)
-    per_request = lambda key: median([r["cpu_s"] / (r["rps"] * (server["seconds"] + 1)) for r in server["runs"][key]])
-    base_req = per_request("none")
+    m, server = section["machine"], section["server"]
+    pin = next(iter(section["churn"].values()))["pinning"]
     lines = ["## Overhead budget (`--only budget`)", "",
              f"{section['date']}, {m['cpu']} ({m['nproc']} CPUs), Linux {m['kernel']}, {section['go']}; load average "
              f"{m['load_at_start'][0]:.1f} at start, {section['load_at_end'][0]:.1f} at the end; {section['rounds']} round(s), modes "
-             f"in random order, medians. churn: {churn['n']:,} goroutines, attached (held until the agent is in place), target on "
-             f"CPU {churn['pinning']['target_cpu']} with GOMAXPROCS=1, agent on CPU {churn['pinning']['agent_cpu']}; **overhead kept** "
-             "is the target's CPU time (user + system: the traps and handlers included) per goroutine over the untraced run's, "
-             "minus 1: what the budget promises; wall time per goroutine beside it (the machine is shared: the target got a "
-             f"part of its CPU only). server: `run`, {server['conns']} connections for {server['seconds']:g} s, not pinned; "
-             "overhead kept: its CPU time per request over the untraced run's, minus 1. The agent's estimate is its summary's.", "",
-             "| budget | churn CPU ns/goroutine | overhead kept | agent's estimate | churn wall ns/goroutine | server CPU us/request | "
-             "overhead kept | agent's estimate | server req/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-             f"| untraced | {base_cpu:,.0f} | | | {base_ns:,.0f} | {1e6 * base_req:,.1f} | | | {base_rps:,.0f} |"]
-    for b in section["budgets"]:
-        key = f"budget_{b}"
-        cpu, ns = median(churn["cpu_ns_per_goroutine"][key]), median(churn["ns_per_goroutine"][key])
-        est = [e for e in churn["estimate_pct"].get(key, []) if e is not None]
-        rps = median([r["rps"] for r in server["runs"][key]])
-        sest = [r.get("agent_budget") for r in server["runs"][key] if r.get("agent_budget") is not None]
-        req = per_request(key)
-        lines.append(f"| {b}% | {cpu:,.0f} | {100 * (cpu / base_cpu - 1):+.1f}% | {f'{median(est):.1f}%' if est else '-'} | "
-                     f"{ns:,.0f} | {1e6 * req:,.1f} | {100 * (req / base_req - 1):+.1f}% | "
-                     f"{f'{median(sest):.1f}%' if sest else '-'} | {rps:,.0f} |")
+             "in random order, medians. churn: " + " and ".join(f"{c['n']:,} goroutines ({kind})" for kind, c in section["churn"].items())
+             + f", attached (held until the agent is in place), target on CPU {pin['target_cpu']} with GOMAXPROCS=1, agent on CPU "
+             f"{pin['agent_cpu']}; **overhead kept** is the target's CPU time (user + system: the traps and handlers included) per "
+             "goroutine over the untraced run's, minus 1: what the budget promises. server: `run`, "
+             f"{server['conns']} connections for {server['seconds']:g} s, pinned the same way (the load generator on the agent's "
+             "CPU); overhead kept: its CPU time per request over the untraced run's, minus 1. The agent's estimate is its summary's.", ""]
+    kinds = list(section["churn"])
+    lines += ["| budget | " + " | ".join(f"{k} churn CPU ns/goroutine | overhead kept | agent's estimate" for k in kinds) + " |",
+              "|---|" + "---:|---:|---:|" * len(kinds)]
+    for key, label in [("none", "untraced")] + [(f"budget_{b}", f"{b}%") for b in section["budgets"]]:
+        cells = []
+        for kind in kinds:
+            churn = section["churn"][kind]
+            base, cpu = median(churn["cpu_ns_per_goroutine"]["none"]), median(churn["cpu_ns_per_goroutine"][key])
+            est = [e for e in churn["estimate_pct"].get(key, []) if e is not None]
+            cells += [f"{cpu:,.0f}", "" if key == "none" else f"{100 * (cpu / base - 1):+.1f}%", f"{median(est):.1f}%" if est else ""]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    # the server's CPU time per request: its CPU under load over the requests (loadgen's 1 s warm-up at the same rate)
+    per_request = lambda key: median([r["cpu_s"] / (r["rps"] * (server["seconds"] + 1)) for r in server["runs"][key]])
+    base_req = per_request("none")
+    lines += ["", "| budget | server CPU us/request | overhead kept | agent's estimate | server req/s |", "|---|---:|---:|---:|---:|"]
+    for key, label in [("none", "untraced")] + [(f"budget_{b}", f"{b}%") for b in section["budgets"]]:
+        req, rps = per_request(key), median([r["rps"] for r in server["runs"][key]])
+        est = [r.get("agent_budget") for r in server["runs"][key] if r.get("agent_budget") is not None]
+        lines.append(f"| {label} | {1e6 * req:,.1f} | {'' if key == 'none' else f'{100 * (req / base_req - 1):+.1f}%'} | "
+                     f"{f'{median(est):.1f}%' if est else ''} | {rps:,.0f} |")
     return lines
 
 

@@ -172,7 +172,7 @@ class ProbeShedder:
         self.budget = OverheadBudget(percent, states, probes.states_cover_lifecycle)
         self._stats_fd = enable_run_stats()
         self.report = BudgetReport(percent, probes.program.trap_cost_ns())
-        log.info("overhead budget %g%%: a uprobe trap costs %.0f ns here (measured now)", percent, self.report.trap_ns)
+        log.info("overhead budget %g%% for PID %d: a uprobe trap costs %.0f ns here (measured now)", percent, pid, self.report.trap_ns)
         self.history = ShedHistory()
         now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         self._phase = _Phase(self._wanted(self.budget.detail, True), now)
@@ -212,7 +212,7 @@ class ProbeShedder:
         t0 = time.perf_counter()
         for handler, on in ops:
             self.probes.switch(handler, on)
-        log.debug("overhead budget: %s in %.0f ms", ", ".join(f"{h} {'on' if on else 'off'}" for h, on in ops),
+        log.debug("overhead budget for PID %d: %s in %.0f ms", self.pid, ", ".join(f"{h} {'on' if on else 'off'}" for h, on in ops),
                   1e3 * (time.perf_counter() - t0))
 
     def busy(self) -> bool:
@@ -220,7 +220,7 @@ class ProbeShedder:
         for future in [f for f in self._in_flight if f.done()]:
             self._in_flight.remove(future)
             if future.exception() is not None:
-                log.warning("overhead budget: could not switch probes (%s)", future.exception())
+                log.warning("overhead budget for PID %d: could not switch probes (%s)", self.pid, future.exception())
         return bool(self._in_flight)
 
     def _ops(self, wanted: frozenset, now_ns: int) -> list[tuple[str, bool]]:
@@ -287,7 +287,7 @@ class ProbeShedder:
                 try:
                     self.tick(time.clock_gettime_ns(time.CLOCK_MONOTONIC), created_total(), self._unseen.append)
                 except Exception:  # the target went away under a read: the agent's loop sees it end
-                    log.debug("overhead budget: tick failed", exc_info=True)
+                    log.debug("overhead budget for PID %d: tick failed", self.pid, exc_info=True)
         self._thread = threading.Thread(target=run, name="overhead-budget", daemon=True)
         self._thread.start()
 
@@ -366,7 +366,7 @@ class ProbeShedder:
         try:
             found, top = target_memory.all_goroutines(self.pid, self.support, self.load_bias())
         except OSError as exc:
-            log.debug("overhead budget: could not read the goroutine list (%s)", exc)
+            log.debug("overhead budget for PID %d: could not read the goroutine list (%s)", self.pid, exc)
             return None
         self._max_goid = max(self._max_goid, top)
         return found
@@ -396,8 +396,8 @@ class ProbeShedder:
         if evaluation.after != evaluation.before:
             r.steps += 1
             r.detail = evaluation.after.describe()
-            log.info("overhead budget %g%%: estimated %.1f%% over the last %.0f ms of the target's own CPU time -> %s",
-                     r.percent, 100 * evaluation.overhead, 1e3 * evaluation.own_cpu_s, r.detail)
+            log.info("overhead budget %g%% for PID %d: estimated %.1f%% over the last %.0f ms of the target's own CPU time -> %s",
+                     r.percent, self.pid, 100 * evaluation.overhead, 1e3 * evaluation.own_cpu_s, r.detail)
             # into a duty cycle: its off part first (the program has just paid for more detail)
             into_duty = evaluation.after.level is Level.DUTY
             self._window_ns = now_ns - int(into_duty * evaluation.after.duty * window_s(evaluation.after.duty) * 1e9)

@@ -89,7 +89,7 @@ def test_a_churn_under_budget_runs_near_its_untraced_speed(bench, bench_churn, t
     # Generous slack (measured here: +2 to +8%): full detail costs this program about ten times its
     # untraced time, and a budget that reacted in 0.1 s instead of 20 ms cost it +27 to +40%.
     assert budgeted["cpu_s"] / untraced < 1.05 + 0.20, (before, budgeted, after, stderr)
-    assert re.search(r"overhead budget 5%: estimated .* -> state events off", stderr), stderr
+    assert re.search(r"overhead budget 5% for PID \d+: estimated .* -> state events off", stderr), stderr
     shed = re.search(r"shed: state events off for ([\d.]+) s, lifecycle probes off for ([\d.]+) s", stderr)
     assert shed and float(shed.group(1)) > 0 and float(shed.group(2)) > 0, stderr
     # churn's heap samples (--allocs sampled) are counted, not shed
@@ -139,3 +139,48 @@ def test_hits_are_per_process_and_states_hand_lifecycle_over(programs, tmp_path)
         assert poll(lambda: counter(probes[0], "goroutines_created") >= made + 20, 20)  # seen by the lifecycle probes
         assert probes[0].hits()[STATE_HANDLER] == states[0] and probes[1].hits()[STATE_HANDLER] > states[1]
         assert counter(probes[0], "exits_of_untraced_goroutines") == untracked  # exits of tracked goroutines seen
+
+
+def test_watch_keeps_each_process_within_its_own_budget(bench, bench_churn, tmp_path):
+    """`watch --max-overhead 5` (as the sidecar and the DaemonSet run it) with two processes of one
+    binary on one program: the one creating goroutines as fast as it can sheds its detail; the light
+    one beside it (100 goroutines a second, each busy for 5 ms: its pacing loop's wake-ups and the
+    goroutines cost it about 1% in probe hits, 2% if the machine's load halves its CPU) loses
+    nothing: every goroutine it started has its span, traced in full, with its state events."""
+    import signal
+    import subprocess
+
+    from helpers import AGENT, poll
+    out, log_path = tmp_path / "spans.jsonl", tmp_path / "agent.log"
+    bench_churn = bench_churn.resolve()  # the path the process's /proc/PID/exe shows (the cache is behind a symlink)
+    with open(log_path, "w") as log_file:
+        agent = subprocess.Popen([*AGENT, "-v", "watch", "-q", "--scan-interval", "0.2", "--max-overhead", "5", "--exe-path",
+                                  str(bench_churn), "--exporter", "file", "--output", str(out)],
+                                 stdout=log_file, stderr=subprocess.STDOUT, text=True)
+    held = lambda *args: subprocess.Popen([str(bench_churn), "-hold", "-warmup", "0", *args], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, text=True)
+    heavy, light = held("-n", "3000000"), held("-rate", "100", "-duration", "3s", "-spin", "5ms")
+    try:
+        for p in (heavy, light):
+            assert poll(lambda: f"tracing PID {p.pid}" in log_path.read_text(), 120), log_path.read_text()
+        for p in (heavy, light):
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        made = {p.pid: json.loads(p.communicate(timeout=300)[0].splitlines()[-1])["n"] for p in (heavy, light)}
+        assert poll(lambda: all(f"PID {p.pid} ({bench_churn}) exited" in log_path.read_text() for p in (heavy, light)), 120), \
+            log_path.read_text()
+    finally:
+        for p in (heavy, light):
+            if p.poll() is None:
+                p.kill()
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(60)
+    text = log_path.read_text()
+    assert re.search(rf"overhead budget 5% for PID {heavy.pid}: estimated .* -> state events off", text), text
+    assert f"overhead budget 5% for PID {light.pid}: estimated" not in text, text  # never a change of detail
+    spans = goroutine_spans(spans_from_otlp_json(tmp_path / f"spans.{light.pid}.jsonl"))
+    shorts = [s for s in spans if s.name == "main.short"]
+    assert len(shorts) == made[light.pid], (len(shorts), made)
+    assert all(s.attributes["go.goroutine.traced_in_full"] is True and any(e[0] == "running" for e in s.events) for s in shorts)
+    heavy_spans = goroutine_spans(spans_from_otlp_json(tmp_path / f"spans.{heavy.pid}.jsonl"))
+    assert heavy_spans and any(s.attributes["go.goroutine.traced_in_full"] is False for s in heavy_spans)

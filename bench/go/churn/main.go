@@ -2,13 +2,15 @@
 //
 //	churn -n 200000 [-batch 1000] [-warmup 20000] [-trace FILE] [-hold]
 //	churn -rate 100000 -duration 10s [-warmup 0] [-hold]
+//	churn ... -spin 1ms
 //
 // Goroutines are spawned in batches (the spawner waits for each batch), so no more than -batch
 // are alive at once. -rate paces them instead: every millisecond, as many as are due by then
 // (so a late wake-up is made up at the next one, and the average rate holds): rate x -duration
 // in all, so a program slowed below the rate by tracing runs longer (rate_achieved says so).
 // -hold waits for a line on stdin before starting (for `attach`), -trace turns Go's own
-// runtime/trace on for the measured part. Prints one JSON line.
+// runtime/trace on for the measured part; -spin makes each goroutine busy for that long first (a
+// light program: work per goroutine, few goroutines). Prints one JSON line.
 package main
 
 import (
@@ -22,10 +24,18 @@ import (
 	"time"
 )
 
-var sink [64]uint64
+var (
+	sink    [64]uint64
+	spinFor time.Duration
+)
 
-// short is every measured goroutine: a little work, then exit.
+// short is every measured goroutine: a little work (or -spin's), then exit.
 func short(i int, wg *sync.WaitGroup) {
+	if spinFor > 0 {
+		for start := time.Now(); time.Since(start) < spinFor; {
+			sink[i&63]++
+		}
+	}
 	sink[i&63]++
 	wg.Done()
 }
@@ -75,6 +85,7 @@ func main() {
 	hold := flag.Bool("hold", false, "wait for a line on stdin before starting")
 	rate := flag.Int("rate", 0, "goroutines per second, paced every millisecond, instead of -n in batches")
 	duration := flag.Duration("duration", 10*time.Second, "with -rate: for how long")
+	flag.DurationVar(&spinFor, "spin", 0, "keep each measured goroutine busy this long")
 	flag.Parse()
 
 	if *hold {
