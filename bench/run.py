@@ -877,6 +877,8 @@ def main() -> int:
     results["load_at_end"] = os.getloadavg()
     if parts != set(ALL_PARTS.split(",")) and not args.smoke:
         results = merged_results(args.out / "results.json", results)
+    elif not args.smoke:  # a full run: the optional sections (asked for with --only) stay as they were measured
+        results = keep_optional_sections(args.out / "results.json", results)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (args.out / "RESULTS.md").write_text(render(results))
     if not args.smoke:
@@ -900,6 +902,13 @@ def merged_results(path: Path, results: dict) -> dict:
         previous[key] = results[key]
         measured_in[key] = stamp(results)
     return previous
+
+
+def keep_optional_sections(path: Path, results: dict) -> dict:
+    """results, with OPTIONAL_PARTS' sections of the results.json at path (if measured there)."""
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    kept = {key: previous[key] for key in OPTIONAL_PARTS.split(",") if key in previous}
+    return {**results, **kept}
 
 
 # --- 8. wakes ------------------------------------------------------------------------------------
