@@ -50,8 +50,8 @@ log = logging.getLogger("otel_goroutines")
 HANDLERS = (CREATE, EXIT, STATE)
 TICK_MS = 20          # the control loop's period: how soon a burst at full detail is seen (its own, not the agent's poll)
 ON_S = 0.5            # a duty cycle's on part: this long, off for the rest of a window of ON_S / duty seconds,
-WINDOW_S = (2.0, 60.0)  # within these bounds. A uprobe detach takes the agent 70-130 ms here (the kernel's RCU wait;
-                      # the probe stops firing within 1 ms, the target's rate dips for some 20 ms): few switches
+WINDOW_S = (2.0, 60.0)  # within these bounds. A uprobe detach call takes 70-130 ms here (the kernel's wait); the probe
+                      # stops firing within 1 ms, the target stalls some 10 ms (scripts/measure_detach.py): few switches
 LINGER_S = 0.02       # the exit probe's stay after the creation probe went, in a duty cycle
 COUNT_EVERY_NS = 100_000_000  # how often the runtime's goroutine ids are read (runtime.allgs: 2 ms for 1,000 g's),
 COUNT_SHARE = 50              # ...and at most once every COUNT_SHARE times the CPU time a read took (2% of a core)
@@ -202,8 +202,8 @@ class ProbeShedder:
 
     def _switch(self, wanted: frozenset, now_ns: int) -> None:
         """Exit probes on first, creation probes off before others come on, exit probes off last.
-        The kernel takes 0.1-0.9 s to detach a uprobe here (the probe fires until then), so the
-        changes run in order on a thread of their own; the control loop waits for them (busy)."""
+        A detach call waits 70-130 ms for the kernel here (the probe itself stops within 1 ms), so
+        the changes run in order on a thread of their own; the control loop waits for them (busy)."""
         ops = self._ops(wanted, now_ns)
         if ops:
             self._in_flight.append(self._worker.submit(self._apply, ops))
@@ -317,7 +317,8 @@ class ProbeShedder:
             cpu = time.thread_time_ns()
             self._read_allgs()
             # paced by the cheaper of the last two reads: a one-off slow read (code paged back in) does not hold the next back
-            cost, self._read_cpu_ns = min(self._read_cpu_ns, time.thread_time_ns() - cpu), time.thread_time_ns() - cpu
+            took = time.thread_time_ns() - cpu
+            cost, self._read_cpu_ns = min(self._read_cpu_ns, took), took
             self._allgs_read_ns = now_ns + max(COUNT_EVERY_NS, COUNT_SHARE * cost)
         if self.busy():
             return
