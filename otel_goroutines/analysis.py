@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 
+from elftools.common.exceptions import ELFError
+
 from . import goruntime, gosdk
+from .binary.buildinfo import BuildInfoError
 from .binary.gobinary import GoBinary
+from .binary.pclntab import PclntabError
+from .errors import UnsupportedTarget
 
 
 @dataclass(frozen=True)
@@ -18,10 +24,24 @@ class BinaryAnalysis:
     sdk: gosdk.SdkStatus
 
 
+@contextmanager
+def reading_binary(path: str):
+    """A corrupt or truncated binary, wherever its parsers trip over it, said as such."""
+    try:
+        yield
+    except ELFError as exc:
+        raise UnsupportedTarget(f"{path}: not a readable ELF file, truncated or corrupt ({exc})") from None
+    except PclntabError as exc:
+        raise UnsupportedTarget(f"{path}: corrupt Go function table ({exc})") from None
+    except BuildInfoError as exc:
+        raise UnsupportedTarget(f"{path}: unreadable Go build info ({exc})") from None
+
+
 def analyse(exe_path: str, placement: str = "cheap") -> BinaryAnalysis:
-    binary = GoBinary(exe_path)
-    goruntime.require_traceable(binary)
-    return BinaryAnalysis(binary, goruntime.support_for(binary, placement), gosdk.sdk_status(binary))
+    with reading_binary(exe_path):
+        binary = GoBinary(exe_path)
+        goruntime.require_traceable(binary)
+        return BinaryAnalysis(binary, goruntime.support_for(binary, placement), gosdk.sdk_status(binary))
 
 
 class AnalysisCache:

@@ -6,18 +6,15 @@ import functools
 import logging
 import os
 import sys
-from contextlib import contextmanager
 
 import click
-from elftools.common.exceptions import ELFError
 
 from . import __version__, goruntime, gosdk
 from .agent import AgentOptions, ExportSettings, Session
+from .analysis import reading_binary
 from .allocs import AllocMode
-from .binary.buildinfo import BuildInfoError
 from .binary.gobinary import GoBinary
-from .binary.pclntab import PclntabError
-from .errors import AgentError, UnsupportedTarget
+from .errors import AgentError
 from .flow import GroupSettings
 from .longlived import LongLivedSettings
 from .probes import ProbeSettings, check_privileges
@@ -49,19 +46,6 @@ def _one_line_errors(func):
             logging.getLogger("otel_goroutines").debug("unexpected error", exc_info=True)
             _fail(f"unexpected {type(exc).__name__}: {exc} (run with -v for details)")
     return wrapper
-
-
-@contextmanager
-def _reading_binary(path: str):
-    """A corrupt or truncated binary, wherever its parsers trip over it, said as such."""
-    try:
-        yield
-    except ELFError as exc:
-        raise UnsupportedTarget(f"{path}: not a readable ELF file, truncated or corrupt ({exc})") from None
-    except PclntabError as exc:
-        raise UnsupportedTarget(f"{path}: corrupt Go function table ({exc})") from None
-    except BuildInfoError as exc:
-        raise UnsupportedTarget(f"{path}: unreadable Go build info ({exc})") from None
 
 
 def _endpoint_source() -> str:
@@ -203,7 +187,7 @@ def run(program, **kwargs):
     check_privileges()
     target = LaunchedTarget(list(program))
     try:
-        with _reading_binary(target.exe_path):
+        with reading_binary(target.exe_path):
             code = Session(target, options).run()
     finally:
         target.close()
@@ -220,7 +204,7 @@ def attach(pid, **kwargs):
     check_privileges()
     target = AttachedTarget.from_pid(pid)
     try:
-        with _reading_binary(target.exe_path):
+        with reading_binary(target.exe_path):
             Session(target, options).run()
     finally:
         target.close()
@@ -277,7 +261,7 @@ def inspect(binary, pid):
         raise AgentError("give either BINARY or --pid PID")
     path = AttachedTarget.from_pid(pid).exe_path if pid is not None else binary
     shown = f"{os.readlink(path)} (PID {pid}, read through {path})" if pid is not None else path
-    with _reading_binary(path):
+    with reading_binary(path):
         _inspect(path, shown)
 
 

@@ -9,14 +9,17 @@ generated from real toolchains (layouts/, written by scripts/gen_layouts.py).
 from __future__ import annotations
 
 import json
+import logging
 import platform
 import re
 import struct
 from dataclasses import dataclass
 from importlib import resources
 
-from .binary.gobinary import GoBinary
+from .binary.gobinary import DwarfError, GoBinary
 from .errors import UnsupportedTarget
+
+log = logging.getLogger("otel_goroutines")
 
 MIN_GO = (1, 17)
 
@@ -144,11 +147,12 @@ def support_for(binary: GoBinary, placement: str = "cheap") -> RuntimeSupport:
 
 
 def _offsets(binary: GoBinary, version: GoVersion) -> tuple[dict[str, int], str]:
-    if binary.has_dwarf:
-        found = binary.struct_offsets(FIELDS)
-        source = "DWARF"
-    else:
-        found, source = _generated_table(version)
+    try:
+        found, source = binary.struct_offsets(FIELDS), "DWARF"
+    except DwarfError as exc:
+        found, source = _generated_table(version, str(exc))
+        if str(exc).startswith("unreadable"):
+            log.warning("%s: %s; struct offsets from the generated table for %s instead", binary.path, exc, version)
     offsets = {}
     for struct_name, fields in FIELDS.items():
         for field in fields:
@@ -166,13 +170,15 @@ def _layout_tables() -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _generated_table(version: GoVersion) -> tuple[dict, str]:
+def _generated_table(version: GoVersion, why: str) -> tuple[dict, str]:
+    """The offsets of version's table, for a binary whose DWARF is missing or unreadable (why)."""
     key = f"go{version.major}.{version.minor}"
     table = _layout_tables().get(key)
     if table is None:
-        raise UnsupportedTarget(f"stripped binary (no DWARF) built with {version}, and no generated offset table for {key}")
+        raise UnsupportedTarget(f"{why}, built with {version}, and no generated offset table for {key}")
     untested = ", derived from the runtime's source, untested" if table["source"].startswith("derived") else ""
-    return table["structs"], f"generated table for {key}{untested}"
+    unreadable = f"; {why}" if why.startswith("unreadable") else ""
+    return table["structs"], f"generated table for {key}{untested}{unreadable}"
 
 
 # "entry" (the hidden --probe-placement, for bench/run.py only) puts every probe on its function's
@@ -367,10 +373,12 @@ def _label_support(binary: GoBinary, version: GoVersion) -> LabelSupport | None:
     if setter is None:
         return None
     layout = "map" if (version.major, version.minor) < (1, 24) else "slice"
-    if binary.has_dwarf:
+    try:
         offset = binary.struct_offsets({"runtime.g": ("labels",)}).get("runtime.g", {}).get("labels")
-        if offset is not None:
-            return LabelSupport(offset, layout, "DWARF")
+    except DwarfError:  # said with the struct offsets
+        offset = None
+    if offset is not None:
+        return LabelSupport(offset, layout, "DWARF")
     # Stripped: the setter's `getg().labels = labels` stores its argument (RAX, R0) at the field, through
     # the g register or a copy of it (the write-barrier buffer and the stack are other stores of it).
     for base, disp in binary.isa.register_stores(binary.code(setter), setter.entry, ARCHES[binary.arch].args[0]):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 
-from .binary.gobinary import GoBinary
+from .binary.gobinary import DwarfError, GoBinary
 from .goruntime import ARCHES, ProbePoint
 
 SDK_MODULE = "go.opentelemetry.io/otel/sdk"
@@ -90,10 +90,10 @@ def sdk_status(binary: GoBinary) -> SdkStatus:
 
 
 def _offsets(binary: GoBinary, version: str) -> tuple[dict[str, int], str]:
-    if binary.has_dwarf:
+    try:
         found, source = binary.struct_offsets(STRUCTS), "DWARF"
-    else:
-        found, source = _generated_table(version)
+    except DwarfError as exc:
+        found, source = _generated_table(version, str(exc))
     offsets = {}
     for (struct_name, member), define in _DEFINES.items():
         value = found.get(struct_name, {}).get(member)
@@ -114,9 +114,10 @@ def _key(version: str) -> tuple[int, int, int] | None:
     return tuple(int(n) for n in match.groups()) if match else None
 
 
-def _generated_table(version: str) -> tuple[dict, str]:
-    """The measured layout of `version`; for a release the proxy did not serve, the layout of the
-    measured releases on both sides of it when they agree (the layout cannot have changed between)."""
+def _generated_table(version: str, why: str) -> tuple[dict, str]:
+    """The measured layout of `version`, for a binary whose DWARF is missing or unreadable (why); for
+    a release the proxy did not serve, the layout of the measured releases on both sides of it when
+    they agree (the layout cannot have changed between)."""
     table = layout_table()
     if version in table:
         return table[version]["structs"], f"generated table for {version}"
@@ -127,7 +128,7 @@ def _generated_table(version: str) -> tuple[dict, str]:
     if below and above and table[below[-1]]["structs"] == table[above[0]]["structs"]:
         return table[below[-1]]["structs"], f"generated table: {below[-1]} and {above[0]} agree"
     span = f"{measured[0][1]} to {measured[-1][1]}" if measured else "no release"
-    raise LookupError(f"stripped binary (no DWARF) with {SDK_MODULE} {version}, and the generated table ({span}) cannot "
+    raise LookupError(f"{why} with {SDK_MODULE} {version}, and the generated table ({span}) cannot "
                       "vouch for its layout: build with DWARF to correlate goroutines with application spans")
 
 

@@ -14,6 +14,11 @@ from . import buildinfo, disasm
 from .pclntab import Func, FuncTable, PclntabError, moduledata_word
 
 
+class DwarfError(Exception):
+    """The binary's DWARF is missing or cannot be read (a program runs with its DWARF corrupt); its
+    text says which, for a message."""
+
+
 # ELF machine -> Go's GOARCH name, for the architectures whose Go code the agent reads.
 ARCHES = {"EM_X86_64": "amd64", "EM_AARCH64": "arm64"}
 
@@ -153,10 +158,19 @@ class GoBinary:
 
     def struct_offsets(self, wanted: dict[str, tuple[str, ...]]) -> dict[str, dict[str, int]]:
         """Member offsets of Go structs from DWARF: {"runtime.g": ("goid", ...)} -> {"runtime.g": {"goid": 152}}.
+        DwarfError when there is none or it cannot be read.
 
         Go's linker puts all type DIEs at the top level of a few units, so scanning top-level
         children is enough; members missing in this Go version are simply absent from the result.
         """
+        if not self.has_dwarf:
+            raise DwarfError("stripped binary (no DWARF)")
+        try:
+            return self._struct_offsets(wanted)
+        except Exception as exc:  # pyelftools on corrupt DWARF: its own errors, construct's, OverflowError, KeyError...
+            raise DwarfError(f"unreadable DWARF ({type(exc).__name__}: {exc})") from None
+
+    def _struct_offsets(self, wanted: dict[str, tuple[str, ...]]) -> dict[str, dict[str, int]]:
         found: dict[str, dict[str, int]] = {}
         dwarf = self.elf.get_dwarf_info()
         targets = {name.encode(): name for name in wanted}

@@ -199,6 +199,25 @@ def test_bad_header_and_resource_entries_named(programs, tmp_path):
     assert warnings[1].startswith("otel-goroutines: WARNING: OTEL_RESOURCE_ATTRIBUTES:") and "oops" in warnings[1]
 
 
+def test_corrupt_dwarf_falls_back_to_the_generated_offsets(programs, tmp_path):
+    """A program runs with its DWARF corrupt (the runtime never reads it): traced with the version's
+    generated offsets, said once, every goroutine of the manifest a span."""
+    from elftools.elf.elffile import ELFFile
+    corrupt, manifest_path, out = tmp_path / "tree", tmp_path / "m.json", tmp_path / "spans.jsonl"
+    shutil.copy(programs["tree"], corrupt)
+    with open(corrupt, "rb") as f:
+        debug_info = ELFFile(f).get_section_by_name(".debug_info")["sh_offset"]
+    with open(corrupt, "r+b") as f:
+        f.seek(debug_info + 11)  # past the first unit's header: its DIEs
+        f.write(b"\xff" * 4096)
+    run = run_agent(["run", "-q", "--exporter", "file", "--output", str(out), "--", str(corrupt), str(manifest_path)])
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("unreadable DWARF") == 1 and "struct offsets from the generated table" in run.stderr, run.stderr
+    spans = by_goid(spans_from_otlp_json(out))
+    manifest = json.loads(manifest_path.read_text())
+    assert all(spans[g["goid"]].name == g["func"] for g in manifest["goroutines"])
+
+
 def test_truncated_go_binary(programs, tmp_path):
     truncated = tmp_path / "tree"
     truncated.write_bytes(programs["tree"].read_bytes()[:1 << 20])

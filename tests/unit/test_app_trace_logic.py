@@ -47,14 +47,14 @@ def test_generated_table_covers_the_releases_it_names():
 
 
 def test_generated_table_lookup():
-    structs, source = gosdk._generated_table("v1.19.0")
+    structs, source = gosdk._generated_table("v1.19.0", "stripped binary (no DWARF)")
     assert structs[f"{gosdk._PKG}.recordingSpan"]["spanContext"] == 176 and source == "generated table for v1.19.0"
     # Not served by the proxy, between two measured releases that agree: their layout.
-    structs, source = gosdk._generated_table("v1.18.0")
+    structs, source = gosdk._generated_table("v1.18.0", "stripped binary (no DWARF)")
     assert structs == gosdk.layout_table()["v1.17.0"]["structs"] and "v1.17.0 and v1.19.0 agree" in source
     for version in ("v1.19.1", "v1.48.0", "v0.20.0", "v1.20.0-rc.1"):  # layouts differ around it, or nothing above
         with pytest.raises(LookupError, match="build with DWARF"):
-            gosdk._generated_table(version)
+            gosdk._generated_table(version, "stripped binary (no DWARF)")
 
 
 def test_sdk_found_with_dwarf_and_stripped_alike():

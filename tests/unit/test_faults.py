@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 from elftools.common.exceptions import ELFParseError
 
-from otel_goroutines import cli, settings_check
+from otel_goroutines import analysis, cli, settings_check
 from otel_goroutines.binary.buildinfo import BuildInfoError
 from otel_goroutines.binary.pclntab import PclntabError
 from otel_goroutines.deadline import Deadline, bound_sdk_exporter
@@ -104,7 +104,7 @@ def test_nan_refused_by_the_option_parser():
     (BuildInfoError("truncated varint in Go build info"), "unreadable Go build info")])
 def test_binary_parser_errors_become_one_line_refusals(error, says):
     with pytest.raises(UnsupportedTarget, match=f"^/bin/prog: {says}"):
-        with cli._reading_binary("/bin/prog"):
+        with analysis.reading_binary("/bin/prog"):
             raise error
 
 
