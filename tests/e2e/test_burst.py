@@ -3,6 +3,7 @@ the C record sink, numpy batches, the batch span encoder, OTLP to a real receive
 goroutine the kernel counted as created is exported or counted as lost, exactly. The agent is
 stopped (SIGSTOP) while the burst runs, so the ring buffer overflows however fast the agent is."""
 
+import os
 import re
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import AGENT, OtlpHttpReceiver, build_program
+from helpers import AGENT, OtlpHttpReceiver, build_program, poll
 
 pytestmark = pytest.mark.ebpf
 
@@ -55,13 +56,17 @@ def _burst_with_the_agent_stopped(program: Path, detail: str, port: int) -> str:
                               "--protocol", "http/protobuf", "--endpoint", f"http://127.0.0.1:{port}",
                               "--metrics-interval", "0", "--flush-timeout", "120", "--",
                               str(program), "-n", str(BURST), "-batch", str(BURST), "-allocs", "1", "-warmup", "0",
-                              "-settle", "2s"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+                              "-settle", "3s"], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines = []
-    for line in agent.stderr:  # the probes are in place, the program starts its 2 s pause
+    for line in agent.stderr:  # the probes are in place
         lines.append(line)
         if "attached" in line:
             break
     program_pid = int(Path(f"/proc/{agent.pid}/task/{agent.pid}/children").read_text().split()[0])
+    # The agent releases the program just after that line: stopped before, it would hold the program
+    # until the deadline below and then trace the burst running (a race a loaded machine lost once).
+    # Once the program runs (its own executable, no longer the holding shell), its 3 s pause starts.
+    assert poll(lambda: _exe(program_pid) == program.resolve(), 60), "the program was not released"
     agent.send_signal(signal.SIGSTOP)
     try:
         deadline = time.monotonic() + 120
@@ -72,6 +77,13 @@ def _burst_with_the_agent_stopped(program: Path, detail: str, port: int) -> str:
     lines += agent.stderr.readlines()
     assert agent.wait(timeout=300) == 0, "".join(lines)
     return "".join(lines)
+
+
+def _exe(pid: int) -> Path | None:
+    try:
+        return Path(os.readlink(f"/proc/{pid}/exe"))
+    except OSError:
+        return None
 
 
 def _state(pid: int) -> str | None:
