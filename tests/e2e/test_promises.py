@@ -173,10 +173,10 @@ def test_default_spawner_age(tmp_path):
         assert oldest <= 1e9 or youngest > 1e9, f"cannot tell the elder's age at that child: {youngest}-{oldest} ns"
         span = spans[child["goid"]]
         if oldest <= 1e9:
-            assert (span.trace_id, span.parent_span_id) == (elder_span.trace_id, elder_span.span_id), child
+            assert (span.trace_id, span.parent_span_id) == (elder_span.trace_id, elder_span.span_id), (child, span, run.stderr)
             assert "go.goroutine.trace_reason" not in span.attributes
         else:
-            assert span.parent_span_id == "" and span.trace_id != elder_span.trace_id, child
+            assert span.parent_span_id == "" and span.trace_id != elder_span.trace_id, (child, span, run.stderr)
             assert span.attributes["go.goroutine.trace_reason"] == "spawner"
             assert span.links[0][:2] == (elder_span.trace_id, elder_span.span_id)
         verdicts.append(oldest <= 1e9)
