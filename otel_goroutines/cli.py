@@ -217,6 +217,11 @@ def attach(pid, **kwargs):
 @click.option("--exe-path", multiple=True, metavar="PATH",
               help="Trace processes whose executable has this path, as the process itself sees it (a shell pattern; repeatable).")
 @click.option("--pid-file", type=click.Path(dir_okay=False), help="Trace the process whose PID this file holds (read again at every scan).")
+@click.option("--exclude-exe-name", multiple=True, metavar="NAME",
+              help="Never trace processes whose executable has this file name (a shell pattern; repeatable; "
+                   "wins over the options above). Node-wide: the collector the agent sends to, the kubelet.")
+@click.option("--exclude-exe-path", multiple=True, metavar="PATH",
+              help="Never trace processes whose executable has this path, as the process itself sees it (a shell pattern; repeatable).")
 @click.option("--scan-interval", type=FiniteFloat(0.05), default=1.0, show_default=True,
               help="Seconds between looks at /proc for new processes.")
 @click.option("--health-file", type=click.Path(dir_okay=False),
@@ -224,16 +229,17 @@ def attach(pid, **kwargs):
 @click.option("--shutdown-timeout", type=FiniteFloat(0), default=20.0, show_default=True,
               help="Seconds allowed after SIGTERM/SIGINT to detach and flush every target's spans.")
 @_one_line_errors
-def watch(exe_name, exe_path, pid_file, scan_interval, health_file, shutdown_timeout, **kwargs):
-    """Trace every Go process that matches a selector (all Go processes without one), including
-    processes that start or restart later; stop on SIGTERM/SIGINT. How a sidecar finds its service.
+def watch(exe_name, exe_path, pid_file, exclude_exe_name, exclude_exe_path, scan_interval, health_file, shutdown_timeout,
+          **kwargs):
+    """Trace every Go process that matches a selector (all Go processes without one) and no
+    --exclude-exe-* option, including processes that start or restart later; stop on SIGTERM/SIGINT. How a sidecar finds its service.
     With --exporter file, each process gets a file of its own: --output with its PID before the extension."""
     options = _options(**kwargs)
     check_privileges()
     watch_log = logging.getLogger("otel_goroutines.watch")
     if not watch_log.isEnabledFor(logging.INFO):
         watch_log.setLevel(logging.INFO)  # which processes are traced, skipped, gone: the sidecar's log
-    selector = Selector(tuple(exe_name), tuple(exe_path), pid_file)
+    selector = Selector(tuple(exe_name), tuple(exe_path), pid_file, tuple(exclude_exe_name), tuple(exclude_exe_path))
     sys.exit(Watcher(selector, options, scan_interval, health_file, shutdown_timeout).run())
 
 

@@ -35,11 +35,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 @dataclass(frozen=True)
 class Selector:
-    """Which processes to trace: any process matching one of the given criteria; all Go
-    processes when none is given. Names and paths are shell patterns (`my-*`)."""
+    """Which processes to trace: any process matching one of the given criteria (all Go processes
+    when none is given), less any process an exclusion names. Names and paths are shell patterns
+    (`my-*`)."""
     exe_names: tuple[str, ...] = ()
     exe_paths: tuple[str, ...] = ()
     pid_file: str | None = None
+    exclude_names: tuple[str, ...] = ()
+    exclude_paths: tuple[str, ...] = ()
 
     @property
     def everything(self) -> bool:
@@ -47,18 +50,32 @@ class Selector:
 
     def describe(self) -> str:
         if self.everything:
-            return "every Go process"
-        parts = [f"executable name {n!r}" for n in self.exe_names] + [f"executable path {p!r}" for p in self.exe_paths]
-        if self.pid_file:
-            parts.append(f"the PID in {self.pid_file}")
-        return " or ".join(parts)
+            text = "every Go process"
+        else:
+            parts = _describe_patterns(self.exe_names, self.exe_paths)
+            if self.pid_file:
+                parts.append(f"the PID in {self.pid_file}")
+            text = " or ".join(parts)
+        excluded = _describe_patterns(self.exclude_names, self.exclude_paths)
+        return f"{text}, except {' or '.join(excluded)}" if excluded else text
 
-    def matches(self, proc: "Process", pid_from_file: int | None) -> bool:
-        if self.everything or proc.pid == pid_from_file:
-            return True
-        name = os.path.basename(proc.exe)
-        return any(fnmatch.fnmatchcase(name, n) for n in self.exe_names) or \
-            any(fnmatch.fnmatchcase(proc.exe, p) for p in self.exe_paths)
+    def includes(self, proc: "Process", pid_from_file: int | None) -> bool:
+        return self.everything or proc.pid == pid_from_file or \
+            _first_match(proc.exe, self.exe_names, self.exe_paths) is not None
+
+    def excluded_by(self, proc: "Process") -> str | None:
+        """The exclusion that names PROC (described), or None. An exclusion wins over every criterion."""
+        return _first_match(proc.exe, self.exclude_names, self.exclude_paths)
+
+
+def _describe_patterns(names: tuple[str, ...], paths: tuple[str, ...]) -> list[str]:
+    return [f"executable name {n!r}" for n in names] + [f"executable path {p!r}" for p in paths]
+
+
+def _first_match(exe: str, names: tuple[str, ...], paths: tuple[str, ...]) -> str | None:
+    name = os.path.basename(exe)
+    return next((f"executable name {n!r}" for n in names if fnmatch.fnmatchcase(name, n)), None) or \
+        next((f"executable path {p!r}" for p in paths if fnmatch.fnmatchcase(exe, p)), None)
 
 
 @dataclass(frozen=True)
@@ -183,7 +200,7 @@ class Watcher:
         self.poll_ms = poll_ms
         self.traced: dict[int, Traced] = {}
         self.decided: dict[int, tuple] = {}    # PID -> key of the process last judged there (not traced)
-        self.counts: Counter = Counter()       # traced, ended, skipped_not_go, skipped_unsupported, failed
+        self.counts: Counter = Counter()       # traced, ended, excluded, skipped_not_go, skipped_unsupported, failed
         self._stopping = False
         self._pid_file_note: str | None = None
         self._own_pids = {os.getpid()}
@@ -235,9 +252,13 @@ class Watcher:
             except PermissionError:
                 self._denied(pid)
                 continue
-            if proc is None or self.decided.get(pid) == proc.key or not self.selector.matches(proc, pid_from_file):
+            if proc is None or self.decided.get(pid) == proc.key or not self.selector.includes(proc, pid_from_file):
                 continue
             self.decided[pid] = proc.key  # judged once: a PID is looked at again only as another process
+            if (exclusion := self.selector.excluded_by(proc)) is not None:
+                self.counts["excluded"] += 1
+                log.info("not tracing PID %d (%s): excluded by %s", pid, proc.exe, exclusion)
+                continue
             self._consider(proc)
         alive = set(list_pids())
         for pid in [p for p in self.decided if p not in alive]:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from helpers import ROOT
+from otel_goroutines import cli
 from otel_goroutines.cgroup_identity import identity_from_cgroup
 from otel_peers import COLLECTOR_CONFIGS, PEERS_SRC, build_k8s_collector, validate_config
 from test_sidecar import CAPS, HEALTH_FILE, K8S as SIDECAR, _flag_value
@@ -55,6 +56,10 @@ def test_agent_runs_node_wide_with_the_sidecars_tested_privileges(manifest):
     assert args[0] == "watch" and not {"--exe-name", "--exe-path", "--pid-file"} & set(args)  # every Go process
     assert _flag_value(args, "--health-file") == HEALTH_FILE
     assert _flag_value(args, "--max-overhead") == "5"  # the budget holds for each process on the node (hits counted per process)
+    collector = manifest[("DaemonSet", "otel-goroutines-collector")]["spec"]["template"]["spec"]["containers"][0]
+    assert collector["image"].startswith("otel/opentelemetry-collector-contrib:")  # whose executable is /otelcol-contrib
+    parsed = cli.watch.make_context("watch", args[1:]).params  # the manifest's arguments, read by the agent's own parser
+    assert parsed["exclude_exe_name"] == ("otelcol-contrib",)  # not the collector its spans go to
     assert agent["livenessProbe"]["exec"]["command"][:4] == ["otel-goroutines", "health", "--file", HEALTH_FILE]
     assert pod["terminationGracePeriodSeconds"] > float(_flag_value(args, "--shutdown-timeout"))
     env = {e["name"]: e for e in agent["env"]}

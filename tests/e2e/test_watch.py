@@ -210,6 +210,36 @@ def test_watch_sigterm_flushes_within_the_shutdown_timeout(programs, tmp_path, a
         ticker.wait(10)
 
 
+def test_watch_leaves_out_what_an_exclusion_names(programs, tmp_path, agent_cleanup):
+    """--exclude-exe-name wins over the selector: of two processes the selector matches, the
+    excluded one is said once in the log, counted, and never traced (no probes, no spans)."""
+    prefix = unique_name()
+    kept, left_out = tmp_path / f"{prefix}-api", tmp_path / f"{prefix}-collector"
+    for binary in (kept, left_out):
+        shutil.copy(programs["ticker"], binary)
+    agent = Agent(tmp_path, "--exe-name", f"{prefix}-*", "--exclude-exe-name", f"{prefix}-coll*",
+                  "--exporter", "file", "--output", str(tmp_path / "spans.jsonl"), "--metrics-interval", "0")
+    agent_cleanup(agent)
+    agent.wait_log(f"watching for executable name '{prefix}-*', except executable name '{prefix}-coll*'")
+    procs = [subprocess.Popen([str(b), str(tmp_path / f"{b.name}.json"), "60s"]) for b in (kept, left_out)]
+    try:
+        agent.wait_log(f"tracing PID {procs[0].pid} ({kept}")
+        log = agent.wait_log(f"not tracing PID {procs[1].pid} ({left_out}): excluded by executable name '{prefix}-coll*'")
+        assert poll(lambda: json.loads(agent.health.read_text())["counts"].get("traced") == 1, 10), agent.log()
+        counts = json.loads(agent.health.read_text())["counts"]
+        assert counts["excluded"] == 1 and log.count("not tracing PID") == 1, (counts, log)  # said once, not every scan
+        assert agent.health_check("--require-target").returncode == 0
+        assert agent.stop(timeout=30) < 30 and agent.proc.returncode == 0
+    finally:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(10)
+    assert f"INFO: tracing PID {procs[1].pid} " not in agent.log() and "Traceback" not in agent.log()
+    assert not (tmp_path / f"spans.{procs[1].pid}.jsonl").exists()
+    spans = spans_from_otlp_json(tmp_path / f"spans.{procs[0].pid}.jsonl")
+    assert any(s.name == "main.tick" for s in spans) and {s.resource["process.pid"] for s in spans} == {procs[0].pid}
+
+
 def test_watch_with_a_pid_file(programs, rotel, receiver, tmp_path, agent_cleanup):
     """--pid-file: a PID file that is missing, then holds garbage, then names the service."""
     receiver.clear()

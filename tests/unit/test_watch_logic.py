@@ -11,18 +11,33 @@ def _proc(exe: str, pid: int = 42) -> Process:
     return Process(pid, 1, exe, (1, 2))
 
 
-def test_selector_matches_names_paths_and_the_pid_file():
-    assert Selector().everything and Selector().matches(_proc("/anything"), None)
+def test_selector_includes_names_paths_and_the_pid_file():
+    assert Selector().everything and Selector().includes(_proc("/anything"), None)
     by_name = Selector(exe_names=("api-*",))
-    assert by_name.matches(_proc("/app/api-server"), None)
-    assert not by_name.matches(_proc("/app/worker"), None)
-    assert not by_name.matches(_proc("/api-x/worker"), None)  # the file name, not the directory
+    assert by_name.includes(_proc("/app/api-server"), None)
+    assert not by_name.includes(_proc("/app/worker"), None)
+    assert not by_name.includes(_proc("/api-x/worker"), None)  # the file name, not the directory
     by_path = Selector(exe_paths=("/app/*",))
-    assert by_path.matches(_proc("/app/worker"), None) and not by_path.matches(_proc("/usr/bin/worker"), None)
+    assert by_path.includes(_proc("/app/worker"), None) and not by_path.includes(_proc("/usr/bin/worker"), None)
     by_file = Selector(pid_file="/run/app.pid")
-    assert by_file.matches(_proc("/x", pid=7), 7) and not by_file.matches(_proc("/x", pid=8), 7)
-    assert not by_file.matches(_proc("/x", pid=7), None)
+    assert by_file.includes(_proc("/x", pid=7), 7) and not by_file.includes(_proc("/x", pid=8), 7)
+    assert not by_file.includes(_proc("/x", pid=7), None)
     assert Selector(("a",), ("/b",), "/p").describe() == "executable name 'a' or executable path '/b' or the PID in /p"
+
+
+def test_selector_exclusions_name_what_they_leave_out():
+    node_wide = Selector(exclude_names=("otelcol*", "kubelet"), exclude_paths=("/usr/bin/*",))
+    assert node_wide.everything  # exclusions alone still mean every other Go process
+    assert node_wide.excluded_by(_proc("/otelcol-contrib")) == "executable name 'otelcol*'"
+    assert node_wide.excluded_by(_proc("/usr/local/bin/kubelet")) == "executable name 'kubelet'"
+    assert node_wide.excluded_by(_proc("/usr/bin/containerd")) == "executable path '/usr/bin/*'"
+    assert node_wide.excluded_by(_proc("/app/kubelet-helper")) is None
+    assert node_wide.excluded_by(_proc("/usr/local/bin/api")) is None
+    assert node_wide.describe() == ("every Go process, except executable name 'otelcol*' or executable name 'kubelet' "
+                                    "or executable path '/usr/bin/*'")
+    by_name = Selector(exe_names=("api-*",), exclude_names=("api-debug",))
+    assert by_name.includes(_proc("/app/api-debug"), None) and by_name.excluded_by(_proc("/app/api-debug"))
+    assert by_name.describe() == "executable name 'api-*', except executable name 'api-debug'"
 
 
 def test_read_process_tells_a_reused_pid_and_an_exec_apart():
