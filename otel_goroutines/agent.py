@@ -37,6 +37,7 @@ from .shedding import BudgetReport, ProbeShedder
 from .spans import SpanBuilder
 from .target import FORWARDED_SIGNALS, AttachedTarget, LaunchedTarget, Target
 from .tracker import Summary
+from .wallclock import CHECK_EVERY_NS as CLOCK_CHECK_NS, WallClock
 
 log = logging.getLogger("otel_goroutines")
 
@@ -63,18 +64,6 @@ class AgentOptions:
     poll_interval_ms: int = 100
     app_unsampled: str = "follow"     # goroutine spans in an application trace it did not sample: "follow" (drop) or "ignore"
     max_overhead_pct: float = 0.0     # the probes' CPU cost kept under this % of the target's own (shedding.py); 0: no budget
-
-
-def monotonic_to_wall_offset() -> int:
-    """Wall clock minus the kernel's monotonic clock (bpf_ktime_get_ns), read once, tightly bracketed."""
-    best = None
-    for _ in range(5):
-        before = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        wall = time.time_ns()
-        after = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        if best is None or after - before < best[0]:
-            best = (after - before, wall - (before + after) // 2)
-    return best[1]
 
 
 def build_resource(binary: GoBinary, target: Target) -> Resource:
@@ -234,7 +223,7 @@ class Session:
             symbolizer = self.symbolizer()
             builder = SpanBuilder(
                 salt=self.salt,
-                clock_offset_ns=self.clock_offset_ns,
+                clock_offset_ns=self.clock.offset_ns,
                 function_name=symbolizer.function,
                 creation_site=symbolizer.creation_site,
                 wait_reason=self.support.wait_reason,
@@ -248,7 +237,7 @@ class Session:
                                   encoder.span if encoder is not None else None,
                                   BatchSpanEncoder(builder, encoder) if encoder is not None else None,
                                   self.metrics, self.options.app_unsampled == "follow",
-                                  ShortGoroutineGroups(grouping, self.clock_offset_ns) if grouping.window_s else None,
+                                  ShortGoroutineGroups(grouping, self.clock.offset_ns) if grouping.window_s else None,
                                   self.shedder.history.traced_in_full if self.shedder is not None else None)
             self._flow.imported = self._imported
         return self._flow
@@ -343,7 +332,7 @@ class Session:
         counters = self.probes.counters()
         self.metrics.existing_at_attach = self.existing_at_attach
         return self.metrics.collect(
-            now_ns + self.clock_offset_ns,
+            now_ns + self.clock.offset_ns,
             self._start_function_counts(now_ns),
             self.probes.schedule_latency_histogram(),
             self.long_lived.leaks_flagged,
@@ -395,10 +384,10 @@ class Session:
         pipeline = ExportPipeline(make_sink(opts.export, resource, deadline))
         sender = MetricsSender(opts.export.exporter, opts.export.protocol, opts.export.endpoint, opts.export.output,
                                deadline) if opts.metrics_interval_s else None
-        self.clock_offset_ns = monotonic_to_wall_offset()
+        self.clock = WallClock()
         self.existing_at_attach = 0
         start_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        self.metrics = GoroutineMetrics(resource, lambda pc: self.symbolizer().function(pc), start_ns + self.clock_offset_ns) \
+        self.metrics = GoroutineMetrics(resource, lambda pc: self.symbolizer().function(pc), start_ns + self.clock.offset_ns) \
             if sender and sender.enabled else None
         previous_handlers = {s: signal.signal(s, self._on_signal) for s in FORWARDED_SIGNALS} if handle_signals else {}
         try:
@@ -447,7 +436,7 @@ class Session:
         status = StatusLine(not opts.quiet)
         scan_every_ns = int(opts.long_lived.scan_interval_s * 1e9)
         metrics_every_ns = int(opts.metrics_interval_s * 1e9)
-        next_scan, next_metrics = start_ns + scan_every_ns, start_ns + metrics_every_ns
+        next_scan, next_metrics, next_clock = start_ns + scan_every_ns, start_ns + metrics_every_ns, start_ns + CLOCK_CHECK_NS
         while self._stop_reason is None:
             polled = time.clock_gettime_ns(time.CLOCK_MONOTONIC)  # every end before this is read by the poll
             self._take(self.probes.poll(opts.poll_interval_ms), pipeline)
@@ -457,6 +446,9 @@ class Session:
             if self._scan_now or (scan_every_ns and now >= next_scan):
                 self._scan(pipeline, now)
                 self._scan_now, next_scan = False, now + scan_every_ns
+            if now >= next_clock:
+                self._follow_wall_clock()
+                next_clock = now + CLOCK_CHECK_NS
             if self.metrics is not None and now >= next_metrics:
                 sender.send(self._metrics_snapshot(now, pipeline.stats))
                 next_metrics = now + metrics_every_ns
@@ -471,6 +463,13 @@ class Session:
                               f"exported {pipeline.stats.exported}  dropped {pipeline.stats.dropped + self.budget.sampled_out}")
             yield
         status.clear()
+
+    def _follow_wall_clock(self) -> None:
+        step = self.clock.step_ns()
+        if step:
+            log.warning("the wall clock stepped by %+.3f s: spans from now on carry the new time", step / 1e9)
+            if self._flow is not None:  # the group windows keep the old alignment: they stay whole
+                self._flow.builder.clock_offset_ns = self.clock.offset_ns
 
     def _end_unseen(self, gone: np.ndarray, pipeline: ExportPipeline) -> None:
         """Goroutines that ended while the overhead budget had their exit probe off: spans now."""

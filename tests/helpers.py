@@ -74,6 +74,13 @@ def site_line(program: str, marker: str) -> int:
     raise KeyError(marker)
 
 
+def parsed_options(*args: str):
+    """The AgentOptions `otel-goroutines run ARGS -- prog` would run with: for tests that drive a Session in-process."""
+    from otel_goroutines import cli
+    params = cli.run.make_context("run", [*args, "--", "prog"]).params
+    return cli._options(**{k: v for k, v in params.items() if k != "program"})
+
+
 def poll(predicate, timeout: float, every: float = 0.1) -> bool:
     """Whether PREDICATE() became true within TIMEOUT seconds: for a fact to wait for, with a
     deadline generous enough for a loaded machine, instead of a sleep that assumes a schedule."""

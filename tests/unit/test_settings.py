@@ -5,18 +5,12 @@ import logging
 
 import pytest
 
-from helpers import build_program
+from helpers import build_program, parsed_options as _parsed
 from otel_goroutines import cli
 from otel_goroutines.agent import Session
 from otel_goroutines.allocs import AllocMode
 from otel_goroutines.analysis import AnalysisCache, BinaryAnalysis, analyse
 from otel_goroutines.watch import Process, Selector, Traced, Watcher, flush_share
-
-
-def _parsed(*args: str):
-    """The options `otel-goroutines run ARGS -- prog` would run with."""
-    params = cli.run.make_context("run", [*args, "--", "prog"]).params
-    return cli._options(**{k: v for k, v in params.items() if k != "program"})
 
 
 def _settings_objects(obj):
