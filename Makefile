@@ -12,7 +12,7 @@ demo: setup
 	@bash scripts/demo.sh
 
 test: setup
-	$(VENV)/bin/python -m pytest -q tests
+	$(VENV)/bin/python -m pytest -q --durations=12 tests
 
 unit: setup
 	$(VENV)/bin/python -m pytest -q tests/unit

@@ -18,6 +18,7 @@ from helpers import ROOT
 IMAGES_CACHE = ROOT / ".cache" / "images"
 BASE = "localhost/debian:bookworm-slim"
 AGENT_IMAGE = "localhost/otel-goroutines:test"
+BUILD_STAGE_IMAGE = "localhost/otel-goroutines:test-build"  # tagged too, so that a rebuild can remove its predecessor
 HOST_CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
 BASE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -28,6 +29,11 @@ def _podman(*args: str, **kwargs) -> subprocess.CompletedProcess:
 
 def _image_exists(name: str) -> bool:
     return subprocess.run(["podman", "image", "exists", name]).returncode == 0
+
+
+def _image_id(name: str) -> str | None:
+    found = subprocess.run(["podman", "image", "inspect", "--format", "{{.Id}}", name], capture_output=True, text=True)
+    return found.stdout.strip() if found.returncode == 0 else None
 
 
 def _base_rootfs() -> Path:
@@ -63,15 +69,25 @@ def build_agent_image() -> dict:
             # With the configuration the real debian:bookworm-slim image carries.
             _podman("import", "--change", f"ENV PATH={BASE_PATH}", "--change", 'CMD ["bash"]', str(_base_rootfs()), BASE)
         base_s = time.monotonic() - started
-        args = ["build", "--isolation=chroot", "-f", "docker/Dockerfile", "--build-arg", f"DEBIAN_IMAGE={BASE}", "-t", AGENT_IMAGE]
-        if _custom_ca():
-            args += ["-v", f"{HOST_CA_BUNDLE}:/run/build-ca.crt:ro", "--build-arg", "PIP_CERT=/run/build-ca.crt"]
-        result = subprocess.run(["podman", *args, "."], cwd=ROOT, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise RuntimeError(f"podman build failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        previous = {_image_id(AGENT_IMAGE), _image_id(BUILD_STAGE_IMAGE)} - {None}
+        _build("--target", "build", "-t", BUILD_STAGE_IMAGE)
+        _build("-t", AGENT_IMAGE)  # the build stage from the layer cache
+        # A changed package makes new images; the ones they replace (with their intermediate layers)
+        # would otherwise pile up on a machine that runs the suite again and again.
+        for stale in previous - {_image_id(AGENT_IMAGE), _image_id(BUILD_STAGE_IMAGE)}:
+            subprocess.run(["podman", "rmi", stale], capture_output=True)
         (inspect,) = json.loads(_podman("image", "inspect", AGENT_IMAGE).stdout)
         return {"image": AGENT_IMAGE, "size_bytes": inspect["Size"], "base_seconds": round(base_s, 1),
                 "build_seconds": round(time.monotonic() - started - base_s, 1)}
+
+
+def _build(*tag_args: str) -> None:
+    args = ["build", "--isolation=chroot", "-f", "docker/Dockerfile", "--build-arg", f"DEBIAN_IMAGE={BASE}", *tag_args]
+    if _custom_ca():
+        args += ["-v", f"{HOST_CA_BUNDLE}:/run/build-ca.crt:ro", "--build-arg", "PIP_CERT=/run/build-ca.crt"]
+    result = subprocess.run(["podman", *args, "."], cwd=ROOT, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"podman build failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
 class ImageRoot:
