@@ -232,7 +232,8 @@ def attach(pid, **kwargs):
 def watch(exe_name, exe_path, pid_file, exclude_exe_name, exclude_exe_path, scan_interval, health_file, shutdown_timeout,
           **kwargs):
     """Trace every Go process that matches a selector (all Go processes without one) and no
-    --exclude-exe-* option, including processes that start or restart later; stop on SIGTERM/SIGINT. How a sidecar finds its service.
+    --exclude-exe-* option, including processes that start or restart later; stop on
+    SIGTERM/SIGINT. How a sidecar finds its service.
     With --exporter file, each process gets a file of its own: --output with its PID before the extension."""
     options = _options(**kwargs)
     check_privileges()
