@@ -185,6 +185,10 @@ def spawners_in_jaeger(peers, jaeger, tmp_path_factory):
     return dict(traces=traces, manifest=json.loads((tmp / "manifest.json").read_text()), err=run.stderr)
 
 
+def _jaeger_end(span):
+    return span["startTime"] + span["duration"]
+
+
 def _jaeger_goroutine(traces, name, partial=False):
     (span,) = [s for t in traces for s in t["spans"]
                if s["operationName"] == name and bool(jaeger_tag(s, "go.goroutine.partial")) == partial]
@@ -195,14 +199,19 @@ def test_jaeger_long_lived_parents_come_before_their_children(spawners_in_jaeger
     """Item 1: the final span of a goroutine that outlived several checkpoints covers its whole life,
     so in Jaeger no span starts before its parent, and none is flagged (warnings) for it."""
     traces = spawners_in_jaeger["traces"]
-    warned = [(s["operationName"], s["warnings"]) for t in traces for s in t["spans"] if s.get("warnings")]
-    assert not warned
     for trace in traces:
         spans = {s["spanID"]: s for s in trace["spans"]}
         for span in trace["spans"]:
-            parent = jaeger_parent(span)
+            parent = spans.get(jaeger_parent(span))
             if parent is not None:
-                assert spans[parent]["startTime"] <= span["startTime"], (span["operationName"], spans[parent]["operationName"])
+                assert parent["startTime"] <= span["startTime"], (span["operationName"], parent["operationName"])
+            if span.get("warnings"):
+                # Jaeger's one warning a true span may draw: a child ending after its shorter-lived creator.
+                # A fan-out's Wait returns at its parts' Done, and a part reaches its exit a moment later:
+                # on a loaded machine, after its fan-out's (seen once). Nothing else may draw one.
+                # (Jaeger gives microseconds, start and duration each truncated: hence the 1.)
+                assert span["operationName"] == "main.part" and parent is not None, span["warnings"]
+                assert _jaeger_end(span) >= _jaeger_end(parent) - 1, span["warnings"]
     for name in ("main.ticker", "main.dispatcher"):
         final = _jaeger_goroutine(traces, name)
         assert jaeger_tag(final, "go.goroutine.checkpoints") >= 3
@@ -210,7 +219,7 @@ def test_jaeger_long_lived_parents_come_before_their_children(spawners_in_jaeger
         children = [s for s in trace["spans"] if jaeger_parent(s) == final["spanID"]]
         assert len(children) >= 10  # its first children, in its first second, under it
         recorded = next(g for g in spawners_in_jaeger["manifest"]["goroutines"] if g["func"] == name)
-        assert final["startTime"] <= recorded["started"] // 1000 and recorded["ended"] // 1000 <= final["startTime"] + final["duration"]
+        assert final["startTime"] <= recorded["started"] // 1000 and recorded["ended"] // 1000 <= _jaeger_end(final)
 
 
 def test_jaeger_short_goroutines_of_spawners_are_grouped(spawners_in_jaeger):
@@ -236,7 +245,7 @@ def test_jaeger_short_goroutines_of_spawners_are_grouped(spawners_in_jaeger):
             assert jaeger_tag(root, "go.goroutine.group.goroutines") == len(members)
             assert root["startTime"] == min(s["startTime"] for s in members)
             # (Jaeger truncates starts and durations to microseconds: ends may differ by one.)
-            assert root["startTime"] + root["duration"] >= max(s["startTime"] + s["duration"] for s in members) - 1
+            assert _jaeger_end(root) >= max(_jaeger_end(s) for s in members) - 1
             assert [r["refType"] for r in root["references"]] == ["FOLLOWS_FROM"]  # the link to its spawner
     made = Counter(g["func"] for g in manifest["goroutines"])
     # A trace per group, per fanout (it starts goroutines: as before), the program's own tree, the
