@@ -929,6 +929,17 @@ def measure_wakes(bins, rotel, n: int, rounds: int, rng: random.Random) -> dict:
     return out
 
 
+def _measured(results, key: str, always: bool = False) -> list[str]:
+    """When and where a section was measured: said when asked, or when the section comes from an
+    earlier run than the report's date (a run of other sections, --only, kept it; or measured it alone)."""
+    stamp = results.get("measured_in", {}).get(key, results)
+    if not always and stamp["date"] == results["date"]:
+        return []
+    m = stamp["machine"]
+    return [f"Measured {stamp['date']} on {m['cpu']} (nproc {m.get('nproc', '?')}, load average "
+            f"{_loads(m['load_at_start'])} at start), Go {stamp['go']}, {stamp['rounds']} rounds.", ""]
+
+
 def wakes_report(results) -> list[str]:
     if "wakes" not in results:
         return []
@@ -936,10 +947,8 @@ def wakes_report(results) -> list[str]:
     ns = w["ns_per_wake"]
     added = [a - b for a, b in zip(ns["wakers"], ns["no_wakers"])]  # per round, side by side
     per_change = median(added) / w["state_changes_per_wake"]
-    stamp = results.get("measured_in", {}).get("wakes", results)
     lines = ["## 8. Wake-up edges (bench/go/wakes: pairs of goroutines waking each other, pinned as 4-7)", "",
-             f"Measured {stamp['date']} on {stamp['machine']['cpu']} (nproc {stamp['machine'].get('nproc', '?')}, "
-             f"load average {_loads(stamp['machine']['load_at_start'])} at start), Go {stamp['go']}, {stamp['rounds']} rounds.", "",
+             *_measured(results, "wakes", always=True),
              f"{w['n']:,} wakes a run; each wake is {w['state_changes_per_wake']} state changes here (the sleeper parks, "
              "is made runnable, runs). Medians of the rounds; 'added' is the median of each round's difference.", "",
              "| mode | ns per wake | added to untraced |", "|---|---:|---:|"]
@@ -1118,7 +1127,7 @@ def render(results) -> str:
     if "churn" in results:
         cs = churn_summary(results)
         lines += [f"## 1. Goroutine churn ({results['churn']['n']:,} short goroutines per run)", "",
-                  "| mode | ns per goroutine | added ns per goroutine | ratio | runs |", "|---|---:|---:|---:|---:|"]
+                  *_measured(results, "churn"), "| mode | ns per goroutine | added ns per goroutine | ratio | runs |", "|---|---:|---:|---:|---:|"]
         for key, s in cs.items():
             lines.append(f"| {labels[key]} | {s['median_ns']:,.0f} | {s['added_ns']:,.0f} | {s['ratio']:.2f}x | {s['runs']} |")
         lost = results["churn"].get("agent_losses", {})
@@ -1139,7 +1148,7 @@ def render(results) -> str:
         ss = server_summary(results)
         sv = results["server"]
         lines += [f"## 2. HTTP server under load ({sv['conns']} keep-alive connections, {sv['seconds']:.0f} s per run, "
-                  "4 goroutines allocating 16 KiB per request)", "",
+                  "4 goroutines allocating 16 KiB per request)", "", *_measured(results, "server"),
                   "| mode | requests/s | throughput ratio | p50 us | p50 ratio | p99 us | p99 ratio | errors |",
                   "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for key, s in ss.items():
@@ -1148,7 +1157,7 @@ def render(results) -> str:
         lines.append("")
     if "agent" in results:
         ag = results["agent"]
-        lines += ["## 3. The agent", "", "### Export path alone (ExportPipeline + OtlpSink to rotel, synthetic spans)", "",
+        lines += ["## 3. The agent", "", *_measured(results, "agent"), "### Export path alone (ExportPipeline + OtlpSink to rotel, synthetic spans)", "",
                   "spans/s is wall-clock on the shared machine; spans per CPU-second is what one core of the exporting "
                   "process carries (the collector's CPU not included).", "",
                   "| encoder | protocol | span shape | spans | spans/s (wall) | spans per CPU-second | received by collector | CPU / wall |",
@@ -1276,7 +1285,7 @@ def pinned_report(results) -> list[str]:
 
 def _report_pinned(results) -> list[str]:
     pn, cs, ratios = results["pinned"], churn_summary(results, "pinned"), floor_ratios(results)
-    lines = [f"### 4. Pinned churn ({pn['n']:,} short goroutines a run; modes interleaved, {results['rounds']} rounds, medians)", "",
+    lines = [f"### 4. Pinned churn ({pn['n']:,} short goroutines a run; modes interleaved, {results['rounds']} rounds, medians)", "", *_measured(results, "pinned"),
              "| mode | ns per goroutine | added ns per goroutine | ratio to its floor | runs |", "|---|---:|---:|---:|---:|"]
     for key, s in cs.items():
         ratio = f"{ratios[key]:.2f}x" if key in ratios else ""
@@ -1292,7 +1301,7 @@ def _report_pinned(results) -> list[str]:
 
 def _report_steady(results) -> list[str]:
     st = results["steady"]
-    lines = [f"### 5. Agent CPU per goroutine, steady state ({st['n']:,} goroutines a run, the agent attached first)", "",
+    lines = [f"### 5. Agent CPU per goroutine, steady state ({st['n']:,} goroutines a run, the agent attached first)", "", *_measured(results, "steady"),
              "Agent CPU (user + system, all threads) from its 'attached' log line to its last span out, over the goroutines it saw.", "",
              "| detail, exporter | agent CPU us per goroutine | goroutines per agent core-second | seen | received by collector | losses | peak RSS MB | runs |",
              "|---|---:|---:|---:|---|---|---:|---:|"]
@@ -1305,7 +1314,7 @@ def _report_steady(results) -> list[str]:
 
 def _report_rss(results) -> list[str]:
     rs = results["rss"]
-    lines = [f"### 6. Agent memory: {rs['n']:,} goroutines alive at once, then all ending (one batch)", "",
+    lines = [f"### 6. Agent memory: {rs['n']:,} goroutines alive at once, then all ending (one batch)", "", *_measured(results, "rss"),
              "| detail, exporter | peak RSS MB (VmHWM; median / max) | RSS after attach MB | losses | runs |", "|---|---:|---:|---|---:|"]
     for key, s in steady_summary(rs["runs"]).items():
         lines.append(f"| {key} | {s['maxrss_mb']:.0f} / {s['max_maxrss_mb']:.0f} | {s['rss_at_attach_mb']:.0f} | "
@@ -1315,7 +1324,7 @@ def _report_rss(results) -> list[str]:
 
 def _report_rate(results) -> list[str]:
     r = results["rate"]
-    return [f"### 7. Sustained rate: {r['rate']:,} goroutines/s for {r['seconds']:g} s, defaults, OTLP/gRPC", "",
+    return [f"### 7. Sustained rate: {r['rate']:,} goroutines/s for {r['seconds']:g} s, defaults, OTLP/gRPC", "", *_measured(results, "rate"),
             f"- achieved by the target: {r['rate_achieved']:,.0f} goroutines/s ({r['created']:,} created)",
             f"- seen by the agent {r['seen'] or 0:,}, exported {r['exported'] or 0:,}, received by the collector {r['received']:,}",
             f"- losses (every counter of the agent's summary): {_losses_text(r['loss_counters'])}",
