@@ -81,6 +81,16 @@ def parsed_options(*args: str):
     return cli._options(**{k: v for k, v in params.items() if k != "program"})
 
 
+def bench_module():
+    """bench/run.py as a module: its held, pinned churn runs, agent process and report."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import run as bench_run
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    return bench_run
+
+
 def poll(predicate, timeout: float, every: float = 0.1) -> bool:
     """Whether PREDICATE() became true within TIMEOUT seconds: for a fact to wait for, with a
     deadline generous enough for a loaded machine, instead of a sleep that assumes a schedule."""

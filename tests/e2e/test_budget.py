@@ -13,26 +13,17 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-from helpers import by_goid, go_toolchain, goroutine_spans, run_agent, spans_from_otlp_json
+from helpers import bench_module, by_goid, go_toolchain, goroutine_spans, run_agent, spans_from_otlp_json
 
 pytestmark = pytest.mark.ebpf
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    """bench/run.py as a module: its held, pinned churn runs and agent process."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import run as bench_run
-    finally:
-        sys.path.remove(str(BENCH))
-    return bench_run
+    return bench_module()
 
 
 @pytest.fixture(scope="module")

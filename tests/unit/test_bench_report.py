@@ -2,22 +2,15 @@
 kept it, or measured it alone: a figure is never shown under another run's date."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from helpers import bench_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import run as bench_run
-    finally:
-        sys.path.remove(str(BENCH))
-    return bench_run
+    return bench_module()
 
 
 def _run(date: str, **sections) -> dict:
